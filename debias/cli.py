@@ -1,0 +1,86 @@
+"""Command line: parse arguments, call the package, turn known errors into clear messages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from debias.spec import Spec, SpecError, load_spec
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Run a debiasing sweep: per target attribute, a hyperparameter search "
+                    "(Ray Tune + Optuna), then the best config over every seed; all tracked "
+                    "in MLflow.")
+    p.add_argument("sweep", help="sweep file (YAML), e.g. sweeps/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key with a YAML value, e.g. --set train.epochs=2 "
+                        "(repeatable; validated like the file)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the file and the data, print the plan, run nothing")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. auto, ray://head:10001); default: RAY_ADDRESS "
+                        "or a local Ray started for this sweep")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs for a local Ray (default: all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep (finished trials are kept, running ones "
+                        "restart from their last checkpoint)")
+    p.add_argument("--report", action="store_true",
+                   help="print the per-target table from MLflow without running anything")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_spec(args.sweep, args.overrides)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from debias.sweep import SweepError, describe_plan, preflight
+
+    try:
+        if args.report:
+            return _report(spec, log_artifacts=False)
+        print(describe_plan(spec), flush=True)
+        if args.dry_run:
+            preflight(spec)
+            print("dry run: the sweep file and the data are valid; nothing was run.")
+            return 0
+        from debias.sweep import run_sweep
+
+        run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+        return _report(spec, log_artifacts=True)
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _report(spec: Spec, log_artifacts: bool) -> int:
+    from debias.report import collect, render_text, write_report
+    from debias.tracking import Tracker, redact_uri
+
+    try:
+        tracker = Tracker(spec.tracking_uri, spec.name, create=False)
+    except LookupError as exc:
+        print(f"error: {exc}; run the sweep first", file=sys.stderr)
+        return 1
+    rows = collect(tracker)
+    md, csv_path = write_report(rows, spec.storage / spec.name)
+    print(f"\nResults of sweep {spec.name!r} ({spec.method}), test metrics over seeds:\n")
+    print(render_text(rows))
+    print(f"\nwritten: {md}, {csv_path}")
+    print(f"MLflow: mlflow ui --backend-store-uri {redact_uri(spec.tracking_uri)}")
+    if log_artifacts:
+        for parent in tracker.parent_runs().values():
+            for path in (md, csv_path):
+                tracker.log_artifact(parent.info.run_id, path)
+    return 0

@@ -1,0 +1,196 @@
+"""The training loop every method shares: seeding, data order, evaluation, model selection.
+
+Reproducibility is designed in rather than hoped for: every random stream (weight init, data
+order, augmentation, dropout) is derived from (trial seed, purpose, epoch), never from global
+state left over by an earlier trial in the same process. So a trial resumed from its epoch-5
+checkpoint sees exactly the batches an uninterrupted run would have seen, and two runs of the
+same config and seed on a CPU produce identical metrics. (On a GPU, cuDNN's non-deterministic
+kernels, e.g. some convolution backward passes and atomics-based reductions, can still make
+the last digits differ.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from debias.data import GroupedDataset, load_grouped, make_torch_dataset
+from debias.methods import METHODS, Method
+from debias.metrics import GroupMetrics, group_metrics
+from debias.models import Classifier, build_classifier
+
+__all__ = ["Trainer", "derive_seed", "seed_everything"]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts, stable across processes (unlike Python's hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Selection:
+    """Best epoch so far by the validation selection metric, with its test metrics."""
+
+    metric: str
+    mode: str
+    score: float | None = None
+    epoch: int | None = None
+    test: dict[str, float] = field(default_factory=dict)
+
+    def improves(self, value: float) -> bool:
+        if self.score is None or math.isnan(self.score):
+            return not math.isnan(value)
+        return value > self.score if self.mode == "max" else value < self.score
+
+
+class Trainer:
+    """One trial: builds data, method and model from a resolved trial config, then yields the
+    metrics of each epoch. Checkpoints are plain state_dicts (loadable with weights_only)."""
+
+    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
+        self.config = config
+        self.seed = int(config["seed"])
+        self.train_cfg = config["train"]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.data: GroupedDataset = load_grouped(config["dataset"], config["target"],
+                                                 config["bias"])
+        self.method: Method = METHODS[config["method"]](config, self.data)
+        self.method.prepare()
+
+        seed_everything(derive_seed(self.seed, "init"))
+        backbone = config["backbone"]
+        self.model: Classifier = build_classifier(
+            backbone["arch"], backbone["weights"], self.method.heads()).to(self.device)
+        self.optimizer = self._optimizer()
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=self.train_cfg["epochs"])
+            if self.train_cfg["scheduler"] == "cosine" else None)
+        sel = config["selection"]
+        self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
+        self.epoch = 0  # epochs completed
+        self.train_mix = self.data.group_counts("train")
+
+        positions = self.method.train_positions()
+        train_set = make_torch_dataset(self.data, "train", train=True)
+        self.train_set = train_set if len(positions) == len(train_set) else Subset(
+            train_set, positions.tolist())
+        self.eval_sets = {s: make_torch_dataset(self.data, s, train=False)
+                          for s in ("val", "test")}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        t = self.train_cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t["optimizer"] == "sgd":
+            return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
+                                   weight_decay=t["weight_decay"])
+        cls = torch.optim.Adam if t["optimizer"] == "adam" else torch.optim.AdamW
+        return cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "method": self.method.state_dict(),
+            "selection": {"score": self.selection.score, "epoch": self.selection.epoch,
+                          "test": dict(self.selection.test)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        sel = state["selection"]
+        self.selection.score, self.selection.epoch = sel["score"], sel["epoch"]
+        self.selection.test = dict(sel["test"])
+
+    def save(self, path: Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # ------------------------------------------------------------------ the loop
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        """Train the remaining epochs, yielding each epoch's metrics after it completes."""
+        while self.epoch < self.train_cfg["epochs"]:
+            metrics = self.train_one_epoch()
+            yield metrics
+
+    def train_one_epoch(self) -> dict[str, float]:
+        epoch = self.epoch
+        seed_everything(derive_seed(self.seed, "epoch", epoch))
+        order = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        loader = DataLoader(self.train_set, batch_size=self.train_cfg["batch_size"],
+                            shuffle=True, generator=order, drop_last=False,
+                            num_workers=self.train_cfg["num_workers"],
+                            pin_memory=self.device.type == "cuda")
+        self.model.train()
+        total, count = 0.0, 0
+        for images, positions in loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = torch.as_tensor(self.data.view("train").y[positions.numpy()],
+                                     device=self.device)
+            loss = self.method.loss(self.model, images, positions, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(positions)
+            count += len(positions)
+        if self.scheduler:
+            self.scheduler.step()
+        self.epoch = epoch + 1
+
+        metrics: dict[str, float] = {"epoch": self.epoch, "train/loss": total / max(count, 1)}
+        metrics.update(self.method.epoch_metrics())
+        val = self.evaluate("val")
+        metrics.update(val.as_flat("val"))
+        score = metrics.get(self.selection.metric, float("nan"))
+        if self.selection.improves(score):
+            self.selection.score, self.selection.epoch = score, self.epoch
+            self.selection.test = self.evaluate("test").as_flat("test")
+        metrics["selected/score"] = (self.selection.score if self.selection.score is not None
+                                     else float("nan"))
+        metrics["selected/epoch"] = self.selection.epoch or 0
+        metrics.update(self.selection.test)
+        return metrics
+
+    @torch.no_grad()
+    def predict(self, split: str) -> np.ndarray:
+        self.model.eval()
+        loader = DataLoader(self.eval_sets[split], batch_size=self.train_cfg["eval_batch_size"],
+                            shuffle=False, num_workers=self.train_cfg["num_workers"])
+        preds = np.empty(len(self.eval_sets[split]), dtype=np.int64)
+        for images, positions in loader:
+            logits = self.model(images.to(self.device, non_blocking=True))
+            preds[positions.numpy()] = logits.argmax(1).cpu().numpy()
+        return preds
+
+    def evaluate(self, split: str) -> GroupMetrics:
+        view = self.data.view(split)
+        return group_metrics(self.predict(split), view.y, view.a,
+                             n_classes=self.data.n_classes, n_bias=self.data.n_bias,
+                             train_group_mix=self.train_mix)

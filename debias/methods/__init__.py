@@ -1,0 +1,10 @@
+"""Method registry: the sweep file's `method:` names a class here."""
+
+from __future__ import annotations
+
+from debias.methods.base import Method
+from debias.methods.erm import ERM
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ERM,)}
+
+__all__ = ["METHODS", "Method"]

@@ -1,0 +1,244 @@
+"""From a validated Spec to Ray Tune: one search phase and one seeds phase per target.
+
+Each phase is its own Tune experiment under `storage/<name>/<target>/<phase>`, so an
+interrupted sweep resumes phase by phase with `Tuner.restore` (the Optuna study, the trials'
+checkpoints and their retry counts all come back), and a finished phase restores instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+from debias.data import DatasetError, load_grouped
+from debias.spec import SearchDomain, Spec
+from debias.tracking import MlflowTrialCallback, Tracker, redact_uri
+from debias.trainable import train_trial
+
+__all__ = ["SweepError", "describe_plan", "phase_path", "preflight", "run_sweep"]
+
+log = logging.getLogger("debias")
+TUNE_METRIC = "selected/score"
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    best_params: dict[str, Any]
+    best_score: float
+    grid: tune.ResultGrid
+
+
+def phase_path(spec: Spec, target: str, phase: str) -> Path:
+    return spec.storage / spec.name / target / phase
+
+
+def _domain(d: SearchDomain, grid: bool) -> Any:
+    if d.kind == "choice":
+        return tune.grid_search(list(d.values)) if grid else tune.choice(list(d.values))
+    if d.kind == "float":
+        return tune.loguniform(d.low, d.high) if d.log else tune.uniform(d.low, d.high)
+    # Tune's integer domains exclude the upper bound; the sweep file's ranges include it.
+    return tune.lograndint(d.low, d.high + 1) if d.log else tune.randint(d.low, d.high + 1)
+
+
+def describe_plan(spec: Spec) -> str:
+    s = spec.search
+    n_search = _num_search_trials(spec)
+    lines = [
+        f"sweep {spec.name!r}: method {spec.method} on {spec.config['dataset']['name']} "
+        f"(from {spec.source})",
+        f"  targets: {', '.join(f'{t} (bias {spec.bias_for(t)})' for t in spec.targets)}",
+        f"  search: {s['algorithm']}, {n_search} trial(s) per target, selecting by "
+        f"{s['metric']} ({s['mode']})",
+    ]
+    for d in spec.space:
+        rng = (f"choice {list(d.values)}" if d.kind == "choice"
+               else f"{d.kind} [{d.low}, {d.high}]{' log' if d.log else ''}")
+        lines.append(f"    {d.path}: {rng}")
+    if spec.config["scheduler"]:
+        lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']}")
+    lines += [
+        f"  seeds: {spec.seeds} ({len(spec.seeds)} re-runs of the best config per target)",
+        f"  trials in all: {len(spec.targets) * (n_search + len(spec.seeds))}",
+        f"  resources per trial: {spec.config['resources']}",
+        f"  epochs per trial: {spec.config['train']['epochs']}",
+        f"  storage: {spec.storage}",
+        f"  tracking: {redact_uri(spec.tracking_uri)}",
+    ]
+    return "\n".join(lines)
+
+
+def _num_search_trials(spec: Spec) -> int:
+    if not spec.space:
+        return 1
+    if spec.search["algorithm"] == "grid":
+        n = 1
+        for d in spec.space:
+            n *= len(d.values)
+        return n
+    return spec.search["num_samples"]
+
+
+def preflight(spec: Spec) -> None:
+    """Everything knowable before Ray starts: the data is there and every split can be scored."""
+    for target in spec.targets:
+        try:
+            data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
+        except DatasetError as exc:
+            raise SweepError(str(exc)) from None
+        for split in ("train", "val"):
+            if len(data.view(split)) == 0:
+                raise SweepError(f"dataset {data.name}: the {split} split has no samples "
+                                 f"(target {target}, bias {data.bias})")
+        empty = [(split, y, a) for split in ("val", "test")
+                 for (y, a), n in _cells(data.group_counts(split)) if n == 0]
+        if empty:
+            log.warning("target %s: groups with no samples (skipped in worst-group accuracy): "
+                        "%s", target, empty)
+
+
+def _cells(counts: Any) -> list[tuple[tuple[int, int], int]]:
+    return [((y, a), int(counts[y, a])) for y in range(counts.shape[0])
+            for a in range(counts.shape[1])]
+
+
+def _check_state(spec: Spec, resume: bool) -> None:
+    started = [p for t in spec.targets for p in (phase_path(spec, t, "search"),) if p.exists()]
+    if started and not resume:
+        raise SweepError(
+            f"sweep {spec.name!r} already has results in {spec.storage / spec.name}. "
+            "Pass --resume to continue it (a finished sweep just reprints its report), "
+            "or give this run another name with --set name=NEW_NAME.")
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to a cluster (`address`, or RAY_ADDRESS) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": True}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SweepError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one "
+                             "with `ray up cluster.yaml` or drop --address to run locally."
+                             ) from None
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+
+
+def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
+              num_cpus: int | None = None,
+              on_target_done: Callable[[str], None] | None = None) -> Tracker:
+    """Run (or resume) every target's search and seeds phases; returns the tracker."""
+    preflight(spec)
+    _check_state(spec, resume)
+    tracker = Tracker(spec.tracking_uri, spec.name)
+    init_ray(address, num_cpus)
+    for target in spec.targets:
+        parent = tracker.open_parent(target, {
+            "sweep": spec.name, "method": spec.method,
+            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(target),
+        })
+        base = spec.trial_base(target)
+        search = _run_phase(spec, target, "search", base, tracker, parent)
+        seeds_space = {**search.best_params, "seed": tune.grid_search(spec.seeds)}
+        _run_phase(spec, target, "seeds", base, tracker, parent, param_space=seeds_space)
+        best_run = tracker.find_child(parent, "search", search.grid.get_best_result(
+            TUNE_METRIC, spec.search["mode"], scope="last").metrics["trial_id"])
+        tracker.close_parent(parent, {**search.best_params, "score": search.best_score},
+                             best_run.info.run_id if best_run else "")
+        if on_target_done:
+            on_target_done(target)
+    return tracker
+
+
+def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
+    s = spec.search
+    if not spec.space:
+        return {"seed": base["seed"]}, BasicVariantGenerator(), 1
+    grid = s["algorithm"] == "grid"
+    space: dict[str, Any] = {d.path: _domain(d, grid) for d in spec.space}
+    space["seed"] = base["seed"]
+    if grid:
+        return space, BasicVariantGenerator(random_state=s["seed"]), 1
+    if s["algorithm"] == "random":
+        return space, BasicVariantGenerator(random_state=s["seed"],
+                                            max_concurrent=s.get("max_concurrent", 0)), \
+            s["num_samples"]
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher: Any = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s["seed"]))
+    if s.get("max_concurrent"):
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=s["max_concurrent"])
+    return space, searcher, s["num_samples"]
+
+
+def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracker: Tracker,
+               parent: str, param_space: dict[str, Any] | None = None) -> PhaseResult:
+    path = phase_path(spec, target, phase)
+    res = spec.config["resources"]
+    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
+                                    {"cpu": res["cpu"], "gpu": res["gpu"]})
+    callback = MlflowTrialCallback(tracker.uri, tracker.experiment, parent, phase, base)
+    mode = spec.search["mode"]
+    if tune.Tuner.can_restore(str(path)):
+        log.warning("resuming %s/%s from %s", target, phase, path)
+        # The saved state brings back the search algorithm, the trials and our callback.
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        if param_space is None:
+            param_space, searcher, num_samples = _search_setup(spec, base)
+            scheduler = None
+            if spec.config["scheduler"]:
+                asha = spec.config["scheduler"]["asha"]
+                scheduler = ASHAScheduler(time_attr="training_iteration",
+                                          max_t=spec.config["train"]["epochs"],
+                                          grace_period=asha["grace_period"],
+                                          reduction_factor=asha["reduction_factor"])
+        else:
+            searcher, num_samples, scheduler = BasicVariantGenerator(), 1, None
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=TUNE_METRIC, mode=mode, search_alg=searcher, scheduler=scheduler,
+                num_samples=num_samples, reuse_actors=True,
+                trial_dirname_creator=lambda trial: f"{phase}_{trial.trial_id}"),
+            run_config=tune.RunConfig(
+                name=phase, storage_path=str(path.parent),
+                failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[callback],
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    tracker.reconcile(parent, phase, base, grid)
+    ok = [r for r in grid if r.error is None and r.metrics and TUNE_METRIC in r.metrics]
+    if not ok:
+        errors = "; ".join(str(r.error)[:300] for r in grid if r.error is not None)
+        raise SweepError(f"{target}/{phase}: every trial failed ({errors})")
+    best = grid.get_best_result(TUNE_METRIC, mode, scope="last")
+    params = {k: v for k, v in best.config.items() if k != "seed"}
+    return PhaseResult(best_params=params, best_score=float(best.metrics[TUNE_METRIC]),
+                       grid=grid)

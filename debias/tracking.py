@@ -1,0 +1,260 @@
+"""MLflow tracking under the names DESIGN.md fixes, written only by the sweep's driver.
+
+Only the driver talks to MLflow: trials report to Ray, and a Tune callback forwards their
+results. That keeps the tracking server off the trials' hot path, means worker nodes never
+need to reach it, and gives one writer, which is what makes resume exact: every child run is
+found again by its `(phase, ray_trial_id)` tags instead of being created twice, and the last
+step it logged tells which results are new. After each phase, :meth:`Tracker.reconcile`
+makes MLflow agree with Ray's own record of the trials, so a driver killed between a trial
+finishing and its run being closed leaves nothing stuck in RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from debias.spec import config_hash, with_params
+
+__all__ = ["MlflowTrialCallback", "Tracker", "flatten", "redact_uri"]
+
+#: Result keys forwarded every epoch; test metrics and the selection are logged at the end.
+EPOCH_PREFIXES = ("train/", "val/")
+FINAL_PREFIXES = ("test/", "selected/")
+ROLE_TAG = "debias.role"
+
+
+def redact_uri(uri: str) -> str:
+    """Hide credentials (`user:password@`) before a tracking URI is printed or logged."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = str(value)
+    return out
+
+
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Tracker:
+    """Parent runs (one per target) and child runs (one per Ray trial) of one sweep."""
+
+    def __init__(self, uri: str, experiment: str, create: bool = True) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None and not create:
+            raise LookupError(f"no MLflow experiment {experiment!r} at {redact_uri(uri)}")
+        if found is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment,
+                                                               artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.experiment = experiment
+
+    # ------------------------------------------------------------------ lookups
+
+    def _search(self, filter_string: str) -> list[mlflow.entities.Run]:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       max_results=10_000)
+
+    def parent_runs(self) -> dict[str, mlflow.entities.Run]:
+        runs = self._search(f"tags.`{ROLE_TAG}` = 'parent'")
+        return {r.data.tags["target_attribute"]: r for r in runs}
+
+    def child_runs(self, parent_id: str, phase: str | None = None) -> list[mlflow.entities.Run]:
+        query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        if phase:
+            query += f" and tags.phase = '{phase}'"
+        return self._search(query)
+
+    # ------------------------------------------------------------------ parents
+
+    def open_parent(self, target: str, tags: Mapping[str, str]) -> str:
+        """The target's parent run, reused on resume (set back to RUNNING)."""
+        existing = self.parent_runs().get(target)
+        if existing is not None:
+            self.client.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=target, tags={
+            ROLE_TAG: "parent", "target_attribute": target, **tags})
+        return run.info.run_id
+
+    def close_parent(self, run_id: str, best_params: Mapping[str, Any], best_run_id: str) -> None:
+        params = [Param(f"best.{k}", str(v)) for k, v in sorted(best_params.items())]
+        existing = self.client.get_run(run_id).data.params
+        params = [p for p in params if p.key not in existing]
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(run_id, params=chunk)
+        self.client.set_tag(run_id, "best_run_id", best_run_id)
+        self.client.set_terminated(run_id, "FINISHED")
+
+    # ------------------------------------------------------------------ children
+
+    def find_child(self, parent_id: str, phase: str, trial_id: str) -> mlflow.entities.Run | None:
+        for run in self.child_runs(parent_id, phase):
+            if run.data.tags.get("ray_trial_id") == trial_id:
+                return run
+        return None
+
+    def open_child(self, parent_id: str, phase: str, trial_id: str,
+                   config: Mapping[str, Any]) -> tuple[str, int]:
+        """Find or create the trial's run; returns (run_id, last epoch already logged)."""
+        run = self.find_child(parent_id, phase, trial_id)
+        if run is not None:
+            if run.info.status != "RUNNING":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id, self._last_step(run.info.run_id)
+        run = self.client.create_run(self.experiment_id, run_name=f"{phase}-{trial_id}", tags={
+            "mlflow.parentRunId": parent_id,
+            ROLE_TAG: "trial",
+            "phase": phase,
+            "ray_trial_id": trial_id,
+            "seed": str(config["seed"]),
+            "config_hash": config_hash(config),
+            "target_attribute": config["target"],
+            "bias_attribute": config["bias"],
+        })
+        params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(run.info.run_id, params=chunk)
+        return run.info.run_id, 0
+
+    def _last_step(self, run_id: str) -> int:
+        history = self.client.get_metric_history(run_id, "train/loss")
+        return max((m.step for m in history), default=0)
+
+    def log_epoch(self, run_id: str, result: Mapping[str, Any], final: bool = False) -> None:
+        prefixes = EPOCH_PREFIXES + (FINAL_PREFIXES if final else ())
+        method_prefix = f"{result.get('method', '')}/"
+        step = int(result.get("epoch", 0))
+        stamp = int(float(result.get("timestamp", 0)) * 1000)
+        metrics = [Metric(k, float(v), stamp, step) for k, v in result.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)
+                   and not math.isnan(float(v))
+                   and (k.startswith(prefixes) or "/" in k and k.startswith(method_prefix))]
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def close_child(self, run_id: str, status: str, error: str | None = None) -> None:
+        if error:
+            self.client.set_tag(run_id, "error", error[-5000:])
+        self.client.set_terminated(run_id, status)
+
+    # ------------------------------------------------------------------ repair
+
+    def reconcile(self, parent_id: str, phase: str, base: Mapping[str, Any],
+                  grid: tune.ResultGrid) -> None:
+        """Make MLflow agree with Ray's record of a finished phase: create runs the driver
+        never logged, add missing epochs, close runs left RUNNING, mark orphans KILLED."""
+        known: set[str] = set()
+        for result in grid:
+            trial_id = result.metrics.get("trial_id") if result.metrics else None
+            if trial_id is None:
+                trial_id = Path(result.path).name.rsplit("_", 1)[-1] if result.path else None
+            if trial_id is None:
+                continue
+            known.add(trial_id)
+            existing = self.find_child(parent_id, phase, trial_id)
+            if existing is not None and existing.info.status in ("FINISHED", "FAILED"):
+                continue
+            config = with_params(base, result.config)
+            run_id, last = self.open_child(parent_id, phase, trial_id, config)
+            history = result.metrics_dataframe
+            if history is not None and len(history):
+                for row in history.to_dict("records"):
+                    if int(row.get("epoch", 0)) > last:
+                        self.log_epoch(run_id, {**row, "method": base["method"]})
+            if result.error is not None:
+                self.close_child(run_id, "FAILED", repr(result.error))
+            else:
+                if result.metrics:
+                    self.log_epoch(run_id, {**result.metrics, "method": base["method"]},
+                                   final=True)
+                self.close_child(run_id, "FINISHED")
+        for run in self.child_runs(parent_id, phase):
+            if run.data.tags.get("ray_trial_id") not in known and run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, "note", "orphaned: no Ray trial resumed it")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+    def log_artifact(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+
+class MlflowTrialCallback(tune.Callback):
+    """Forwards each trial's results to its child run as they arrive.
+
+    Ray pickles callbacks into the experiment state (`tuner.pkl`) and brings them back on
+    `Tuner.restore`, so this holds only what names the runs and rebuilds its client lazily.
+    """
+
+    def __init__(self, uri: str, experiment: str, parent_id: str, phase: str,
+                 base: Mapping[str, Any]) -> None:
+        self.uri, self.experiment = uri, experiment
+        self.parent_id, self.phase, self.base = parent_id, phase, dict(base)
+        self._tracker: Tracker | None = None
+        self.runs: dict[str, tuple[str, int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tracker": None, "runs": {}}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.uri, self.experiment)
+        return self._tracker
+
+    def _run(self, trial: Any) -> tuple[str, int]:
+        if trial.trial_id not in self.runs:
+            config = with_params(self.base, trial.config)
+            self.runs[trial.trial_id] = self.tracker.open_child(
+                self.parent_id, self.phase, trial.trial_id, config)
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        run_id, last = self._run(trial)
+        if int(result.get("epoch", 0)) > last:
+            self.tracker.log_epoch(run_id, {**result, "method": self.base["method"]})
+            self.runs[trial.trial_id] = (run_id, int(result["epoch"]))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id, _ = self._run(trial)
+        if trial.last_result:
+            self.tracker.log_epoch(run_id, {**trial.last_result, "method": self.base["method"]},
+                                   final=True)
+        self.tracker.close_child(run_id, "FINISHED")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id, _ = self._run(trial)
+        self.tracker.client.set_tag(run_id, "retried", "true")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id, _ = self._run(trial)
+        error = None
+        if trial.error_file and Path(trial.error_file).is_file():
+            error = Path(trial.error_file).read_text()
+        self.tracker.close_child(run_id, "FAILED", error or "trial failed")

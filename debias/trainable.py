@@ -1,0 +1,59 @@
+"""The one Ray Tune trainable: a plain function of a config that trains and reports.
+
+Where it runs (which node, how many CPUs, which GPU fraction) is decided outside, by the
+sweep planner; this function only limits torch's threads to the CPUs Ray gave it, so trials
+packed on one machine don't oversubscribe its cores, and resumes from its last checkpoint
+when Ray retries it after a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from debias.engine import Trainer
+from debias.spec import with_params
+
+__all__ = ["STATE_FILE", "limit_threads", "train_trial"]
+
+STATE_FILE = "state.pt"
+
+
+def limit_threads(cpus: float) -> int:
+    """Give torch as many threads as the CPUs this trial holds (at least one)."""
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
+
+
+def _assigned_cpus() -> float:
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:  # outside a Ray worker (tests call train_trial directly)
+        return float(os.cpu_count() or 1)
+
+
+def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
+    """Ray calls this with the searched values (`params`, dotted keys plus `seed`); `base` is
+    the target's resolved trial config, bound once with `tune.with_parameters`."""
+    limit_threads(_assigned_cpus())
+    config = with_params(base, params)
+    trainer = Trainer(config)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.load(Path(folder) / STATE_FILE)
+    fail_at = os.environ.get("DEBIAS_FAIL_ONCE_AT_EPOCH")  # fault injection for the tests
+    for metrics in trainer.epochs():
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save(Path(folder) / STATE_FILE)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        if fail_at and trainer.epoch == int(fail_at) and checkpoint is None:
+            raise RuntimeError(f"injected failure after epoch {trainer.epoch}")
