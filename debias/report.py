@@ -44,8 +44,8 @@ class TargetRow:
     best_params: dict[str, str] = field(default_factory=dict)
     val_score: float = math.nan
     seeds: tuple[int, ...] = ()
-    test_wga: Stat = Stat.of([])
-    test_avg: Stat = Stat.of([])
+    test_wga: Stat = field(default_factory=lambda: Stat.of([]))
+    test_avg: Stat = field(default_factory=lambda: Stat.of([]))
 
 
 def collect(tracker: Tracker) -> list[TargetRow]:

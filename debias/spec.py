@@ -322,7 +322,7 @@ def with_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str,
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable short hash of a resolved trial config: names a run so a changed knob never collides."""
+    """Stable short hash of a resolved trial config, so a changed knob never collides."""
     blob = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -471,7 +471,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     space = _check_space(cfg, cfg["search"].pop("space", None) or {}, problems, bad)
 
     if problems:
-        raise SpecError(problems, source=source)
+        raise SpecError(list(dict.fromkeys(problems)), source=source)
     cfg["storage"] = str(_absolute(cfg["storage"], cwd))
     cfg["tracking"]["uri"] = _absolute_tracking_uri(cfg["tracking"]["uri"], cwd)
     return Spec(config=cfg, space=space, source=source)
@@ -538,7 +538,9 @@ def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[s
     for t, b in pairs.items():
         path = f"bias_attribute.{t}" if isinstance(bias, dict) else "bias_attribute"
         if not isinstance(b, str) or (known and b not in known):
-            bad(path, b, f"an attribute of {name}: {', '.join(known)}")
+            close = difflib.get_close_matches(str(b), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            bad(path, b, f"an attribute of {name}{hint}: {', '.join(known)}")
         elif b == t:
             bad(path, b, f"an attribute other than the target {t!r}")
         elif known and t in known and (reason := check_pair(name, t, b)):

@@ -129,6 +129,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # The classic reporter prints one compact status table instead of a box per result.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Save Tune's experiment state often: a killed driver then loses at most seconds of it.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": True}
     address = address or os.environ.get("RAY_ADDRESS")
@@ -167,6 +171,14 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
         if on_target_done:
             on_target_done(target)
     return tracker
+
+
+def _reporter(spec: Spec, phase: str) -> tune.CLIReporter:
+    columns = {"epoch": "epoch", "train/loss": "loss", "val/avg_acc": "val acc",
+               "val/worst_group_acc": "val WGA", TUNE_METRIC: "selected"}
+    params = ["seed"] if phase == "seeds" else [d.path for d in spec.space]
+    return tune.CLIReporter(metric_columns=columns, parameter_columns=params,
+                            max_report_frequency=10, print_intermediate_tables=True)
 
 
 def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
@@ -229,6 +241,7 @@ def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracke
                 failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[callback],
+                progress_reporter=_reporter(spec, phase),
                 verbose=1,
             ),
         )

@@ -152,7 +152,7 @@ class Tracker:
         metrics = [Metric(k, float(v), stamp, step) for k, v in result.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)
                    and not math.isnan(float(v))
-                   and (k.startswith(prefixes) or "/" in k and k.startswith(method_prefix))]
+                   and (k.startswith(prefixes) or ("/" in k and k.startswith(method_prefix)))]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(run_id, metrics=chunk)
 

@@ -8,6 +8,7 @@ when Ray retries it after a crash.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ def _assigned_cpus() -> float:
 def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """Ray calls this with the searched values (`params`, dotted keys plus `seed`); `base` is
     the target's resolved trial config, bound once with `tune.with_parameters`."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
     config = with_params(base, params)
     trainer = Trainer(config)

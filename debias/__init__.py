@@ -1,0 +1,1 @@
+"""Hyperparameter-sweep service for debiasing image classifiers against spurious correlations."""

@@ -1,0 +1,186 @@
+"""Sweep-file validation: every bad file is rejected with one message naming the key path,
+the bad value and what is allowed; good files resolve with defaults and absolute paths."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from debias.spec import SpecError, config_hash, load_spec, validate, with_params
+from tests.conftest import tiny_sweep, write_sweep
+
+
+def _set(d: dict, dotted: str, value: object) -> dict:
+    d = copy.deepcopy(d)
+    node = d
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    if value is _DELETE:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return d
+
+
+_DELETE = object()
+
+# (dotted key to change, new value, fragments the message must contain)
+BAD_CASES = [
+    ("method", "dro", ["method", "'dro'", "erm"]),
+    ("dataset.name", "imagenet", ["dataset.name", "'imagenet'", "synthetic, waterbirds, celeba"]),
+    ("targets", [], ["targets", "non-empty list"]),
+    ("targets", ["Odd", "Blond_Hair"], ["targets[1]", "'Blond_Hair'", "Odd"]),
+    ("bias_attribute", "Backgroud", ["bias_attribute", "'Backgroud'", "Background"]),
+    ("bias_attribute", {"Odd": "Odd", "Loopy": "Background"},
+     ["bias_attribute.Odd", "'Odd'", "other than the target"]),
+    ("bias_attribute", {"Odd": "Background", "Loopy": "High"},
+     ["bias_attribute.Loopy", "'High'", "both digit attributes"]),
+    ("seeds", [], ["seeds", "non-empty list of integers"]),
+    ("seeds", [0, 0], ["seeds", "distinct"]),
+    ("train.epochs", 0, ["train.epochs", "0", "an integer in [1, 10000]"]),
+    ("train.epochs", "ten", ["train.epochs", "'ten'", "an integer"]),
+    ("train.lr", -1.0, ["train.lr", "-1.0", "a number in (0, 10]"]),
+    ("train.optimizer", "rmsprop", ["train.optimizer", "'rmsprop'", "sgd, adam, adamw"]),
+    ("train.epoch", 3, ["train.epoch", "unknown key", "did you mean 'epochs'"]),
+    ("search.algorithm", "bayes", ["search.algorithm", "'bayes'", "optuna, random, grid"]),
+    ("search.metric", "val/acc", ["search.metric", "'val/acc'", "val/worst_group_acc"]),
+    ("search.space", {"train.lr": {"float": [0.1, 0.01]}},
+     ["search.space.train.lr.float", "[0.1, 0.01]", "lo < hi"]),
+    ("search.space", {"train.lr": {"float": [0.1, 0.1]}},
+     ["search.space.train.lr.float", "non-empty range"]),
+    ("search.space", {"train.lr": {"float": [0.0, 0.1], "log": True}},
+     ["search.space.train.lr.float", "a number in (0, 10]"]),
+    ("search.space", {"train.batch_size": {"float": [8, 64]}},
+     ["search.space.train.batch_size", "{int: [lo, hi]}"]),
+    ("search.space", {"train.lrr": {"choice": [0.1]}},
+     ["search.space.train.lrr", "not a searchable key", "did you mean 'train.lr'"]),
+    ("search.space", {"dataset.image_size": {"choice": [16, 32]}},
+     ["search.space.dataset.image_size", "not a searchable key"]),
+    ("search.space", {"train.optimizer": {"choice": ["sgd", "lbfgs"]}},
+     ["search.space.train.optimizer.choice[1]", "'lbfgs'", "sgd, adam, adamw"]),
+    ("resources.cpu", 0, ["resources.cpu", "0", "> 0"]),
+    ("resources.gpu", -0.5, ["resources.gpu", "-0.5", ">= 0"]),
+    ("backbone.arch", "vit", ["backbone.arch", "'vit'", "resnet50"]),
+    ("backbone.weights", "missing.pt", ["backbone.weights", "missing.pt", "looked at"]),
+    ("scheduler", {"hyperband": {}}, ["scheduler", "asha"]),
+    ("dataset.spurious_correlation", 1.5, ["dataset.spurious_correlation", "1.5", "[0.5, 1.0]"]),
+    ("name", "my sweep!", ["name", "'my sweep!'", "letters, digits"]),
+    ("max_failures", -1, ["max_failures", "-1", "an integer"]),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragments"), BAD_CASES,
+                         ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_CASES])
+def test_bad_sweep_file_names_key_value_and_allowed(tmp_path: Path, key: str, value: object,
+                                                    fragments: list[str]) -> None:
+    sweep = _set(tiny_sweep(tmp_path), key, value)
+    with pytest.raises(SpecError) as err:
+        load_spec(write_sweep(tmp_path, sweep), cwd=tmp_path)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+    assert len(err.value.problems) == 1, message
+
+
+def test_missing_required_keys_are_all_reported_at_once(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path)
+    for key in ("name", "targets", "bias_attribute"):
+        sweep.pop(key)
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    problems = " | ".join(err.value.problems)
+    assert len(err.value.problems) == 3, problems
+    for key in ("name: missing", "targets: missing", "bias_attribute: missing"):
+        assert key in problems
+
+
+def test_unknown_top_level_key_and_real_dataset_without_root(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, dataset={"name": "celeba"}, targets=["Bangs"],
+                       bias_attribute="Male", searhc={})
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    text = str(err.value)
+    assert "searhc: unknown key (did you mean 'search'?)" in text
+    assert "dataset.root: missing" in text
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ntargets: [Odd\nmethod: erm\n")
+    with pytest.raises(SpecError, match=r"YAML syntax error at line \d+"):
+        load_spec(path)
+
+
+def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(path)
+
+
+def test_bias_map_must_cover_every_target(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, bias_attribute={"Odd": "Background", "High": "Texture"})
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    text = str(err.value)
+    assert "['High'] are not in targets" in text
+    assert "missing ['Loopy']" in text
+
+
+def test_grid_needs_choices(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path)
+    sweep["search"]["algorithm"] = "grid"
+    with pytest.raises(SpecError, match="grid algorithm enumerates choices only"):
+        validate(sweep, cwd=tmp_path)
+
+
+def test_defaults_paths_and_env_expansion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEBIAS_TEST_STORE", "store")
+    sweep = tiny_sweep(tmp_path, storage="${DEBIAS_TEST_STORE}/x", tracking={
+        "uri": "sqlite:///${DEBIAS_UNSET_VAR:-rel}.db"})
+    sweep["train"] = {"lr": "1e-3"}  # YAML 1.1 reads 1e-3 as a string; we accept it
+    spec = validate(sweep, cwd=tmp_path)
+    assert spec.config["storage"] == str(tmp_path / "store" / "x")
+    assert spec.tracking_uri == f"sqlite:///{tmp_path / 'rel.db'}"
+    assert spec.config["train"]["lr"] == pytest.approx(1e-3)
+    assert spec.config["train"]["epochs"] == 10  # default filled in
+    assert spec.config["dataset"]["spurious_correlation"] == 0.95
+    assert spec.config["scheduler"] is None
+
+
+def test_set_overrides_use_dotted_paths_and_yaml_values(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    spec = load_spec(path, ["train.epochs=3", "targets=[High]", "search.space.train.lr="
+                            "{float: [0.001, 0.01]}", "bias_attribute=Texture"], cwd=tmp_path)
+    assert spec.config["train"]["epochs"] == 3
+    assert spec.targets == ["High"]
+    assert spec.bias_for("High") == "Texture"
+    (lr,) = spec.space
+    assert (lr.path, lr.low, lr.high) == ("train.lr", 0.001, 0.01)
+    with pytest.raises(SpecError, match=r"train\.epochs: got 0"):
+        load_spec(path, ["train.epochs=0"], cwd=tmp_path)
+    with pytest.raises(SpecError, match="expected KEY=VALUE"):
+        load_spec(path, ["train.epochs"], cwd=tmp_path)
+
+
+def test_trial_config_and_hash(tmp_path: Path) -> None:
+    spec = validate(tiny_sweep(tmp_path), cwd=tmp_path)
+    base = spec.trial_base("Loopy")
+    assert base["target"] == "Loopy" and base["bias"] == "Background"
+    assert base["seed"] == 0
+    trial = with_params(base, {"train.lr": 0.02, "seed": 1})
+    assert trial["train"]["lr"] == 0.02 and trial["seed"] == 1
+    assert base["train"]["lr"] == 0.05  # the base is not mutated
+    assert config_hash(trial) == config_hash(copy.deepcopy(trial))
+    assert config_hash(trial) != config_hash(base)
+
+
+def test_shipped_sweep_files_are_valid() -> None:
+    sweeps = sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.yaml"))
+    assert sweeps, "no sweep files shipped"
+    for path in sweeps:
+        spec = load_spec(path)
+        assert spec.name == path.stem
