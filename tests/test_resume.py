@@ -1,0 +1,94 @@
+"""A driver killed with SIGKILL mid-sweep, then `--resume`: the sweep finishes with exactly
+one finished MLflow run per trial, none stuck in RUNNING."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, check_sweep_runs, tiny_sweep, write_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def _env(ray_tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0",
+               MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _finished_children(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            row = con.execute(
+                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'phase' and r.status = 'FINISHED'").fetchone()
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    return int(row[0])
+
+
+def kill_ray_processes(marker: Path) -> None:
+    """Stop every process of the Ray instance whose temp dir is `marker` (a killed driver
+    leaves its GCS, raylet and workers behind)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(marker) in cmd and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, name="killme", targets=["Odd"], seeds=[0, 1, 2])
+    sweep["search"]["num_samples"] = 4
+    sweep["train"]["epochs"] = 3
+    path = write_sweep(tmp_path, sweep)
+    db = tmp_path / "mlflow.db"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # AF_UNIX paths are short
+    cmd = [sys.executable, str(REPO / "launch.py"), str(path), "--num-cpus", "2"]
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=_env(ray_tmp), stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while _finished_children(db) < 2:  # kill it once some trials have finished
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "sweep made no progress"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        kill_ray_processes(ray_tmp)
+    assert _finished_children(db) < 4 + 3, "the sweep finished before it was killed"
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=_env(ray_tmp),
+                             capture_output=True, text=True, timeout=600)
+    kill_ray_processes(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming Odd/search" in resumed.stdout + resumed.stderr
+    check_sweep_runs(f"sqlite:///{db}", "killme", {"Odd": "Background"}, n_search=4,
+                     seeds=[0, 1, 2], epochs=3)
+    assert "Odd" in resumed.stdout and "±" in resumed.stdout
