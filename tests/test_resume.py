@@ -3,6 +3,7 @@ one finished MLflow run per trial, none stuck in RUNNING."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -41,21 +42,25 @@ def _finished_children(db: Path) -> int:
     return int(row[0])
 
 
-def kill_ray_processes(marker: Path) -> None:
-    """Stop every process of the Ray instance whose temp dir is `marker` (a killed driver
-    leaves its GCS, raylet and workers behind)."""
+def _ray_pids() -> set[int]:
+    pids = set()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(marker) in cmd and int(pid) != os.getpid():
+        if pid.isdigit() and int(pid) != os.getpid():
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "ray" in cmd or "gcs_server" in cmd:
+                pids.add(int(pid))
+    return pids
+
+
+def kill_new_ray_processes(before: set[int]) -> None:
+    """A SIGKILLed driver leaves its GCS, raylet and agents (renamed ray::DashboardAgent...)
+    behind: stop every Ray process that was not there before the test."""
+    for pid in _ray_pids() - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) -> None:
@@ -65,6 +70,7 @@ def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) ->
     path = write_sweep(tmp_path, sweep)
     db = tmp_path / "mlflow.db"
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # AF_UNIX paths are short
+    before = _ray_pids()
     cmd = [sys.executable, str(REPO / "launch.py"), str(path), "--num-cpus", "2"]
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=_env(ray_tmp), stdout=log,
@@ -80,12 +86,12 @@ def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) ->
     finally:
         if driver.poll() is None:
             driver.kill()
-        kill_ray_processes(ray_tmp)
+        kill_new_ray_processes(before)
     assert _finished_children(db) < 4 + 3, "the sweep finished before it was killed"
 
     resumed = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=_env(ray_tmp),
                              capture_output=True, text=True, timeout=600)
-    kill_ray_processes(ray_tmp)
+    kill_new_ray_processes(before)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming Odd/search" in resumed.stdout + resumed.stderr

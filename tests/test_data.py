@@ -1,0 +1,485 @@
+"""Tests for debias.data: the synthetic generator and the on-disk Waterbirds / CelebA readers.
+
+On-disk fixtures are tiny, written with PIL into tmp_path in the published layouts; no network.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from debias.data import (
+    DATASETS,
+    DatasetError,
+    check_pair,
+    clear_cache,
+    dataset_attributes,
+    load_grouped,
+    make_torch_dataset,
+    synthetic,
+)
+from debias.data.celeba import ATTRIBUTES as CELEBA_ATTRS
+from debias.data.celeba import IMAGE_DIRS
+from debias.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+SYN = {"name": "synthetic", "image_size": 32, "spurious_correlation": 0.95, "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _denormalise(x: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x * std + mean) * 255.0).permute(1, 2, 0).numpy()
+
+
+# --------------------------------------------------------------------------- static API
+
+
+def test_dataset_attributes_are_static():
+    assert DATASETS == ("synthetic", "waterbirds", "celeba")
+    assert dataset_attributes("synthetic") == ("Odd", "High", "Loopy", "Background", "Texture")
+    assert dataset_attributes("waterbirds") == ("Object", "Place")
+    celeba = dataset_attributes("celeba")
+    assert len(celeba) == 40 and celeba[0] == "5_o_Clock_Shadow" and celeba[-1] == "Young"
+    assert celeba[20] == "Male" and celeba[31] == "Smiling"
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenet'"):
+        dataset_attributes("imagenet")
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "bias", "needle"),
+    [
+        ("synthetic", "Odd", "High", "both digit attributes"),
+        ("synthetic", "Background", "Texture", "both rendering attributes"),
+        ("synthetic", "Odd", "Odd", "must differ"),
+        ("synthetic", "Colour", "Odd", "unknown target attribute 'Colour'"),
+        ("waterbirds", "Object", "Sky", "unknown bias attribute 'Sky'"),
+        ("waterbirds", "Place", "Place", "must differ"),
+        ("celeba", "Blond_Hair", "Blond_Hair", "must differ"),
+        ("celeba", "Blonde", "Male", "unknown target attribute 'Blonde'"),
+        ("mnist", "Odd", "Background", "unknown dataset 'mnist'"),
+    ],
+)
+def test_check_pair_rejects_with_reason(name, target, bias, needle):
+    reason = check_pair(name, target, bias)
+    assert reason is not None and needle in reason
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "bias"),
+    [
+        ("synthetic", "Odd", "Background"),
+        ("synthetic", "Background", "Odd"),
+        ("synthetic", "Texture", "Loopy"),
+        ("waterbirds", "Object", "Place"),
+        ("waterbirds", "Place", "Object"),
+        ("celeba", "Blond_Hair", "Male"),
+        ("celeba", "Young", "5_o_Clock_Shadow"),
+    ],
+)
+def test_check_pair_accepts(name, target, bias):
+    assert check_pair(name, target, bias) is None
+
+
+def test_load_grouped_rejects_bad_pair_and_dataset():
+    with pytest.raises(DatasetError, match="both digit attributes"):
+        load_grouped(SYN, "Odd", "High")
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_grouped({"name": "nope"}, "Odd", "Background")
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_deterministic_and_seed_sensitive():
+    a = synthetic.load(SYN, "Odd", "Background")
+    b = synthetic.load(dict(SYN), "Odd", "Background")
+    for field in ("ids", "split", "y", "a", "images", "masks"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert a.identity() == b.identity()
+    c = synthetic.load({**SYN, "seed": 1}, "Odd", "Background")
+    assert not np.array_equal(a.images, c.images)
+    assert not np.array_equal(a.split, c.split)
+    assert a.identity() != c.identity()
+    assert a.identity() != synthetic.load(SYN, "Background", "Odd").identity()
+
+
+def test_load_grouped_caches_in_process():
+    first = load_grouped(SYN, "Odd", "Background")
+    reordered = dict(reversed(list(SYN.items())))
+    assert load_grouped(reordered, "Odd", "Background") is first
+    assert load_grouped(SYN, "High", "Background") is not first
+    with pytest.raises(ValueError):
+        first.images[0, 0, 0, 0] = 1  # shared between trials, so read-only
+
+
+def test_synthetic_shapes_and_splits():
+    data = load_grouped({"name": "synthetic", "image_size": 24}, "Loopy", "Texture")
+    n = 1797
+    assert data.images.shape == (n, 24, 24, 3) and data.images.dtype == np.uint8
+    assert data.masks.shape == (n, 24, 24) and data.masks.dtype == bool
+    assert data.image_paths is None and data.image_size == 24
+    assert data.split.dtype == np.int8
+    assert [int((data.split == s).sum()) for s in (0, 1, 2)] == [1078, 359, 360]
+    assert len(set(data.ids.tolist())) == n
+    view = data.view("val")
+    assert len(view) == 359 and view.split == "val"
+    assert np.array_equal(view.y, data.y[view.index])
+    assert np.array_equal(view.a, data.a[view.index])
+    assert np.array_equal(view.ids, data.ids[view.index])
+    assert np.array_equal(view.group, view.y * 2 + view.a)
+    assert view.y.dtype == np.int64 and view.index.dtype == np.int64
+    with pytest.raises(ValueError, match="unknown split"):
+        data.view("dev")
+
+
+@pytest.mark.parametrize(("target", "bias"), [("Odd", "Background"), ("Background", "Odd")])
+@pytest.mark.parametrize("sc", [0.95, 0.8])
+def test_synthetic_correlation_and_balance(target, bias, sc):
+    data = load_grouped({**SYN, "spurious_correlation": sc}, target, bias)
+    train = data.view("train")
+    assert abs(float((train.y == train.a).mean()) - sc) < 0.01
+    digit = train.y if target == "Odd" else train.a
+    render = train.a if target == "Odd" else train.y
+    for c in (0, 1):  # correlation holds within each digit class, not just on average
+        assert abs(float((render[digit == c] == c).mean()) - sc) < 0.01
+    for split in ("train", "val", "test"):
+        counts = data.group_counts(split)
+        assert counts.shape == (2, 2) and (counts > 0).all(), (split, counts)
+        assert counts.sum() == len(data.view(split))
+    for split in ("val", "test"):
+        view = data.view(split)
+        digit = view.y if target == "Odd" else view.a
+        render = view.a if target == "Odd" else view.y
+        for c in (0, 1):
+            n1 = int((render[digit == c] == 1).sum())
+            n0 = int((render[digit == c] == 0).sum())
+            assert abs(n1 - n0) <= 1, (split, c, n0, n1)
+
+
+def test_synthetic_rendering_matches_attributes():
+    data = load_grouped(SYN, "Odd", "Background")
+    imgs = data.images.astype(np.float32)
+    assert (data.masks.sum(axis=(1, 2)) > 10).all()  # every image has a visible digit
+    low = imgs.min(axis=-1)  # the light digit is high in every channel; backgrounds are not
+    for i in range(0, len(imgs), 7):
+        m = data.masks[i]
+        assert low[i][m].mean() > low[i][~m].mean() + 60, i
+        bg = imgs[i][~m]
+        blue_minus_red = bg[:, 2].mean() - bg[:, 0].mean()
+        assert (blue_minus_red > 50) if data.a[i] == 1 else (blue_minus_red < -50), i
+
+
+def test_synthetic_texture_is_stripes():
+    data = load_grouped(SYN, "High", "Texture")
+    for i in range(0, len(data.ids), 11):
+        edges = data.images[i][:, [0, -1]].astype(np.float32).mean(axis=-1)  # two edge columns
+        row_std = float(edges.std(axis=0).min())  # at least one edge column misses the digit
+        assert (row_std > 15) if data.a[i] == 1 else (row_std < 5), (i, row_std)
+
+
+def test_synthetic_rejects_bad_cfg():
+    with pytest.raises(DatasetError, match="spurious_correlation"):
+        load_grouped({**SYN, "spurious_correlation": 1.5}, "Odd", "Background")
+    with pytest.raises(DatasetError, match="image_size"):
+        load_grouped({**SYN, "image_size": 4}, "Odd", "Background")
+
+
+def test_synthetic_torch_dataset():
+    data = load_grouped(SYN, "Odd", "Background")
+    for train in (True, False):
+        ds = make_torch_dataset(data, "test", train=train)
+        view = data.view("test")
+        assert len(ds) == len(view)
+        x, pos = ds[3]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and pos == 3
+        # normalisation only: undoing it gives back the stored uint8 image, unflipped
+        np.testing.assert_allclose(_denormalise(x), data.images[view.index[3]], atol=1e-3)
+        positions = [5, 0, 17, len(ds) - 1]
+        batch = ds.__getitems__(positions)
+        assert [p for _, p in batch] == positions
+        for (xb, p) in batch:
+            xi, pi = ds[p]
+            assert pi == p and torch.equal(xb, xi)
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, shuffle=False)
+    xs, ps = next(iter(loader))
+    assert xs.shape == (64, 3, 32, 32) and ps.tolist() == list(range(64))
+    # a Subset (used to train on a subsample) still reports positions into the full split
+    sub = torch.utils.data.Subset(ds, [9, 4, 30])
+    xs, ps = next(iter(torch.utils.data.DataLoader(sub, batch_size=3)))
+    assert ps.tolist() == [9, 4, 30] and torch.equal(xs[1], ds[4][0])
+    assert data.view("test") is data.view("test")  # built once, cheap to call per batch
+
+
+# --------------------------------------------------------------------------- waterbirds
+
+WB_ROWS = [  # img_id, folder, y, split, place
+    (1, "001.Albatross", 1, 0, 1), (2, "001.Albatross", 1, 0, 1), (3, "001.Albatross", 1, 0, 0),
+    (4, "002.Sparrow", 0, 0, 0), (5, "002.Sparrow", 0, 0, 0), (6, "002.Sparrow", 0, 0, 1),
+    (7, "001.Albatross", 1, 1, 1), (8, "002.Sparrow", 0, 1, 0), (9, "001.Albatross", 1, 1, 0),
+    (10, "002.Sparrow", 0, 2, 1), (11, "001.Albatross", 1, 2, 0), (12, "002.Sparrow", 0, 2, 0),
+]
+
+
+def make_waterbirds(root: Path, rows=WB_ROWS, columns=None) -> Path:
+    columns = columns or ["img_id", "img_filename", "y", "split", "place", "place_filename"]
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "metadata.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for img_id, folder, y, split, place in rows:
+            fname = f"{folder}/{folder}_{img_id:04d}.jpg"
+            (root / folder).mkdir(exist_ok=True)
+            colour = (30 * img_id % 255, 100, 200)
+            Image.new("RGB", (20, 14), colour).save(root / fname)
+            full = {"img_id": img_id, "img_filename": fname, "y": y, "split": split,
+                    "place": place, "place_filename": f"/x/{img_id}.jpg"}
+            writer.writerow([full.get(c, "") for c in columns])
+    return root
+
+
+@pytest.mark.parametrize(("target", "bias"), [("Object", "Place"), ("Place", "Object")])
+def test_waterbirds_labels(tmp_path, target, bias):
+    root = make_waterbirds(tmp_path / "wb")
+    data = load_grouped({"name": "waterbirds", "root": str(root), "image_size": 8}, target, bias)
+    obj = np.array([r[2] for r in WB_ROWS])
+    place = np.array([r[4] for r in WB_ROWS])
+    assert data.ids.tolist() == [str(r[0]) for r in WB_ROWS]
+    assert np.array_equal(data.y, obj if target == "Object" else place)
+    assert np.array_equal(data.a, place if target == "Object" else obj)
+    assert data.split.tolist() == [r[3] for r in WB_ROWS]
+    assert data.images is None and data.masks is None
+    assert all(p.is_file() for p in data.image_paths)
+    assert data.group_counts("train").tolist() == [[2, 1], [1, 2]]
+    assert data.group_counts("test").sum() == 3
+    for train in (True, False):
+        ds = make_torch_dataset(data, "train", train=train)
+        x, pos = ds[1]
+        assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and pos == 1
+        batch = ds.__getitems__([0, 2])
+        assert [p for _, p in batch] == [0, 2] and batch[0][0].shape == (3, 8, 8)
+    # eval transform is deterministic and keeps the (uniform) colour
+    ds = make_torch_dataset(data, "val", train=False)
+    assert torch.equal(ds[0][0], ds[0][0])
+    colour = np.array([30 * 7 % 255, 100, 200], dtype=np.float32)
+    assert np.abs(_denormalise(ds[0][0]).mean(axis=(0, 1)) - colour).max() < 6
+
+
+def test_waterbirds_identity_depends_on_root(tmp_path):
+    a = load_grouped({"name": "waterbirds", "root": str(make_waterbirds(tmp_path / "a"))},
+                     "Object", "Place")
+    b = load_grouped({"name": "waterbirds", "root": str(make_waterbirds(tmp_path / "b"))},
+                     "Object", "Place")
+    assert a.identity() != b.identity() and a.image_size == 224
+
+
+def test_waterbirds_missing_root_and_metadata(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "waterbirds", "root": str(missing)}, "Object", "Place")
+    assert str(missing) in str(err.value) and "waterbird_complete95" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "waterbirds", "root": str(tmp_path / "empty")}, "Object", "Place")
+    assert str(tmp_path / "empty" / "metadata.csv") in str(err.value)
+    assert "https://nlp.stanford.edu/data/dro/" in str(err.value)
+    with pytest.raises(DatasetError, match="root"):
+        load_grouped({"name": "waterbirds"}, "Object", "Place")
+
+
+def test_waterbirds_missing_column(tmp_path):
+    root = make_waterbirds(tmp_path / "wb", columns=["img_id", "img_filename", "y", "split"])
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "waterbirds", "root": str(root)}, "Object", "Place")
+    msg = str(err.value)
+    assert "place" in msg and str(root / "metadata.csv") in msg
+
+
+def test_waterbirds_bad_split_value(tmp_path):
+    rows = [*WB_ROWS[:-1], (12, "002.Sparrow", 0, 3, 0)]
+    root = make_waterbirds(tmp_path / "wb", rows=rows)
+    with pytest.raises(DatasetError, match=r"line 13: column 'split' has value '3'"):
+        load_grouped({"name": "waterbirds", "root": str(root)}, "Object", "Place")
+
+
+def test_waterbirds_missing_image(tmp_path):
+    root = make_waterbirds(tmp_path / "wb")
+    gone = root / "002.Sparrow" / "002.Sparrow_0005.jpg"
+    gone.unlink()
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "waterbirds", "root": str(root)}, "Object", "Place")
+    assert str(gone) in str(err.value) and "1 of 12" in str(err.value)
+
+
+def test_waterbirds_corrupt_image(tmp_path):
+    root = make_waterbirds(tmp_path / "wb")
+    bad = root / "001.Albatross" / "001.Albatross_0002.jpg"
+    bad.write_bytes(b"this is not a jpeg at all" * 10)
+    data = load_grouped({"name": "waterbirds", "root": str(root), "image_size": 8},
+                        "Object", "Place")
+    ds = make_torch_dataset(data, "train", train=True)
+    ds[0]  # the good neighbour still loads
+    with pytest.raises(DatasetError) as err:
+        ds[1]
+    assert str(bad) in str(err.value)
+    with pytest.raises(DatasetError, match="corrupt"):
+        ds.__getitems__([0, 1])
+
+
+# --------------------------------------------------------------------------- celeba
+
+CELEBA_N = 6
+CELEBA_SPLIT = [0, 0, 1, 2, 0, 2]
+
+
+def _celeba_values() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    values = rng.choice([-1, 1], size=(CELEBA_N, 40))
+    values[:, CELEBA_ATTRS.index("Male")] = [1, -1, 1, -1, -1, 1]
+    return values
+
+
+def make_celeba(root: Path, annotations: str, image_dir: str, partition_ids=None) -> Path:
+    """Write a CelebA fixture in one of the annotation layouts and one of the image layouts."""
+    values = _celeba_values()
+    ids = [f"{i + 1:06d}.jpg" for i in range(CELEBA_N)]
+    part_ids = partition_ids or ids
+    split = dict(zip(ids, CELEBA_SPLIT, strict=True))
+    root.mkdir(parents=True, exist_ok=True)
+    if annotations == "kaggle":
+        with (root / "list_attr_celeba.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image_id", *CELEBA_ATTRS])
+            for image_id, row in zip(ids, values, strict=True):
+                writer.writerow([image_id, *row.tolist()])
+        with (root / "list_eval_partition.csv").open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image_id", "partition"])
+            for image_id in part_ids:
+                writer.writerow([image_id, split.get(image_id, 0)])
+    else:  # official text files, with the real file's irregular whitespace
+        (root / "Anno").mkdir()
+        (root / "Eval").mkdir()
+        lines = [f"{CELEBA_N}", " ".join(CELEBA_ATTRS) + " "]
+        for image_id, row in zip(ids, values, strict=True):
+            cells = "".join(f" {v:>2}" if v == 1 else f" {v}" for v in row)
+            lines.append(f"{image_id}{cells}")
+        (root / "Anno" / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+        (root / "Eval" / "list_eval_partition.txt").write_text(
+            "".join(f"{i} {split.get(i, 0)}\n" for i in part_ids))
+    folder = root / image_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image_id in enumerate(ids):
+        Image.new("RGB", (18, 22), (40 * k, 90, 160)).save(folder / image_id)
+    return root
+
+
+@pytest.mark.parametrize("annotations", ["kaggle", "official"])
+@pytest.mark.parametrize("image_dir", IMAGE_DIRS)
+def test_celeba_layouts(tmp_path, annotations, image_dir):
+    root = make_celeba(tmp_path / "celeba", annotations, image_dir)
+    values = _celeba_values()
+    cfg = {"name": "celeba", "root": str(root), "image_size": 8}
+    for target, bias in [("Blond_Hair", "Male"), ("Male", "Blond_Hair"),
+                         ("5_o_Clock_Shadow", "Young"), ("Smiling", "Wearing_Lipstick")]:
+        data = load_grouped(cfg, target, bias)
+        assert data.y.tolist() == (values[:, CELEBA_ATTRS.index(target)] == 1).tolist()
+        assert data.a.tolist() == (values[:, CELEBA_ATTRS.index(bias)] == 1).tolist()
+        assert set(data.y.tolist()) <= {0, 1}
+        assert data.split.tolist() == CELEBA_SPLIT
+        assert data.ids.tolist() == [f"{i + 1:06d}.jpg" for i in range(CELEBA_N)]
+        assert data.image_paths[0] == (root / image_dir / "000001.jpg").resolve()
+    assert data.view("train").ids.tolist() == ["000001.jpg", "000002.jpg", "000005.jpg"]
+    male = load_grouped(cfg, "Male", "Young")
+    assert male.y.tolist() == [1, 0, 1, 0, 0, 1]
+    ds = make_torch_dataset(male, "test", train=False)
+    x, pos = ds[1]
+    assert x.shape == (3, 8, 8) and pos == 1
+
+
+def test_celeba_partition_order_is_aligned(tmp_path):
+    ids = [f"{i + 1:06d}.jpg" for i in range(CELEBA_N)]
+    root = make_celeba(tmp_path / "c", "official", "img_align_celeba",
+                       partition_ids=list(reversed(ids)))
+    data = load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    assert data.split.tolist() == CELEBA_SPLIT
+
+
+def test_celeba_ids_disagree(tmp_path):
+    ids = [f"{i + 1:06d}.jpg" for i in range(CELEBA_N)]
+    root = make_celeba(tmp_path / "c", "kaggle", "img_align_celeba",
+                       partition_ids=[*ids[:-1], "999999.jpg"])
+    with pytest.raises(DatasetError, match="disagree on image ids") as err:
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    assert "999999.jpg" in str(err.value) and "000006.jpg" in str(err.value)
+
+
+def test_celeba_missing_annotations_names_every_place(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    msg = str(err.value)
+    for rel in ("list_attr_celeba.csv", "Anno/list_attr_celeba.txt"):
+        assert str(root / rel) in msg
+    assert "mmlab.ie.cuhk.edu.hk" in msg and "jessicali9530/celeba-dataset" in msg
+    (root / "list_attr_celeba.csv").write_text("image_id," + ",".join(CELEBA_ATTRS) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    for rel in ("list_eval_partition.csv", "Eval/list_eval_partition.txt"):
+        assert str(root / rel) in str(err.value)
+
+
+def test_celeba_missing_images_names_every_place(tmp_path):
+    root = make_celeba(tmp_path / "c", "kaggle", "somewhere_else")
+    with pytest.raises(DatasetError) as err:
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    msg = str(err.value)
+    for rel in IMAGE_DIRS:
+        assert str(root / rel) in msg
+    assert "000001.jpg" in msg
+
+
+def test_celeba_one_missing_image(tmp_path):
+    root = make_celeba(tmp_path / "c", "official", "Img/img_align_celeba")
+    (root / "Img" / "img_align_celeba" / "000004.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 of 6 images.*000004\.jpg"):
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+
+
+def test_celeba_malformed_values(tmp_path):
+    root = make_celeba(tmp_path / "c", "official", "img_align_celeba")
+    attr = root / "Anno" / "list_attr_celeba.txt"
+    lines = attr.read_text().splitlines()
+    fields = lines[3].split()
+    fields[1 + CELEBA_ATTRS.index("Male")] = "0"
+    lines[3] = " ".join(fields)
+    attr.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"line 4: attribute Male has value '0'"):
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
+    # other columns are still fine
+    assert load_grouped({"name": "celeba", "root": str(root)}, "Smiling", "Young").y.shape == (6,)
+    lines[3] = lines[3].rsplit(" ", 1)[0]  # one field short
+    attr.write_text("\n".join(lines) + "\n")
+    clear_cache()  # the good load above is cached in-process by design
+    with pytest.raises(DatasetError, match="line 4 has 40 fields, expected 41"):
+        load_grouped({"name": "celeba", "root": str(root)}, "Smiling", "Young")
+
+
+def test_celeba_count_mismatch(tmp_path):
+    root = make_celeba(tmp_path / "c", "official", "img_align_celeba")
+    attr = root / "Anno" / "list_attr_celeba.txt"
+    attr.write_text("7\n" + attr.read_text().split("\n", 1)[1])
+    with pytest.raises(DatasetError, match="says it has 7 images"):
+        load_grouped({"name": "celeba", "root": str(root)}, "Male", "Young")
