@@ -229,9 +229,15 @@ RESOURCES = {
     "gpu": Field(_float(0), 0.0),
 }
 
+#: Fault injection, to check on a real cluster that a crashed trial resumes from its checkpoint.
+DEBUG = {
+    "fail_once_at_epoch": Field(_int(1), searchable=False),
+}
+
 TOP_LEVEL = (
     "name", "method", "dataset", "targets", "bias_attribute", "seeds", "backbone", "train",
     *METHOD_PARAMS, "search", "scheduler", "resources", "tracking", "storage", "max_failures",
+    "debug",
 )
 
 SEARCHABLE_SECTIONS = ("train", "backbone", *METHOD_PARAMS)
@@ -306,6 +312,7 @@ class Spec:
             c["method"]: c[c["method"]],
             "selection": {"metric": c["search"]["metric"], "mode": c["search"]["mode"]},
             "cache_dir": str(Path(c["storage"]) / "cache"),
+            "debug": c["debug"],
         })
 
 
@@ -463,6 +470,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     cfg["resources"] = section("resources", RESOURCES, raw.get("resources"))
     cfg["tracking"] = section("tracking", {"uri": Field(_text, "sqlite:///mlflow.db")},
                               raw.get("tracking"))
+    cfg["debug"] = section("debug", DEBUG, raw.get("debug"))
     cfg["scheduler"] = _check_scheduler(raw.get("scheduler"), section, bad)
 
     _check_targets(cfg, raw, problems, bad)

@@ -52,10 +52,11 @@ def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / STATE_FILE)
-    fail_at = os.environ.get("DEBIAS_FAIL_ONCE_AT_EPOCH")  # fault injection for the tests
+    fail_at = config["debug"].get("fail_once_at_epoch")
     for metrics in trainer.epochs():
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        if fail_at and trainer.epoch == int(fail_at) and checkpoint is None:
-            raise RuntimeError(f"injected failure after epoch {trainer.epoch}")
+        if trainer.epoch == fail_at and checkpoint is None:
+            raise RuntimeError(f"debug.fail_once_at_epoch: injected failure after epoch "
+                               f"{trainer.epoch} (the retry resumes from this checkpoint)")
