@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from debias.cache import StageCache
 from debias.data import GroupedDataset, load_grouped, make_torch_dataset
 from debias.methods import METHODS, Method
 from debias.metrics import GroupMetrics, group_metrics
@@ -63,15 +64,22 @@ class Trainer:
     """One trial: builds data, method and model from a resolved trial config, then yields the
     metrics of each epoch. Checkpoints are plain state_dicts (loadable with weights_only)."""
 
-    def __init__(self, config: dict[str, Any], device: str | None = None) -> None:
+    def __init__(self, config: dict[str, Any], device: str | None = None,
+                 data: GroupedDataset | None = None) -> None:
         self.config = config
         self.seed = int(config["seed"])
         self.train_cfg = config["train"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.data: GroupedDataset = load_grouped(config["dataset"], config["target"],
-                                                 config["bias"])
-        self.method: Method = METHODS[config["method"]](config, self.data)
+        self.data: GroupedDataset = data or load_grouped(config["dataset"], config["target"],
+                                                         config["bias"])
+        self.cache = StageCache(config["cache_dir"])
+        self.method: Method = METHODS[config["method"]](config, self.data, self.cache,
+                                                        self.device)
+        before = StageCache.events()
         self.method.prepare()
+        # What this trial computed vs reused of the shared stages, reported with every epoch.
+        self.cache_events = {k: float(v - before.get(k, 0))
+                             for k, v in StageCache.events().items()}
 
         seed_everything(derive_seed(self.seed, "init"))
         backbone = config["backbone"]
@@ -166,12 +174,12 @@ class Trainer:
 
         metrics: dict[str, float] = {"epoch": self.epoch, "train/loss": total / max(count, 1)}
         metrics.update(self.method.epoch_metrics())
-        val = self.evaluate("val")
-        metrics.update(val.as_flat("val"))
+        metrics.update(self.cache_events)
+        metrics.update(self.evaluate("val"))
         score = metrics.get(self.selection.metric, float("nan"))
         if self.selection.improves(score):
             self.selection.score, self.selection.epoch = score, self.epoch
-            self.selection.test = self.evaluate("test").as_flat("test")
+            self.selection.test = self.evaluate("test")
         metrics["selected/score"] = (self.selection.score if self.selection.score is not None
                                      else float("nan"))
         metrics["selected/epoch"] = self.selection.epoch or 0
@@ -189,8 +197,15 @@ class Trainer:
             preds[positions.numpy()] = logits.argmax(1).cpu().numpy()
         return preds
 
-    def evaluate(self, split: str) -> GroupMetrics:
+    def group_metrics(self, split: str, preds: np.ndarray) -> GroupMetrics:
         view = self.data.view(split)
-        return group_metrics(self.predict(split), view.y, view.a,
-                             n_classes=self.data.n_classes, n_bias=self.data.n_bias,
-                             train_group_mix=self.train_mix)
+        return group_metrics(preds, view.y, view.a, n_classes=self.data.n_classes,
+                             n_bias=self.data.n_bias, train_group_mix=self.train_mix)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Group metrics of a split plus the method's own (e.g. worst pseudo-group accuracy),
+        flat and prefixed with the split name."""
+        preds = self.predict(split)
+        out = self.group_metrics(split, preds).as_flat(split)
+        out.update(self.method.eval_metrics(split, preds))
+        return out

@@ -190,6 +190,28 @@ BACKBONE = {
 #: exist). Methods read their section from the resolved trial config; they never re-validate.
 METHOD_PARAMS: dict[str, dict[str, Field]] = {
     "erm": {},
+    "clusterfix": {
+        "k": Field(_int(1, 1024), 8, numeric="int"),
+        "beta": Field(_float(0, 100), 0.5, numeric="float"),
+        "momentum": Field(_float(0, 1), 0.3, numeric="float"),
+        "cluster_loss": Field(_choice("pseudo", "both"), "pseudo"),
+        "ema": Field(_choice("sample", "cluster"), "sample"),
+        "features": Field(_choice("auto", "backbone", "reference"), "auto"),
+        "kmeans_seed": Field(_int(0), 0, searchable=False),
+    },
+}
+
+#: The ERM reference model that ClusterFix (where no pretrained backbone exists) and SLIM
+#: start from. Fixed per sweep, never searched, so every trial shares one cached model.
+REFERENCE = {
+    "epochs": Field(_int(1, 10_000), 10, searchable=False),
+    "batch_size": Field(_int(1, 65_536), 64, searchable=False),
+    "optimizer": Field(_choice("sgd", "adam", "adamw"), "sgd", searchable=False),
+    "lr": Field(_float(0, 10, lo_open=True), 0.05, searchable=False),
+    "weight_decay": Field(_float(0, 10), 5e-4, searchable=False),
+    "momentum": Field(_float(0, 1, hi_open=True), 0.9, searchable=False),
+    "scheduler": Field(_choice("none", "cosine"), "none", searchable=False),
+    "seed": Field(_int(0), 0, searchable=False),
 }
 
 #: Selection metrics every method reports on validation.
@@ -199,6 +221,8 @@ SELECTION_METRICS = (
     "val/unbiased_acc",
     "val/weighted_acc",
 )
+#: Selection metrics only some methods report (they need no bias labels).
+METHOD_SELECTION_METRICS = {"clusterfix": ("val/worst_pseudo_group_acc",)}
 
 DATASET_KEYS = {
     "name": Field(_choice(*DATASETS), required=True, searchable=False),
@@ -236,8 +260,8 @@ DEBUG = {
 
 TOP_LEVEL = (
     "name", "method", "dataset", "targets", "bias_attribute", "seeds", "backbone", "train",
-    *METHOD_PARAMS, "search", "scheduler", "resources", "tracking", "storage", "max_failures",
-    "debug",
+    *METHOD_PARAMS, "reference", "search", "scheduler", "resources", "tracking", "storage",
+    "max_failures", "debug",
 )
 
 SEARCHABLE_SECTIONS = ("train", "backbone", *METHOD_PARAMS)
@@ -310,6 +334,7 @@ class Spec:
             "backbone": c["backbone"],
             "train": c["train"],
             c["method"]: c[c["method"]],
+            "reference": c["reference"],
             "selection": {"metric": c["search"]["metric"], "mode": c["search"]["mode"]},
             "cache_dir": str(Path(c["storage"]) / "cache"),
             "debug": c["debug"],
@@ -466,6 +491,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     cfg["train"] = section("train", TRAIN, raw.get("train"))
     for method, fields in METHOD_PARAMS.items():
         cfg[method] = section(method, fields, raw.get(method))
+    cfg["reference"] = section("reference", REFERENCE, raw.get("reference"))
     cfg["search"] = section("search", {**SEARCH, "space": Field(lambda v: v)}, raw.get("search"))
     cfg["resources"] = section("resources", RESOURCES, raw.get("resources"))
     cfg["tracking"] = section("tracking", {"uri": Field(_text, "sqlite:///mlflow.db")},
@@ -573,8 +599,10 @@ def _check_weights(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
 
 def _check_metric(cfg: dict[str, Any], bad: Callable[[str, Any, str], None]) -> None:
     metric = cfg["search"].get("metric")
-    if metric is not None and metric not in SELECTION_METRICS:
-        bad("search.metric", metric, f"one of {', '.join(SELECTION_METRICS)}")
+    allowed = SELECTION_METRICS + METHOD_SELECTION_METRICS.get(cfg.get("method"), ())
+    if metric is not None and metric not in allowed:
+        bad("search.metric", metric, f"one of {', '.join(allowed)} for method "
+            f"{cfg.get('method')}")
 
 
 def _check_scheduler(value: Any, section: Callable[..., dict[str, Any]],

@@ -26,9 +26,11 @@ from debias.spec import config_hash, with_params
 
 __all__ = ["MlflowTrialCallback", "Tracker", "flatten", "redact_uri"]
 
-#: Result keys forwarded every epoch; test metrics and the selection are logged at the end.
-EPOCH_PREFIXES = ("train/", "val/")
+#: Every `group/name` result key is forwarded each epoch (train/, val/, the method's own such as
+#: clusterfix/, cache/), except test metrics and the selection, which are logged at the end,
+#: and Ray's own bookkeeping.
 FINAL_PREFIXES = ("test/", "selected/")
+IGNORED_PREFIXES = ("config/",)
 ROLE_TAG = "debias.role"
 
 
@@ -145,14 +147,13 @@ class Tracker:
         return max((m.step for m in history), default=0)
 
     def log_epoch(self, run_id: str, result: Mapping[str, Any], final: bool = False) -> None:
-        prefixes = EPOCH_PREFIXES + (FINAL_PREFIXES if final else ())
-        method_prefix = f"{result.get('method', '')}/"
         step = int(result.get("epoch", 0))
         stamp = int(float(result.get("timestamp", 0)) * 1000)
         metrics = [Metric(k, float(v), stamp, step) for k, v in result.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)
                    and not math.isnan(float(v))
-                   and (k.startswith(prefixes) or ("/" in k and k.startswith(method_prefix)))]
+                   and "/" in k and not k.startswith(IGNORED_PREFIXES)
+                   and (final or not k.startswith(FINAL_PREFIXES))]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(run_id, metrics=chunk)
 

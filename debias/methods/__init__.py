@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from debias.methods.base import Method
+from debias.methods.clusterfix import ClusterFix
 from debias.methods.erm import ERM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ERM,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ERM, ClusterFix)}
 
 __all__ = ["METHODS", "Method"]

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from debias.cache import StageCache
 from debias.data import GroupedDataset
 from debias.models import Classifier
 
@@ -25,10 +26,13 @@ class Method:
 
     name: ClassVar[str]
 
-    def __init__(self, config: dict[str, Any], data: GroupedDataset) -> None:
+    def __init__(self, config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+                 device: torch.device) -> None:
         self.config = config
         self.params: dict[str, Any] = config.get(self.name, {})
         self.data = data
+        self.cache = cache
+        self.device = device
 
     def prepare(self) -> None:
         """Compute or fetch the shared stages this method needs (no-op for ERM)."""
@@ -46,6 +50,11 @@ class Method:
 
     def epoch_metrics(self) -> dict[str, float]:
         """Method-specific numbers for this epoch, named `{method}/...`."""
+        return {}
+
+    def eval_metrics(self, split: str, preds: np.ndarray) -> dict[str, float]:
+        """Extra metrics of a split's predictions, named `{split}/...` (none for ERM)."""
+        del split, preds
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""Content-addressed stage cache: expensive work that many trials share is done once.
+
+A stage (a reference model, a feature matrix, k-means pseudo-labels, GradCAM maps, a curated
+subset) is keyed by a hash of exactly the inputs that determine it plus the stage's code
+version, and stored under the sweep's `storage` so every trial on every node of a cluster
+finds it. Values are dicts of tensors and plain Python, saved with `torch.save` and loaded
+with `weights_only=True`, so a cache file can never execute code.
+
+Concurrency: a file is written to a temporary name in the same folder and renamed into
+place (atomic on POSIX and NFS), so a reader sees either nothing or a whole file. Trials on
+one node also take an advisory `flock` on the key while computing, so the second waits and
+reuses the first's result; across nodes (where locks are unreliable on shared file systems)
+two racing trials may both compute, and the later rename simply replaces an identical file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["StageCache", "stage_key"]
+
+log = logging.getLogger(__name__)
+
+
+def stage_key(stage: str, version: int, inputs: Mapping[str, Any]) -> str:
+    """Hash of a stage's name, code version and inputs (JSON, sorted keys)."""
+    blob = json.dumps({"stage": stage, "version": version, "inputs": inputs},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class StageCache:
+    """Get-or-compute for shared stages. `computed` and `reused` count this process's events,
+    so a trial can report how much work it did (and tests can check it did none)."""
+
+    _events_lock = threading.Lock()
+    computed: ClassVar[Counter[str]] = Counter()
+    reused: ClassVar[Counter[str]] = Counter()
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.pt"
+
+    def get_or_compute(self, stage: str, version: int, inputs: Mapping[str, Any],
+                       compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Return the stored value for these inputs, computing and storing it if absent."""
+        key = stage_key(stage, version, inputs)
+        path = self.path(stage, key)
+        if (value := self._load(path)) is not None:
+            self._count(self.reused, stage)
+            return value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_suffix(".lock")):
+            if (value := self._load(path)) is not None:  # another trial finished it meanwhile
+                self._count(self.reused, stage)
+                return value
+            log.info("computing stage %s (%s)", stage, key)
+            value = compute()
+            self._store(path, value, inputs)
+            self._count(self.computed, stage)
+            return value
+
+    @classmethod
+    def _count(cls, counter: Counter[str], stage: str) -> None:
+        with cls._events_lock:
+            counter[stage] += 1
+
+    @classmethod
+    def events(cls) -> dict[str, int]:
+        """`cache/computed/<stage>` and `cache/reused/<stage>` counts, as flat metrics."""
+        with cls._events_lock:
+            out = {f"cache/computed/{k}": v for k, v in cls.computed.items()}
+            out.update({f"cache/reused/{k}": v for k, v in cls.reused.items()})
+        return out
+
+    @classmethod
+    def reset_events(cls) -> None:
+        with cls._events_lock:
+            cls.computed.clear()
+            cls.reused.clear()
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a file from an older torch, or damaged on disk: recompute
+            log.warning("ignoring unreadable cache file %s (%s)", path, exc)
+            return None
+
+    @staticmethod
+    def _store(path: Path, value: dict[str, Any], inputs: Mapping[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(value, tmp)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        # A human-readable record of what the key stands for, for whoever inspects the cache.
+        meta = path.with_suffix(".json")
+        tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
+        tmp_meta.write_text(json.dumps(inputs, sort_keys=True, indent=1, default=str))
+        os.replace(tmp_meta, meta)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock; where the file system refuses locks, run unlocked (the
+    atomic rename still keeps readers safe; the work may just be done twice)."""
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held for the duration of the block
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()

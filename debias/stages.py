@@ -1,0 +1,119 @@
+"""Shared stages that ClusterFix and SLIM build on: the ERM reference model and frozen features.
+
+Both are pure functions of (dataset view, backbone, stage settings), stored in the stage cache
+so the first trial that needs one computes it and every later trial, on any node, loads it.
+Trial-level knobs (the searched lr, k, momentum, the trial seed) are deliberately *not* part
+of their keys: a sweep over those knobs must share one reference model and one feature matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from debias.cache import StageCache
+from debias.data import GroupedDataset, make_torch_dataset
+from debias.models import Classifier, build_classifier
+
+__all__ = ["SPLITS", "backbone_identity", "extract_features", "frozen_features",
+           "reference_config", "reference_model"]
+
+SPLITS = ("train", "val", "test")
+REFERENCE_VERSION = 1
+FEATURES_VERSION = 1
+
+
+def backbone_identity(backbone: dict[str, Any]) -> dict[str, Any]:
+    """Arch plus weights; a weights *file* is identified by its content, not its path."""
+    weights = backbone["weights"]
+    if weights not in ("none", "imagenet"):
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+        weights = f"sha256:{digest}"
+    return {"arch": backbone["arch"], "weights": weights}
+
+
+def reference_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ERM trial config that trains the reference model: the sweep's dataset, target and
+    backbone with the fixed `reference` settings (never the searched `train` values)."""
+    ref = config["reference"]
+    train = {k: v for k, v in ref.items() if k != "seed"}
+    return {
+        "method": "erm",
+        "dataset": config["dataset"],
+        "target": config["target"],
+        "bias": config["bias"],
+        "seed": ref["seed"],
+        "backbone": config["backbone"],
+        "train": {**config["train"], **train},
+        "erm": {},
+        # Bias labels never select the reference model: it is the last epoch.
+        "selection": {"metric": "val/avg_acc", "mode": "max"},
+        "cache_dir": config["cache_dir"],
+        "debug": {},
+    }
+
+
+def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+                    device: torch.device) -> Classifier:
+    """The ERM model trained on the target (cached), in eval mode on `device`."""
+    from debias.engine import Trainer  # the engine imports methods, which import this module
+
+    ref_cfg = reference_config(config)
+    inputs = {"data": data.identity(), "backbone": backbone_identity(ref_cfg["backbone"]),
+              "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
+
+    def train() -> dict[str, Any]:
+        trainer = Trainer(ref_cfg, device=str(device), data=data)
+        epochs = ref_cfg["train"]["epochs"]
+        for metrics in tqdm(trainer.epochs(), total=epochs, desc="reference model (ERM)",
+                            leave=False):
+            del metrics
+        return {"model": {k: v.cpu() for k, v in trainer.model.state_dict().items()}}
+
+    state = cache.get_or_compute("reference", REFERENCE_VERSION, inputs, train)
+    model = build_classifier(ref_cfg["backbone"]["arch"], "none", {"target": data.n_classes})
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def extract_features(model: Classifier, data: GroupedDataset, split: str, device: torch.device,
+                     batch_size: int = 256, desc: str = "features") -> torch.Tensor:
+    """Trunk features of one split with the eval transform, in split order (float32, CPU)."""
+    model.eval()
+    dataset = make_torch_dataset(data, split, train=False)
+    out = torch.empty(len(dataset), model.feature_dim)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for images, positions in tqdm(loader, desc=f"{desc} ({split})", leave=False):
+        out[positions] = model.features(images.to(device)).float().cpu()
+    return out
+
+
+def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+                    device: torch.device, source: str) -> dict[str, Any]:
+    """L2-normalised features for every split, from a frozen pretrained backbone
+    (`source='backbone'`) or from the ERM reference model (`source='reference'`)."""
+    if source == "backbone":
+        identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
+    else:
+        ref_cfg = reference_config(config)
+        identity = {"reference": {"backbone": backbone_identity(ref_cfg["backbone"]),
+                                  "train": ref_cfg["train"], "seed": ref_cfg["seed"]}}
+    inputs = {"data": data.identity(), "source": source, **identity}
+
+    def compute() -> dict[str, Any]:
+        if source == "backbone":
+            b = config["backbone"]
+            model = build_classifier(b["arch"], b["weights"], {"target": data.n_classes})
+            model = model.to(device).eval()
+        else:
+            model = reference_model(config, data, cache, device)
+        feats = {s: extract_features(model, data, s, device) for s in SPLITS}
+        return {s: torch.nn.functional.normalize(f, dim=1) for s, f in feats.items()}
+
+    return cache.get_or_compute("features", FEATURES_VERSION, inputs, compute)
