@@ -85,6 +85,7 @@ class Trainer:
         backbone = config["backbone"]
         self.model: Classifier = build_classifier(
             backbone["arch"], backbone["weights"], self.method.heads()).to(self.device)
+        self.method.setup_model(self.model)
         self.optimizer = self._optimizer()
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=self.train_cfg["epochs"])

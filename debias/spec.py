@@ -199,6 +199,21 @@ METHOD_PARAMS: dict[str, dict[str, Field]] = {
         "features": Field(_choice("auto", "backbone", "reference"), "auto"),
         "kmeans_seed": Field(_int(0), 0, searchable=False),
     },
+    "slim": {
+        "retrain": Field(_choice("full", "last_layer"), "full"),
+        "budget_per_class": Field(_int(1, 100_000), 15, numeric="int"),
+        "neighbours": Field(_int(1, 1000), 5, numeric="int"),
+        "gamma": Field(_float(0, 1e6, lo_open=True), 10.0, numeric="float"),
+        "keep_quantile": Field(_float(0, 1, hi_open=True), 0.5, numeric="float"),
+        "curated_size": Field(_int(2, 10_000_000), 120, numeric="int"),
+        "k_max": Field(_int(2, 50), 5, numeric="int"),
+        "cell_share": Field(_choice("spread", "uniform"), "spread"),
+        "embedding": Field(_choice("pca", "umap"), "pca"),
+        "annotator": Field(_choice("simulated", "csv"), "simulated", searchable=False),
+        "annotations": Field(_text, searchable=False),
+        "aiou_threshold": Field(_float(0, 1), 0.3, numeric="float"),
+        "seed": Field(_int(0), 0, searchable=False),
+    },
 }
 
 #: The ERM reference model that ClusterFix (where no pretrained backbone exists) and SLIM
@@ -256,6 +271,9 @@ RESOURCES = {
 #: Fault injection, to check on a real cluster that a crashed trial resumes from its checkpoint.
 DEBUG = {
     "fail_once_at_epoch": Field(_int(1), searchable=False),
+    # Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
+    # attempt: a persistent bug, to check that it is recorded and the others carry on.
+    "fail_seed": Field(_int(0), searchable=False),
 }
 
 TOP_LEVEL = (
@@ -501,6 +519,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
 
     _check_targets(cfg, raw, problems, bad)
     _check_weights(cfg, problems, cwd)
+    _check_method(cfg, problems, cwd)
     _check_metric(cfg, bad)
     space = _check_space(cfg, cfg["search"].pop("space", None) or {}, problems, bad)
 
@@ -595,6 +614,24 @@ def _check_weights(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
                         f"existing state_dict file (looked at {path})")
     else:
         cfg["backbone"]["weights"] = str(path)
+
+
+def _check_method(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
+    """Cross-key rules of the method sections (single keys are checked by their Field)."""
+    method = cfg.get("method")
+    if method == "clusterfix" and cfg["clusterfix"].get("features") == "backbone" and \
+            cfg["backbone"].get("weights") == "none":
+        problems.append("clusterfix.features: got 'backbone'; expected 'reference' or 'auto' "
+                        "when backbone.weights is 'none' (random features cannot cluster)")
+    if method == "slim":
+        slim = cfg["slim"]
+        if slim.get("annotator") == "csv":
+            if "annotations" not in slim:
+                problems.append("slim.annotations: missing; expected the path of the annotation "
+                                "CSV when slim.annotator is 'csv' (it is written for you to fill "
+                                "in if it does not exist)")
+            else:
+                slim["annotations"] = str(_absolute(slim["annotations"], cwd))
 
 
 def _check_metric(cfg: dict[str, Any], bad: Callable[[str, Any, str], None]) -> None:

@@ -21,7 +21,7 @@ from debias.data import GroupedDataset, make_torch_dataset
 from debias.models import Classifier, build_classifier
 
 __all__ = ["SPLITS", "backbone_identity", "extract_features", "frozen_features",
-           "reference_config", "reference_model"]
+           "reference_config", "reference_inputs", "reference_model"]
 
 SPLITS = ("train", "val", "test")
 REFERENCE_VERSION = 1
@@ -58,14 +58,20 @@ def reference_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reference_inputs(config: dict[str, Any], data: GroupedDataset) -> dict[str, Any]:
+    """What determines the reference model: its cache key, and part of its dependants' keys."""
+    ref_cfg = reference_config(config)
+    return {"data": data.identity(), "backbone": backbone_identity(ref_cfg["backbone"]),
+            "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
+
+
 def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
                     device: torch.device) -> Classifier:
     """The ERM model trained on the target (cached), in eval mode on `device`."""
     from debias.engine import Trainer  # the engine imports methods, which import this module
 
     ref_cfg = reference_config(config)
-    inputs = {"data": data.identity(), "backbone": backbone_identity(ref_cfg["backbone"]),
-              "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
+    inputs = reference_inputs(config, data)
 
     def train() -> dict[str, Any]:
         trainer = Trainer(ref_cfg, device=str(device), data=data)
@@ -101,9 +107,7 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
     if source == "backbone":
         identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
     else:
-        ref_cfg = reference_config(config)
-        identity = {"reference": {"backbone": backbone_identity(ref_cfg["backbone"]),
-                                  "train": ref_cfg["train"], "seed": ref_cfg["seed"]}}
+        identity = {"reference": reference_inputs(config, data)}
     inputs = {"data": data.identity(), "source": source, **identity}
 
     def compute() -> dict[str, Any]:

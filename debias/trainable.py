@@ -52,11 +52,16 @@ def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             trainer.load(Path(folder) / STATE_FILE)
-    fail_at = config["debug"].get("fail_once_at_epoch")
+    debug = config["debug"]
+    fail_at = debug.get("fail_once_at_epoch")
+    always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
     for metrics in trainer.epochs():
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        if always and trainer.epoch >= (fail_at or 1):
+            raise RuntimeError(f"debug.fail_seed: injected failure of seed {config['seed']} "
+                               f"after epoch {trainer.epoch}")
         if trainer.epoch == fail_at and checkpoint is None:
             raise RuntimeError(f"debug.fail_once_at_epoch: injected failure after epoch "
                                f"{trainer.epoch} (the retry resumes from this checkpoint)")

@@ -57,7 +57,7 @@ def write_sweep(tmp_path: Path, sweep: dict[str, Any], name: str = "sweep.yaml")
 
 
 def check_sweep_runs(uri: str, name: str, targets: dict[str, str], n_search: int,
-                     seeds: list[int], epochs: int) -> None:
+                     seeds: list[int], epochs: int, method: str = "erm") -> None:
     """Assert the MLflow record of a finished sweep matches DESIGN.md's contract exactly."""
     from mlflow.tracking import MlflowClient
 
@@ -73,7 +73,7 @@ def check_sweep_runs(uri: str, name: str, targets: dict[str, str], n_search: int
         tags = parent.data.tags
         assert parent.info.run_name == target
         assert parent.info.status == "FINISHED"
-        assert tags["sweep"] == name and tags["method"] == "erm"
+        assert tags["sweep"] == name and tags["method"] == method
         assert tags["dataset"] == "synthetic" and tags["bias_attribute"] == targets[target]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         finished = [r for r in children if r.info.status == "FINISHED"]

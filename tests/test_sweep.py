@@ -32,3 +32,76 @@ def test_two_target_sweep_logs_the_design_runs_and_reports(
     # Running the same sweep again without --resume must refuse, not duplicate runs.
     with pytest.raises(SweepError, match="--resume"):
         run_sweep(spec)
+
+
+def _children(uri: str, name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_a_crashed_trial_resumes_from_its_checkpoint_with_identical_metrics(
+        ray_local, tmp_path: Path) -> None:
+    """A trial that crashes after epoch 1 is retried from the epoch-1 checkpoint: its one
+    MLflow run finishes with steps 1..3 and exactly the metrics of an uninterrupted run."""
+    from mlflow.tracking import MlflowClient
+
+    common = {"targets": ["Odd"], "seeds": [0], "search": {"num_samples": 1},
+              "train": {"epochs": 3, "batch_size": 128, "lr": 0.05}}
+    faulty = load_spec(write_sweep(tmp_path, tiny_sweep(
+        tmp_path, name="faulty", max_failures=1, debug={"fail_once_at_epoch": 1}, **common),
+        "faulty.yaml"))
+    clean = load_spec(write_sweep(tmp_path, tiny_sweep(tmp_path, name="clean", **common),
+                                  "clean.yaml"))
+    run_sweep(faulty)
+    run_sweep(clean)
+    client = MlflowClient(tracking_uri=faulty.tracking_uri)
+    runs = {name: {r.data.tags["phase"]: r for r in _children(faulty.tracking_uri, name)}
+            for name in ("faulty", "clean")}
+    for phase in ("search", "seeds"):
+        crashed, ref = runs["faulty"][phase], runs["clean"][phase]
+        assert crashed.info.status == "FINISHED"
+        assert crashed.data.tags.get("retried") == "true"
+        history = client.get_metric_history(crashed.info.run_id, "val/worst_group_acc")
+        assert sorted(h.step for h in history) == [1, 2, 3]
+        for key in ("train/loss", "val/avg_acc", "test/worst_group_acc", "test/avg_acc"):
+            assert crashed.data.metrics[key] == ref.data.metrics[key], key
+
+
+def test_a_trial_that_keeps_failing_is_recorded_and_the_others_finish(
+        ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tiny_sweep(tmp_path, name="broken", targets=["Odd"], seeds=[0, 1], max_failures=1,
+                       search={"num_samples": 1}, debug={"fail_seed": 1})
+    path = write_sweep(tmp_path, sweep)
+    assert main([str(path)]) == 0
+    seeds_runs = {r.data.tags["seed"]: r for r in _children(sweep["tracking"]["uri"], "broken")
+                  if r.data.tags["phase"] == "seeds"}
+    assert seeds_runs["0"].info.status == "FINISHED"
+    assert seeds_runs["1"].info.status == "FAILED"
+    assert "injected failure of seed 1" in seeds_runs["1"].data.tags["error"]
+    out = capsys.readouterr().out
+    assert "Odd" in out  # the report still comes, over the seeds that finished
+
+
+def test_clusterfix_sweep_over_k_extracts_features_once(ray_local, tmp_path: Path) -> None:
+    """Trials of a k sweep share the reference model and the features through the stage
+    cache: across all trials of the sweep, each is computed exactly once."""
+    sweep = tiny_sweep(
+        tmp_path, name="cfix", method="clusterfix", targets=["Odd"], seeds=[0],
+        reference={"epochs": 1}, clusterfix={"k": 2, "beta": 0.1},
+        search={"algorithm": "grid", "space": {"clusterfix.k": {"choice": [2, 3]}}})
+    spec = load_spec(write_sweep(tmp_path, sweep))
+    run_sweep(spec)
+    check_sweep_runs(spec.tracking_uri, "cfix", {"Odd": "Background"}, n_search=2, seeds=[0],
+                     epochs=2, method="clusterfix")
+    runs = _children(spec.tracking_uri, "cfix")
+    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
+                for stage in ("reference", "features", "kmeans")}
+    assert computed == {"reference": 1, "features": 1, "kmeans": 2}, computed
+    for r in runs:
+        assert 0.5 <= r.data.metrics["clusterfix/mean_purity"] <= 1.0
+        assert r.data.metrics["clusterfix/weight_max"] >= 1.0
+        assert "val/worst_pseudo_group_acc" in r.data.metrics

@@ -5,7 +5,8 @@ from __future__ import annotations
 from debias.methods.base import Method
 from debias.methods.clusterfix import ClusterFix
 from debias.methods.erm import ERM
+from debias.methods.slim import SLIM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ERM, ClusterFix)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (ERM, ClusterFix, SLIM)}
 
 __all__ = ["METHODS", "Method"]

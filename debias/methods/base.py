@@ -40,6 +40,11 @@ class Method:
     def heads(self) -> dict[str, int]:
         return {"target": self.data.n_classes}
 
+    def setup_model(self, model: Classifier) -> None:
+        """Adjust a freshly built model before its optimiser exists (e.g. load and freeze a
+        trunk); parameters left with requires_grad=False are not optimised."""
+        del model
+
     def train_positions(self) -> np.ndarray:
         """Positions of the training split this trial trains on (SLIM narrows it)."""
         return np.arange(len(self.data.view("train")))

@@ -1,0 +1,268 @@
+"""SLIM's data side end to end: attention -> space -> sample -> annotate -> spread -> curate.
+
+Two cached stages. "gradcam" (GradCAM over the training split, reduced to the attention
+vectors and AIOU) depends only on the data and the reference model, so a sweep over SLIM's
+knobs computes it once. "curation" adds every knob that changes the subset (and, for human
+annotations, the content of the filled-in CSV, so editing the file invalidates it).
+
+Annotators: ``simulated`` uses AIOU against foreground masks when the dataset has them, and
+otherwise the group-based stand-in (bias labels!); the result names the one used so runs can
+be tagged as simulated. AIOU is reported only where masks exist (NaN otherwise, never
+estimated). ``csv`` reads a person's answers; when the file is not there yet, the request
+(CSV plus overlay PNGs beside it) is written and an AnnotationError says what to fill in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from debias.cache import StageCache
+from debias.data import GroupedDataset, make_torch_dataset
+from debias.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from debias.models import Classifier
+from debias.slim.annotations import (
+    AnnotationError,
+    group_annotator,
+    read_annotations,
+    simulated_annotator,
+    write_annotation_request,
+)
+from debias.slim.attention import compute_attention, gradcam_images, overlay_png
+from debias.slim.curation import CELL_SHARES, curate
+from debias.slim.propagation import class_gammas, propagate
+from debias.slim.sampling import per_class_budget, sample_for_annotation
+from debias.slim.space import EMBEDDINGS, embed_per_class
+
+__all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
+           "model_fingerprint", "slim_settings"]
+
+GRADCAM_VERSION = 1
+CURATION_VERSION = 1
+ANNOTATORS = ("simulated", "csv")
+
+SLIM_DEFAULTS: dict[str, Any] = {
+    "budget_per_class": 10,
+    "neighbours": 5,
+    "gamma": [10.0, 5.0],
+    "alpha": 0.01,
+    "keep_quantile": 0.5,
+    "curated_size": 120,
+    "cell_share": "spread",
+    "k_range": [2, 5],
+    "embedding": "pca",
+    "annotator": "simulated",
+    "annotations": None,
+    "aiou_threshold": 0.3,
+    "seed": 0,
+    "batch_size": 64,
+}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+
+
+def slim_settings(config: dict[str, Any], n_classes: int = 2) -> dict[str, Any]:
+    """``config["slim"]`` over the defaults, checked; messages name the knob and the rule.
+
+    Keys this module does not know (e.g. retraining knobs) are passed through untouched.
+    """
+    s = {**SLIM_DEFAULTS, **(config.get("slim") or {})}
+
+    def bad(name: str, rule: str) -> ValueError:
+        return ValueError(f"slim.{name} must be {rule}, got {s[name]!r}")
+
+    per_class_budget(s["budget_per_class"], n_classes)  # raises with its own message
+    if not _is_int(s["neighbours"]) or s["neighbours"] < 1:
+        raise bad("neighbours", "a positive integer")
+    s["gamma"] = class_gammas(s["gamma"], n_classes)
+    if not _is_number(s["alpha"]) or not 0 < s["alpha"] < 1:
+        raise bad("alpha", "a number in (0, 1)")
+    if not _is_number(s["keep_quantile"]) or not 0 <= s["keep_quantile"] < 1:
+        raise bad("keep_quantile", "a number in [0, 1)")
+    if not _is_int(s["curated_size"]) or s["curated_size"] < 1:
+        raise bad("curated_size", "a positive integer")
+    k = s["k_range"]
+    if (not isinstance(k, list | tuple) or len(k) != 2 or not all(_is_int(v) for v in k)
+            or not 1 <= k[0] <= k[1]):
+        raise bad("k_range", "[min, max] integers with 1 <= min <= max")
+    s["k_range"] = [int(k[0]), int(k[1])]
+    if s["cell_share"] not in CELL_SHARES:
+        raise bad("cell_share", f"one of {CELL_SHARES}")
+    if s["embedding"] not in EMBEDDINGS:
+        raise bad("embedding", f"one of {EMBEDDINGS}")
+    if s["annotator"] not in ANNOTATORS:
+        raise bad("annotator", f"one of {ANNOTATORS}")
+    if s["annotator"] == "csv" and not s["annotations"]:
+        raise bad("annotations", "the path of the annotation CSV when annotator is 'csv'")
+    if not _is_number(s["aiou_threshold"]) or not 0 <= s["aiou_threshold"] <= 1:
+        raise bad("aiou_threshold", "a number in [0, 1]")
+    if not _is_int(s["seed"]):
+        raise bad("seed", "an integer")
+    if not _is_int(s["batch_size"]) or s["batch_size"] < 1:
+        raise bad("batch_size", "a positive integer")
+    return s
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of a model's state (names, shapes, dtypes, bytes): a key for its GradCAM maps."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().reshape(-1).contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def attention_stage(data: GroupedDataset, model: Classifier, cache: StageCache,
+                    device: torch.device | str, model_key: str,
+                    batch_size: int = 64) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cached attention of the training split, the stage's key inputs).
+
+    Image-size CAMs are not stored (CelebA's would take ~16 GB); AIOU is computed from them
+    while they are in memory, and overlays re-run GradCAM on the few images they need.
+    """
+    inputs = {"data": data.identity(), "model": model_key, "split": "train"}
+
+    def compute() -> dict[str, Any]:
+        att = compute_attention(model, data, "train", device, batch_size, keep_cams=False)
+        return {**att, "has_masks": data.masks is not None}
+
+    return cache.get_or_compute("gradcam", GRADCAM_VERSION, inputs, compute), inputs
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _uint8_images(tensors: torch.Tensor) -> np.ndarray:
+    """Undo the ImageNet normalisation: what the model saw, as N x H x W x 3 uint8."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (tensors.cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _write_request(path: Path, data: GroupedDataset, model: Classifier,
+                   device: torch.device | str, positions: np.ndarray) -> Path:
+    """The request CSV at ``path`` and its PNGs in ``<stem>_overlays/`` beside it."""
+    view = data.view("train")
+    dataset = make_torch_dataset(data, "train", train=False)
+    folder = path.with_name(f"{path.stem}_overlays")
+    tensors = torch.stack([dataset[int(p)][0] for p in positions])
+    cams = gradcam_images(model, tensors, view.y[positions], device)["cam"].numpy()
+    images = _uint8_images(tensors)
+    rows = []
+    for i, p in enumerate(positions):
+        sample_id = str(view.ids[p])
+        overlay = overlay_png(images[i], cams[i], folder / f"{sample_id}_overlay.png")
+        if data.image_paths is not None:
+            image_path = Path(data.image_paths[view.index[p]])
+        else:
+            image_path = folder / f"{sample_id}_image.png"
+            Image.fromarray(images[i]).save(image_path)
+        rows.append({"id": sample_id, "position": int(p), "label_class": int(view.y[p]),
+                     "image_path": str(image_path), "overlay_path": str(overlay)})
+    return write_annotation_request(path, rows)
+
+
+def _mean_or_nan(x: np.ndarray) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.mean(x)) if len(x) and not np.isnan(x).any() else math.nan
+
+
+def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifier,
+                   cache: StageCache, device: torch.device | str,
+                   model_key: str | None = None) -> dict[str, Any]:
+    """The curated training subset and what it cost (see module docstring).
+
+    ``model_key`` identifies the reference model in the cache key (e.g. the hash of the
+    reference stage's inputs); by default the model's weights are hashed.
+
+    Returns ``positions`` (LongTensor of training-split positions), ``annotated`` (images
+    shown to the annotator), ``annotated_fraction``, ``aiou_mean`` (training split; NaN
+    without masks), ``propagated_kept``, ``annotator`` (``simulated-aiou``,
+    ``simulated-group`` or ``csv``), ``simulated`` and a few diagnostics.
+    """
+    view = data.view("train")
+    s = slim_settings(config, data.n_classes)
+    key = model_key if model_key is not None else model_fingerprint(model)
+    att, att_inputs = attention_stage(data, model, cache, device, key, s["batch_size"])
+    has_masks = bool(att["has_masks"])
+    if s["annotator"] == "csv":
+        annotator = "csv"
+    else:
+        annotator = "simulated-aiou" if has_masks else "simulated-group"
+    y = np.asarray(view.y)
+    v = att["v"].numpy()
+    v_bar = att["v_bar"].numpy()
+
+    def embed_and_sample() -> tuple[np.ndarray, np.ndarray]:
+        e = embed_per_class(v, y, s["embedding"], s["seed"])
+        sampled = sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
+        return e, sampled
+
+    inputs: dict[str, Any] = {
+        "gradcam": att_inputs,
+        **{k: s[k] for k in ("budget_per_class", "neighbours", "gamma", "alpha",
+                             "keep_quantile", "curated_size", "k_range", "embedding", "seed",
+                             "cell_share")},
+        "annotator": annotator,
+        "threshold": s["aiou_threshold"] if annotator == "simulated-aiou" else None,
+    }
+    csv_path = Path(s["annotations"]) if annotator == "csv" else None
+    if csv_path is not None:
+        if not csv_path.is_file():
+            _, sampled = embed_and_sample()
+            _write_request(csv_path, data, model, device, sampled)
+            raise AnnotationError(
+                f"annotation file {csv_path} did not exist: wrote an annotation request there "
+                f"for {len(sampled)} images (overlays in {csv_path.stem}_overlays/ beside it). "
+                "Fill in its 'annotation' column with 1 (attention on the core object), "
+                "0 (not) or -1 (unsure), then run again.")
+        inputs["annotations_sha256"] = _file_digest(csv_path)
+
+    def compute() -> dict[str, Any]:
+        e, sampled = embed_and_sample()
+        if annotator == "csv":
+            assert csv_path is not None
+            answers = read_annotations(csv_path, [str(view.ids[p]) for p in sampled])
+            labels = np.array([answers[str(view.ids[p])] for p in sampled], dtype=np.int64)
+        elif annotator == "simulated-aiou":
+            labels = simulated_annotator(att["aiou"].numpy()[sampled], s["aiou_threshold"])
+        else:
+            labels = group_annotator(y, view.a, sampled)
+        prop = propagate(e, y, sampled, labels, s["gamma"], s["alpha"], s["keep_quantile"])
+        kept = np.flatnonzero(prop.keep)
+        e_bar = embed_per_class(v_bar, y, s["embedding"], s["seed"])
+        cur = curate(e, e_bar, y, kept, s["curated_size"], s["k_range"], s["seed"],
+                     s["cell_share"])
+        aiou = att["aiou"].numpy()
+        return {
+            "positions": torch.from_numpy(cur.positions),
+            "annotated_positions": torch.from_numpy(sampled),
+            "annotation_labels": torch.from_numpy(labels),
+            "annotated": len(sampled),
+            "annotated_fraction": len(sampled) / max(1, len(view)),
+            "unsure": int((labels == -1).sum()),
+            "aiou_mean": _mean_or_nan(aiou) if has_masks else math.nan,
+            "aiou_mean_curated": (_mean_or_nan(aiou[cur.positions]) if has_masks else math.nan),
+            "propagated_kept": len(kept),
+            "propagation_notes": {int(c): n for c, n in prop.notes.items()},
+            "curation_k": {int(c): [d["k_e"], d["k_ebar"]] for c, d in cur.details.items()},
+            "annotator": annotator,
+            "simulated": annotator != "csv",
+        }
+
+    return cache.get_or_compute("curation", CURATION_VERSION, inputs, compute)
