@@ -298,6 +298,12 @@ class SearchDomain:
     high: float | None = None
     log: bool = False
     values: tuple[Any, ...] = ()
+    #: Sampled only when every named key took one of the listed values (Optuna only), e.g.
+    #: beta only when cluster_loss is "both"; otherwise the file's own value is used.
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, chosen: Mapping[str, Any]) -> bool:
+        return all(key in chosen and chosen[key] in values for key, values in self.when)
 
 
 @dataclass(frozen=True)
@@ -673,13 +679,41 @@ def _check_space(cfg: dict[str, Any], space: Any, problems: list[str],
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{where}: not a searchable key{hint}; allowed: {', '.join(allowed)}")
             continue
+        when = dom.pop("when", None) if isinstance(dom, dict) else None
         parsed = _parse_domain(where, dom, f, grid, problems, bad)
         if parsed:
-            domains.append(SearchDomain(path=str(key), **parsed))
+            conditions = _parse_when(where, when, domains, cfg["search"].get("algorithm"), bad)
+            domains.append(SearchDomain(path=str(key), when=conditions, **parsed))
     if grid and not domains:
         problems.append("search.algorithm: got 'grid'; expected a search.space with at least "
                         "one {choice: [...]} key")
     return tuple(domains)
+
+
+def _parse_when(where: str, when: Any, earlier: list[SearchDomain], algorithm: Any,
+                bad: Callable[[str, Any, str], None]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """`when: {other.key: value | [values]}`: a condition on choice keys listed earlier."""
+    if when is None:
+        return ()
+    choices = {d.path: d.values for d in earlier if d.kind == "choice"}
+    if algorithm != "optuna":
+        bad(f"{where}.when", when, "no condition unless search.algorithm is optuna "
+            "(conditional spaces are sampled define-by-run by Optuna)")
+        return ()
+    if not isinstance(when, dict) or not when:
+        bad(f"{where}.when", when, "a mapping {other.searched.key: value or [values]}")
+        return ()
+    out = []
+    for key, value in when.items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        if key not in choices:
+            bad(f"{where}.when.{key}", value, "a condition on a {choice: [...]} key listed "
+                f"earlier in search.space ({', '.join(choices) or 'none so far'})")
+        elif unknown := [v for v in values if v not in choices[key]]:
+            bad(f"{where}.when.{key}", value, f"values among {list(choices[key])}, not {unknown}")
+        else:
+            out.append((str(key), values))
+    return tuple(out)
 
 
 def _parse_domain(where: str, dom: Any, f: Field, grid: bool, problems: list[str],

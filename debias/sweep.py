@@ -198,10 +198,38 @@ def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher: Any = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s["seed"]))
+    sampler = optuna.samplers.TPESampler(seed=s["seed"])
+    searcher: Any
+    if any(d.when for d in spec.space):
+        searcher = OptunaSearch(space=DefineByRun(spec.space), metric=TUNE_METRIC,
+                                mode=s["mode"], sampler=sampler)
+        space = {"seed": base["seed"]}
+    else:
+        searcher = OptunaSearch(sampler=sampler)
     if s.get("max_concurrent"):
         searcher = ConcurrencyLimiter(searcher, max_concurrent=s["max_concurrent"])
     return space, searcher, s["num_samples"]
+
+
+class DefineByRun:
+    """Optuna's define-by-run space for conditional keys: a key is suggested only when its
+    `when` holds for the values already chosen. A class, not a closure, so Tune can pickle
+    the searcher into its experiment state and restore it on --resume."""
+
+    def __init__(self, domains: tuple[SearchDomain, ...]) -> None:
+        self.domains = domains
+
+    def __call__(self, trial: Any) -> None:
+        chosen: dict[str, Any] = {}
+        for d in self.domains:
+            if not d.active(chosen):
+                continue
+            if d.kind == "choice":
+                chosen[d.path] = trial.suggest_categorical(d.path, list(d.values))
+            elif d.kind == "float":
+                chosen[d.path] = trial.suggest_float(d.path, d.low, d.high, log=d.log)
+            else:
+                chosen[d.path] = trial.suggest_int(d.path, int(d.low), int(d.high), log=d.log)
 
 
 def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracker: Tracker,

@@ -17,7 +17,7 @@ def _set(d: dict, dotted: str, value: object) -> dict:
     node = d
     *parents, leaf = dotted.split(".")
     for p in parents:
-        node = node[p]
+        node = node.setdefault(p, {})
     if value is _DELETE:
         node.pop(leaf)
     else:
@@ -69,6 +69,16 @@ BAD_CASES = [
     ("dataset.spurious_correlation", 1.5, ["dataset.spurious_correlation", "1.5", "[0.5, 1.0]"]),
     ("name", "my sweep!", ["name", "'my sweep!'", "letters, digits"]),
     ("max_failures", -1, ["max_failures", "-1", "an integer"]),
+    ("search.space", {"train.optimizer": {"choice": ["sgd", "adam"]},
+                      "train.momentum": {"float": [0.5, 0.9], "when": {"train.optimizer": "rms"}}},
+     ["search.space.train.momentum.when.train.optimizer", "'rms'", "values among"]),
+    ("search.space", {"train.momentum": {"float": [0.5, 0.9], "when": {"train.lr": 0.1}}},
+     ["search.space.train.momentum.when.train.lr", "a condition on a {choice: [...]} key"]),
+    ("search.metric", "val/worst_pseudo_group_acc",
+     ["search.metric", "'val/worst_pseudo_group_acc'", "for method erm"]),
+    ("clusterfix.k", 0, ["clusterfix.k", "0", "an integer in [1, 1024]"]),
+    ("slim.keep_quantile", 1.0, ["slim.keep_quantile", "1.0", "[0, 1)"]),
+    ("slim.annotator", "crowd", ["slim.annotator", "'crowd'", "simulated, csv"]),
 ]
 
 
@@ -184,3 +194,33 @@ def test_shipped_sweep_files_are_valid() -> None:
     for path in sweeps:
         spec = load_spec(path)
         assert spec.name == path.stem
+
+
+def test_conditional_space_is_sampled_define_by_run() -> None:
+    """A `when` key is suggested only in trials where its condition holds (both branches
+    occur), and Optuna sees it only there, so TPE models each branch separately."""
+    import optuna
+
+    from debias.sweep import DefineByRun
+
+    spec = validate({
+        "name": "c", "targets": ["Odd"], "bias_attribute": "Background",
+        "dataset": {"name": "synthetic"},
+        "search": {"algorithm": "optuna", "space": {
+            "train.optimizer": {"choice": ["sgd", "adam"]},
+            "train.momentum": {"float": [0.5, 0.95], "when": {"train.optimizer": ["sgd"]}},
+            "train.lr": {"float": [0.001, 0.1], "log": True}}}})
+    assert spec.space[1].when == (("train.optimizer", ("sgd",)),)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(spec.space)
+    study.optimize(lambda t: space(t) or 0.0, n_trials=20)
+    branches = {t.params["train.optimizer"] for t in study.trials}
+    assert branches == {"sgd", "adam"}
+    for t in study.trials:
+        assert ("train.momentum" in t.params) == (t.params["train.optimizer"] == "sgd")
+        assert "train.lr" in t.params
+    with pytest.raises(SpecError, match="unless search.algorithm is optuna"):
+        validate({**spec.config, "bias_attribute": "Background", "search": {
+            "algorithm": "random", "space": {
+                "train.optimizer": {"choice": ["sgd", "adam"]},
+                "train.momentum": {"float": [0.5, 0.9], "when": {"train.optimizer": "sgd"}}}}})

@@ -33,8 +33,8 @@ import numpy as np
 from debias.slim.clustering import kmeans
 from debias.slim.sampling import pick_near_centroids
 
-__all__ = ["CELL_SHARES", "Curation", "allocate", "cluster_spread", "curate", "curate_class", "elbow_k",
-           "pick_in_cell"]
+__all__ = ["CELL_SHARES", "Curation", "allocate", "cluster_spread", "curate", "curate_class",
+           "elbow_k", "pick_in_cell"]
 
 CELL_NEIGHBOURS = 3
 

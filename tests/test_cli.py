@@ -1,0 +1,52 @@
+"""The command line: exit codes and messages a user sees before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from debias.cli import main
+from tests.conftest import tiny_sweep, write_sweep
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    assert main([str(path), "--dry-run", "--set", "seeds=[0, 1, 2]"]) == 0
+    out = capsys.readouterr().out
+    assert "targets: Odd (bias Background), Loopy (bias Background)" in out
+    assert "trials in all: 10" in out  # 2 targets x (2 search + 3 seeds)
+    assert "train.lr: float [0.01, 0.1] log" in out
+    assert "dry run" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_invalid_file_exits_2_with_every_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    code = main([str(path), "--set", "train.lr=-1", "--set", "method=dro"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "train.lr: got -1" in err and "method: got 'dro'" in err
+
+
+def test_missing_dataset_says_where_it_looked(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tiny_sweep(tmp_path, dataset={"name": "waterbirds", "root": str(tmp_path / "wb")},
+                       targets=["Object"], bias_attribute="Place")
+    assert main([str(write_sweep(tmp_path, sweep)), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "wb") in err and "metadata.csv" in err
+
+
+def test_report_before_any_run_says_so(tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    assert main([str(path), "--report"]) == 1
+    assert "run the sweep first" in capsys.readouterr().err
+
+
+def test_missing_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "nope.yaml")]) == 2
+    assert "no such sweep file" in capsys.readouterr().err
