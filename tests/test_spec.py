@@ -219,7 +219,7 @@ def test_conditional_space_is_sampled_define_by_run() -> None:
     for t in study.trials:
         assert ("train.momentum" in t.params) == (t.params["train.optimizer"] == "sgd")
         assert "train.lr" in t.params
-    with pytest.raises(SpecError, match="unless search.algorithm is optuna"):
+    with pytest.raises(SpecError, match=r"unless search\.algorithm is optuna"):
         validate({**spec.config, "bias_attribute": "Background", "search": {
             "algorithm": "random", "space": {
                 "train.optimizer": {"choice": ["sgd", "adam"]},
