@@ -77,10 +77,18 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
     md, csv_path = write_report(rows, spec.storage / spec.name)
     print(f"\nResults of sweep {spec.name!r} ({spec.method}), test metrics over seeds:\n")
     print(render_text(rows))
+    from debias.plots import sweep_plots
+
+    plots = sweep_plots(tracker, spec.storage / spec.name / "plots")
     print(f"\nwritten: {md}, {csv_path}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots.values())}")
     print(f"MLflow: mlflow ui --backend-store-uri {redact_uri(spec.tracking_uri)}")
     if log_artifacts:
         for parent in tracker.parent_runs().values():
-            for path in (md, csv_path):
+            target = parent.data.tags.get("target_attribute", "")
+            mine = [p for name, p in plots.items() if not name.startswith(
+                ("group_accuracy_", "cluster_purity_")) or name.endswith(f"_{target}")]
+            for path in (md, csv_path, *mine):
                 tracker.log_artifact(parent.info.run_id, path)
     return 0

@@ -92,8 +92,28 @@ def _num_search_trials(spec: Spec) -> int:
     return spec.search["num_samples"]
 
 
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI must answer now; MLflow's own client would retry for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health): reachable
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"tracking.uri: cannot reach the MLflow tracking server at "
+                         f"{redact_uri(uri)} ({getattr(exc, 'reason', exc)}). Start it (see "
+                         "README, 'MLflow') or use the default sqlite:///mlflow.db.") from None
+
+
 def preflight(spec: Spec) -> None:
-    """Everything knowable before Ray starts: the data is there and every split can be scored."""
+    """Everything knowable before Ray starts: the data is there and every split can be scored,
+    and the tracking server answers."""
+    check_tracking_server(spec.tracking_uri)
     for target in spec.targets:
         try:
             data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
@@ -124,6 +144,24 @@ def _check_state(spec: Spec, resume: bool) -> None:
             "or give this run another name with --set name=NEW_NAME.")
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """`host:port` and `ray://host:port` must accept a TCP connection now: ray.init would
+    otherwise keep retrying an address nobody listens on for minutes."""
+    import re
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
+    if not match:
+        return  # "auto", "local" and the like: Ray resolves and reports these itself
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SweepError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}). "
+                         "Start one with `ray up cluster.yaml` (or `ray start --head`), or "
+                         "drop --address to run on a local Ray.") from None
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to a cluster (`address`, or RAY_ADDRESS) or start a local Ray."""
     if ray.is_initialized():
@@ -137,6 +175,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                               "log_to_driver": True}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -147,6 +186,35 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
+def check_resources(resources: dict[str, float]) -> None:
+    """Fail now, not pending forever, when no node can ever hold one trial: neither a node
+    that is up nor a node type the cluster's autoscaler may start."""
+    need = {k: v for k, v in (("CPU", resources["cpu"]), ("GPU", resources["gpu"])) if v > 0}
+
+    def fits(have: Any) -> bool:
+        return all(have.get(k, 0) >= v for k, v in need.items())
+
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(fits(r) for r in alive):
+        return
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older or newer Ray without this accessor: judge by live nodes
+        config = None
+    if config is not None and any(g.max_count != 0 and fits(g.resources)
+                                  for g in config.node_group_configs):
+        return
+    largest = ", ".join(f"{{CPU: {r.get('CPU', 0):g}, GPU: {r.get('GPU', 0):g}}}"
+                        for r in alive) or "none"
+    raise SweepError(
+        f"resources: every trial asks for {{cpu: {resources['cpu']:g}, gpu: "
+        f"{resources['gpu']:g}}}, but no node of this Ray cluster can ever provide that "
+        f"(nodes: {largest}; no autoscaling node type fits either). Lower resources.cpu / "
+        "resources.gpu, or run on a cluster with such nodes (see cluster.yaml).")
+
+
 def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None,
               on_target_done: Callable[[str], None] | None = None) -> Tracker:
@@ -155,6 +223,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
     _check_state(spec, resume)
     tracker = Tracker(spec.tracking_uri, spec.name)
     init_ray(address, num_cpus)
+    check_resources(spec.config["resources"])
     for target in spec.targets:
         parent = tracker.open_parent(target, {
             "sweep": spec.name, "method": spec.method,

@@ -50,3 +50,20 @@ def test_report_before_any_run_says_so(tmp_path: Path,
 def test_missing_sweep_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nope.yaml")]) == 2
     assert "no such sweep file" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_and_ray_address_fail_before_any_trial(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sweep = tiny_sweep(tmp_path, tracking={"uri": f"http://user:secret@127.0.0.1:{port}"})
+    assert main([str(write_sweep(tmp_path, sweep)), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the MLflow tracking server" in err and "secret" not in err
+
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path), "ok.yaml")
+    assert main([str(path), "--address", f"127.0.0.1:{port}"]) == 1
+    assert "cannot reach the Ray cluster" in capsys.readouterr().err

@@ -18,6 +18,7 @@ def test_readme_opens_with_the_two_setup_commands() -> None:
     first, second = _commands()[:2]
     assert "launch.py sweeps/quickstart.yaml" in first and "pip install -e ." in first
     assert second.endswith("-m pytest") and "'.[test]'" in second
+    assert second.startswith(".ci/system-deps.sh && ")
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:

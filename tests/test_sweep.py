@@ -28,6 +28,14 @@ def test_two_target_sweep_logs_the_design_runs_and_reports(
     csv_text = (tmp_path / "results" / "tiny" / "report.csv").read_text()
     assert csv_text.count("\n") == 3  # header + one row per target
     assert "train.lr=" in (tmp_path / "results" / "tiny" / "report.md").read_text()
+    from debias.plots import read_png_data
+
+    plots = tmp_path / "results" / "tiny" / "plots"
+    assert {p.name for p in plots.glob("*.png")} >= {
+        "test_wga.png", "metric_vs_params.png", "group_accuracy_Odd.png",
+        "group_accuracy_Loopy.png"}
+    drawn = read_png_data(plots / "metric_vs_params.png")
+    assert set(drawn["params"]) == {"train.lr"}, drawn
 
     # Running the same sweep again without --resume must refuse, not duplicate runs.
     with pytest.raises(SweepError, match="--resume"):
@@ -105,3 +113,11 @@ def test_clusterfix_sweep_over_k_extracts_features_once(ray_local, tmp_path: Pat
         assert 0.5 <= r.data.metrics["clusterfix/mean_purity"] <= 1.0
         assert r.data.metrics["clusterfix/weight_max"] >= 1.0
         assert "val/worst_pseudo_group_acc" in r.data.metrics
+
+
+@pytest.mark.parametrize("resources", [{"cpu": 1, "gpu": 1}, {"cpu": 8}])
+def test_a_trial_no_node_can_hold_fails_fast(ray_local, tmp_path: Path,
+                                             resources: dict[str, float]) -> None:
+    spec = load_spec(write_sweep(tmp_path, tiny_sweep(tmp_path, resources=resources)))
+    with pytest.raises(SweepError, match="no node of this Ray cluster can ever provide"):
+        run_sweep(spec)

@@ -1,0 +1,450 @@
+"""Figures of a sweep, drawn from MLflow (the record of truth) like the report table.
+
+The table says which config won and by how much; these figures say why one can trust it:
+whether the seed spread is small next to the gaps between methods (test WGA), whether the
+search found a plateau or a lucky spike (metric against each hyperparameter), which group the
+worst-group number comes from (per-group accuracy), and for ClusterFix whether the clusters
+found the bias attribute at all (purity).
+
+Each ``plot_*`` function takes plain data, so it is testable without MLflow, writes one PNG
+and returns its :class:`~matplotlib.figure.Figure`. The figures are built on the Agg canvas
+directly, never through ``pyplot``: no display is needed, no global figure list grows in a
+long-running driver, and the caller's own matplotlib backend is left alone. Every PNG also
+carries the numbers it shows as JSON in its ``Description`` text chunk, so a file can be
+checked (or re-plotted) without the store it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from debias.tracking import Tracker
+
+__all__ = [
+    "SELECTION_METRIC",
+    "TargetRuns",
+    "load_target_runs",
+    "plot_cluster_purity",
+    "plot_group_accuracy",
+    "plot_metric_vs_params",
+    "plot_test_wga",
+    "read_png_data",
+    "sweep_plots",
+    "weighted_purity",
+]
+
+#: What every trial logs as the value its search metric took at the selected epoch.
+SELECTION_METRIC = "selected/score"
+TEST_WGA = "test/worst_group_acc"
+GROUP_ACC_PREFIX = "test/group_acc/"
+CLUSTER_SIZE_PREFIX = "clusterfix/cluster_size/"
+CLUSTER_PURITY_PREFIX = "clusterfix/cluster_purity/"
+PNG_DATA_KEY = "Description"
+#: A numeric hyperparameter whose values span more than this ratio gets a log axis.
+LOG_SPAN = 100.0
+DPI = 100
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas (see the module docstring for why not pyplot)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path | str, drawn: Any) -> Path:
+    """Write the PNG with what it draws embedded, so the file alone can be verified."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI,
+                metadata={PNG_DATA_KEY: json.dumps(drawn, allow_nan=True)})
+    return path
+
+
+def read_png_data(path: Path | str) -> Any:
+    """The numbers a PNG written here shows (its embedded JSON)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return json.loads(image.info[PNG_DATA_KEY])
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    """MLflow never stores NaN here, but callers' plain data may hold it: leave it out."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _spread(values: Sequence[float]) -> float:
+    """Sample std (as in the report table); zero for a single seed rather than undefined."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _set_title(ax: Axes, text: str) -> None:
+    """Wrap a long title to the axes' width, so a long target name is not cut off."""
+    width_in = ax.get_figure().get_figwidth()
+    ax.set_title(textwrap.fill(text, width=max(20, int(width_in * 9))), fontsize="medium")
+
+
+def _as_percent(ax: Axes) -> None:
+    """Accuracies are stored as fractions and read as percentages, as in the report."""
+    ax.set_ylim(0.0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+
+
+def _as_numbers(values: Sequence[Any]) -> list[float] | None:
+    """The values as floats, or None when any is not a number (then the axis is categorical).
+
+    MLflow params come back as strings, so "1e-3" is a number here; booleans and words
+    ("adam", "True") are categories."""
+    out = []
+    for value in values:
+        if isinstance(value, bool):
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(number):
+            return None
+        out.append(number)
+    return out
+
+
+def _safe_name(text: str) -> str:
+    """A target name as a file-name part (attribute names are plain, but be sure)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "_"
+
+
+# ---------------------------------------------------------------------------- 1. test WGA
+
+
+def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float]],
+                  path: Path | str) -> Figure:
+    """Test worst-group accuracy per target and method: a bar at the seeds' mean, error bar
+    one std, a dot per seed, so a gap between methods can be judged against seed noise.
+
+    ``runs_by_target_method`` maps (target, method) to one value per seed. Each bar's gid is
+    ``"<target>|<method>"``."""
+    data = {key: _finite(values) for key, values in runs_by_target_method.items()}
+    data = {key: values for key, values in data.items() if values}
+    targets = sorted({target for target, _ in data})
+    methods = sorted({method for _, method in data})
+    fig = _new_figure(max(5.5, 3.0 + (0.6 + 0.5 * len(methods)) * len(targets)), 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(methods))
+    drawn = []
+    for i, method in enumerate(methods):
+        offset = (i - (len(methods) - 1) / 2) * width
+        present = [t for t in targets if (t, method) in data]
+        xs = [targets.index(t) + offset for t in present]
+        means = [statistics.fmean(data[t, method]) for t in present]
+        stds = [_spread(data[t, method]) for t in present]
+        bars = ax.bar(xs, means, width * 0.9, yerr=stds, capsize=3, color=f"C{i}",
+                      alpha=0.75, label=method)
+        for bar, target in zip(bars, present, strict=True):
+            bar.set_gid(f"{target}|{method}")
+        for x, target in zip(xs, present, strict=True):
+            seeds = data[target, method]
+            ax.scatter([x] * len(seeds), seeds, s=14, color="black", zorder=3)
+        drawn += [{"target": t, "method": method, "mean": m, "std": s, "values": data[t, method]}
+                  for t, m, s in zip(present, means, stds, strict=True)]
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set_xlabel("target attribute")
+    ax.set_ylabel("test worst-group accuracy")
+    _set_title(ax, "Test worst-group accuracy (bar: mean ± std over seeds; dots: seeds)")
+    _as_percent(ax)
+    if methods:
+        fig.legend(title="method", loc="outside right upper")
+    _save(fig, path, drawn)
+    return fig
+
+
+# ---------------------------------------------------------------------------- 2. search
+
+
+def _plot_param(ax: Axes, trials: Sequence[Mapping[str, Any]], param: str,
+                targets: Sequence[str]) -> list[dict[str, Any]]:
+    """One hyperparameter's subplot: a marker series per target, categorical or numeric."""
+    having = [t for t in trials if param in t["params"]]
+    raw = [t["params"][param] for t in having]
+    numbers = _as_numbers(raw)
+    categories = sorted({str(v) for v in raw}) if numbers is None else []
+    position = dict(zip(raw, numbers, strict=True)) if numbers is not None else {}
+    drawn = []
+    for i, target in enumerate(targets):
+        mine = [t for t in having if t["target"] == target]
+        if numbers is None:
+            # A small per-target shift keeps targets' markers on one category apart.
+            shift = (i - (len(targets) - 1) / 2) * 0.08
+            xs = [categories.index(str(t["params"][param])) + shift for t in mine]
+        else:
+            xs = [position[t["params"][param]] for t in mine]
+        ys = [float(t["metric"]) for t in mine]
+        ax.plot(xs, ys, marker="o", linestyle="none", alpha=0.8, color=f"C{i}", label=target)
+        drawn.append({"target": target, "x": xs, "y": ys})
+    if numbers is None:
+        ax.set_xticks(range(len(categories)), categories)
+    elif numbers and min(numbers) > 0 and max(numbers) / min(numbers) > LOG_SPAN:
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    return drawn
+
+
+def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: Sequence[str],
+                          metric: str, path: Path | str) -> Figure:
+    """The selection metric of every search trial against each searched hyperparameter, one
+    subplot per hyperparameter and one marker series per target: shows whether the chosen
+    value sits on a plateau or is one lucky trial, and which knobs matter at all.
+
+    ``trials``: dicts ``{"target", "params": {name: value}, "metric": float}``; trials whose
+    metric is not finite are left out. Numeric params on a log axis where they span more than
+    two decades; anything non-numeric as categories."""
+    trials = [t for t in trials if _finite([t["metric"]])]
+    targets = sorted({t["target"] for t in trials})
+    params = list(searched_params)
+    ncols = min(3, max(1, len(params)))
+    nrows = max(1, math.ceil(len(params) / ncols))
+    fig = _new_figure(4.2 * ncols, 3.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    drawn: dict[str, Any] = {"metric": metric, "params": {}}
+    for ax, param in zip(axes, params, strict=False):
+        drawn["params"][param] = _plot_param(ax, trials, param, targets)
+        ax.set_ylabel(metric)
+    for ax in axes[len(params):]:
+        ax.set_visible(False)
+    if targets and params:
+        axes[0].legend(title="target", fontsize="small")
+    fig.suptitle(f"Search: {metric} (validation) per hyperparameter")
+    _save(fig, path, drawn)
+    return fig
+
+
+# ---------------------------------------------------------------------------- 3. groups
+
+
+def _group_label(group: Any) -> str:
+    if isinstance(group, tuple) and len(group) == 2:
+        return f"y={group[0]}, a={group[1]}"
+    return str(group)
+
+
+def plot_group_accuracy(group_acc: Mapping[Any, Sequence[float]], path: Path | str,
+                        title: str) -> Figure:
+    """Per-group test accuracy of the best config (mean ± std over seeds, a dot per seed),
+    the worst group in red: shows which (target, bias) combination the WGA comes from and how
+    far it trails the others.
+
+    ``group_acc`` maps a group ``(y, a)`` to one accuracy per seed; bars are ordered by group
+    and labelled ``y=…, a=…``."""
+    data = {group: _finite(values) for group, values in group_acc.items()}
+    groups = sorted((g for g, v in data.items() if v), key=lambda g: (str(type(g)), g))
+    means = [statistics.fmean(data[g]) for g in groups]
+    stds = [_spread(data[g]) for g in groups]
+    worst = means.index(min(means)) if means else -1
+    colors = ["C3" if i == worst else "C0" for i in range(len(groups))]
+    fig = _new_figure(max(4.0, 1.5 + 0.9 * len(groups)), 3.6)
+    ax = fig.add_subplot()
+    several = any(len(data[g]) > 1 for g in groups)
+    bars = ax.bar(range(len(groups)), means, 0.7, yerr=stds if several else None, capsize=3,
+                  color=colors, alpha=0.8)
+    for bar, group in zip(bars, groups, strict=True):
+        bar.set_gid(_group_label(group))
+    if several:
+        for i, group in enumerate(groups):
+            ax.scatter([i] * len(data[group]), data[group], s=14, color="black", zorder=3)
+    ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups])
+    ax.set_ylabel("test accuracy")
+    _set_title(ax, title)
+    _as_percent(ax)
+    _save(fig, path, [{"group": _group_label(g), "mean": m, "std": s, "values": data[g]}
+                      for g, m, s in zip(groups, means, stds, strict=True)])
+    return fig
+
+
+# ---------------------------------------------------------------------------- 4. clusters
+
+
+def weighted_purity(sizes: Mapping[int, float], purity: Mapping[int, float]) -> float:
+    """Size-weighted mean purity, as ClusterFix logs `clusterfix/mean_purity`: empty clusters
+    (no purity) weigh nothing; NaN when there is nothing to weigh."""
+    total = sum(sizes.values())
+    if total <= 0:
+        return math.nan
+    return sum(sizes[c] * purity[c] for c in sizes
+               if c in purity and math.isfinite(purity[c])) / total
+
+
+def plot_cluster_purity(sizes: Mapping[int, float], purity: Mapping[int, float],
+                        path: Path | str, title: str = "ClusterFix cluster purity",
+                        clusters_per_class: int | None = None) -> Figure:
+    """Per ClusterFix cluster, its purity against the bias attribute (share of its majority
+    bias value), annotated with its size, and a line at the size-weighted mean purity: near 1
+    means the pseudo-groups found the bias; near the bias's base rate means they did not.
+
+    Clusters are numbered class by class (``k`` per target class); give
+    ``clusters_per_class`` to colour them by the class they split. The mean line has gid
+    ``weighted_mean``."""
+    clusters = sorted(set(sizes) | set(purity))
+    heights = [purity.get(c, math.nan) for c in clusters]
+    heights = [h if math.isfinite(h) else 0.0 for h in heights]
+    counts = [sizes.get(c, 0.0) for c in clusters]
+    classes = [c // clusters_per_class if clusters_per_class else 0 for c in clusters]
+    fig = _new_figure(max(4.0, 1.5 + 0.45 * len(clusters)), 3.6)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(clusters)), heights, 0.8, color=[f"C{k}" for k in classes],
+                  alpha=0.8)
+    for bar, cluster, count in zip(bars, clusters, counts, strict=True):
+        bar.set_gid(f"cluster {cluster}")
+        ax.annotate(f"n={count:g}" if count else "empty", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize="x-small", rotation=90)
+    mean = weighted_purity(dict(zip(clusters, counts, strict=True)), purity)
+    if math.isfinite(mean):
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1, gid="weighted_mean",
+                   label=f"size-weighted mean {mean:.2f}")
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_xticks(range(len(clusters)), [str(c) for c in clusters])
+    ax.set_xlabel("cluster" + (" (coloured by target class)" if clusters_per_class else ""))
+    ax.set_ylabel("purity w.r.t. bias attribute")
+    ax.set_ylim(0.0, 1.15)
+    _set_title(ax, title)
+    _save(fig, path, {"clusters": clusters, "sizes": counts, "purity": heights,
+                      "weighted_mean": mean})
+    return fig
+
+
+# ---------------------------------------------------------------------------- from MLflow
+
+
+@dataclass(frozen=True)
+class TargetRuns:
+    """What the figures need of one target's parent run and its children."""
+
+    target: str
+    method: str
+    bias: str
+    searched: tuple[str, ...]
+    search: tuple[Any, ...]
+    seeds: tuple[Any, ...]
+
+
+def _searched(parent: Any, search: Sequence[Any]) -> tuple[str, ...]:
+    """The hyperparameters the search varied: the parent's `best.*` params once the target is
+    done; before that (a half-finished sweep), the params whose values differ between its
+    search trials."""
+    best = [k[len("best."):] for k in parent.data.params
+            if k.startswith("best.") and k != "best.score"]
+    if best:
+        return tuple(sorted(best))
+    names = {k for run in search for k in run.data.params} - {"seed"}
+    return tuple(sorted(k for k in names
+                        if len({run.data.params.get(k) for run in search}) > 1))
+
+
+def load_target_runs(tracker: Tracker) -> list[TargetRuns]:
+    """Every target's FINISHED search and seeds runs (seeds sorted by seed), read once."""
+    out = []
+    for target, parent in sorted(tracker.parent_runs().items()):
+        pid = parent.info.run_id
+        search = [r for r in tracker.child_runs(pid, "search") if r.info.status == "FINISHED"]
+        seeds = [r for r in tracker.child_runs(pid, "seeds") if r.info.status == "FINISHED"]
+        seeds.sort(key=lambda r: int(r.data.tags.get("seed", 0)))
+        tags = parent.data.tags
+        out.append(TargetRuns(target, tags.get("method", "?"), tags.get("bias_attribute", "?"),
+                              _searched(parent, search), tuple(search), tuple(seeds)))
+    return out
+
+
+def _test_wga(targets: Sequence[TargetRuns]) -> dict[tuple[str, str], list[float]]:
+    return {(t.target, t.method): [r.data.metrics[TEST_WGA] for r in t.seeds
+                                   if TEST_WGA in r.data.metrics] for t in targets}
+
+
+def _search_trials(targets: Sequence[TargetRuns]) -> list[dict[str, Any]]:
+    return [{"target": t.target, "params": dict(r.data.params),
+             "metric": r.data.metrics[SELECTION_METRIC]}
+            for t in targets for r in t.search if SELECTION_METRIC in r.data.metrics]
+
+
+def _group_key(name: str) -> tuple[int, int] | str:
+    """`{y}_{a}` as (y, a) so groups sort numerically; anything else as it came."""
+    y, _, a = name.partition("_")
+    return (int(y), int(a)) if y.isdigit() and a.isdigit() else name
+
+
+def _group_accuracy(runs: Sequence[Any]) -> dict[Any, list[float]]:
+    out: dict[Any, list[float]] = {}
+    for run in runs:
+        for key, value in run.data.metrics.items():
+            if key.startswith(GROUP_ACC_PREFIX):
+                out.setdefault(_group_key(key[len(GROUP_ACC_PREFIX):]), []).append(value)
+    return out
+
+
+def _per_cluster(metrics: Mapping[str, float], prefix: str) -> dict[int, float]:
+    return {int(k[len(prefix):]): v for k, v in metrics.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def _clusters_per_class(run: Any) -> int | None:
+    k = run.data.params.get("clusterfix.k", "")
+    return int(k) if k.isdigit() and int(k) > 0 else None
+
+
+def sweep_plots(tracker: Tracker, folder: Path | str) -> dict[str, Path]:
+    """Write the sweep's figures into ``folder`` from MLflow alone, like ``--report``.
+
+    Returns {file stem: path} for what was written: ``test_wga``, ``metric_vs_params``,
+    ``group_accuracy_<target>``, ``cluster_purity_<target>`` (ClusterFix targets). A figure
+    with no data yet (no finished seed runs, no searched params, no cluster metrics) is
+    skipped rather than drawn empty."""
+    folder = Path(folder)
+    targets = load_target_runs(tracker)
+    written: dict[str, Path] = {}
+
+    def emit(stem: str, draw: Any, *args: Any, **kwargs: Any) -> None:
+        path = folder / f"{stem}.png"
+        draw(*args, path, **kwargs)
+        written[stem] = path
+
+    wga = {k: v for k, v in _test_wga(targets).items() if v}
+    if wga:
+        emit("test_wga", plot_test_wga, wga)
+    trials = _search_trials(targets)
+    searched = sorted({p for t in targets for p in t.searched})
+    if trials and searched:
+        emit("metric_vs_params", plot_metric_vs_params, trials, searched, SELECTION_METRIC)
+    for t in targets:
+        groups = _group_accuracy(t.seeds)
+        if groups:
+            emit(f"group_accuracy_{_safe_name(t.target)}", plot_group_accuracy, groups,
+                 title=f"{t.target} ({t.method}, bias {t.bias}): per-group test accuracy, "
+                       f"best config, {len(t.seeds)} seed(s)")
+        first = next((r for r in t.seeds if any(
+            k.startswith(CLUSTER_PURITY_PREFIX) for k in r.data.metrics)), None)
+        if t.method == "clusterfix" and first is not None:
+            metrics = first.data.metrics
+            emit(f"cluster_purity_{_safe_name(t.target)}", plot_cluster_purity,
+                 _per_cluster(metrics, CLUSTER_SIZE_PREFIX),
+                 _per_cluster(metrics, CLUSTER_PURITY_PREFIX),
+                 title=f"{t.target}: ClusterFix clusters vs {t.bias} "
+                       f"(seed {first.data.tags.get('seed', '?')})",
+                 clusters_per_class=_clusters_per_class(first))
+    return written
