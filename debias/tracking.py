@@ -215,9 +215,13 @@ class MlflowTrialCallback(tune.Callback):
         self.parent_id, self.phase, self.base = parent_id, phase, dict(base)
         self._tracker: Tracker | None = None
         self.runs: dict[str, tuple[str, int]] = {}
+        self.nodes: dict[str, list[str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "runs": {}}
+        return {**self.__dict__, "_tracker": None, "runs": {}, "nodes": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"nodes": {}, **state})
 
     @property
     def tracker(self) -> Tracker:
@@ -238,9 +242,22 @@ class MlflowTrialCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         run_id, last = self._run(trial)
+        self._note_node(trial.trial_id, run_id, result.get("node_id"))
         if int(result.get("epoch", 0)) > last:
             self.tracker.log_epoch(run_id, {**result, "method": self.base["method"]})
             self.runs[trial.trial_id] = (run_id, int(result["epoch"]))
+
+    def _note_node(self, trial_id: str, run_id: str, node: Any) -> None:
+        """Tag the Ray node(s) a trial ran on (`ray_nodes`: more than one after a node loss)."""
+        if not node:
+            return
+        nodes = self.nodes.setdefault(trial_id, [])
+        if node not in nodes:
+            if not nodes:  # after a driver restart, continue the run's existing list
+                tag = self.tracker.client.get_run(run_id).data.tags.get("ray_nodes", "")
+                nodes.extend(n for n in tag.split(",") if n and n != node)
+            nodes.append(node)
+            self.tracker.client.set_tag(run_id, "ray_nodes", ",".join(nodes))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id, _ = self._run(trial)

@@ -41,6 +41,13 @@ def _assigned_cpus() -> float:
         return float(os.cpu_count() or 1)
 
 
+def _node_id() -> str:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside a Ray worker
+        return ""
+
+
 def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     """Ray calls this with the searched values (`params`, dotted keys plus `seed`); `base` is
     the target's resolved trial config, bound once with `tune.with_parameters`."""
@@ -55,7 +62,9 @@ def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     debug = config["debug"]
     fail_at = debug.get("fail_once_at_epoch")
     always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
+    node_id = _node_id()
     for metrics in trainer.epochs():
+        metrics["node_id"] = node_id  # a string: tagged on the MLflow run, not a metric
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
