@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from debias.jobs import REMOTE_WORKDIR_ENV
 from debias.spec import Spec, SpecError, load_spec
 
 __all__ = ["main"]
@@ -18,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a debiasing sweep: per target attribute, a hyperparameter search "
                     "(Ray Tune + Optuna), then the best config over every seed; all tracked "
                     "in MLflow.")
-    p.add_argument("sweep", help="sweep file (YAML), e.g. sweeps/quickstart.yaml")
+    p.add_argument("sweep", nargs="?",
+                   help="sweep file (YAML), e.g. sweeps/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key with a YAML value, e.g. --set train.epochs=2 "
                         "(repeatable; validated like the file)")
@@ -34,14 +38,35 @@ def _parser() -> argparse.ArgumentParser:
                         "restart from their last checkpoint)")
     p.add_argument("--report", action="store_true",
                    help="print the per-target table from MLflow without running anything")
+    p.add_argument("--submit", action="store_true",
+                   help="run the sweep's driver as a Ray Job on the cluster whose dashboard is "
+                        "--address (e.g. http://127.0.0.1:8265 via `ray dashboard cluster.yaml`)"
+                        "; it keeps running when this machine disconnects")
+    p.add_argument("--remote-workdir", default="~/debias-sweep",
+                   help="with --submit: the head's folder that relative paths in the sweep "
+                        "file resolve against (default: ~/debias-sweep)")
+    p.add_argument("--status", metavar="NAME", default=None,
+                   help="show the submitted jobs of sweep NAME (needs --address), their logs "
+                        "and where their MLflow runs are")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if (args.status is not None or args.submit) and not args.address:
+        parser.error("--status and --submit need --address (the head's dashboard, e.g. "
+                     "http://127.0.0.1:8265)")
+    if args.status is not None:
+        return _status(args.status, args.address)
+    if args.sweep is None:
+        parser.error("the sweep file is required (except with --status NAME)")
+    # A driver submitted as a Ray Job resolves relative paths against the head's workdir.
+    workdir = os.environ.get(REMOTE_WORKDIR_ENV)
+    cwd = Path(workdir).expanduser() if workdir else None
     try:
-        spec = load_spec(args.sweep, args.overrides)
+        spec = load_spec(args.sweep, args.overrides, cwd=cwd)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -51,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report:
             return _report(spec, log_artifacts=False)
         print(describe_plan(spec), flush=True)
+        if args.submit:
+            return _submit(spec, args)
         if args.dry_run:
             preflight(spec)
             print("dry run: the sweep file and the data are valid; nothing was run.")
@@ -62,6 +89,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _submit(spec: Spec, args: argparse.Namespace) -> int:
+    from debias.jobs import JobError, submit_sweep
+
+    try:
+        job = submit_sweep(spec, args.sweep, args.overrides, args.address,
+                           args.remote_workdir, resume=args.resume)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"submitted {job}; follow it with: python launch.py --status {spec.name} "
+          f"--address {args.address}")
+    return 0
+
+
+def _status(name: str, address: str) -> int:
+    from debias.jobs import JobError, job_status
+
+    try:
+        text, jobs = job_status(name, address)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0 if jobs else 1
 
 
 def _report(spec: Spec, log_artifacts: bool) -> int:

@@ -31,6 +31,9 @@ __all__ = ["MlflowTrialCallback", "Tracker", "flatten", "redact_uri"]
 #: and Ray's own bookkeeping.
 FINAL_PREFIXES = ("test/", "selected/")
 IGNORED_PREFIXES = ("config/",)
+#: A result key `artifacts/<name>` holding a folder: its files become the run's artifacts
+#: under `<name>/` (e.g. SLIM's GradCAM overlays), logged once, when the key first appears.
+ARTIFACT_PREFIX = "artifacts/"
 ROLE_TAG = "debias.role"
 
 
@@ -243,6 +246,9 @@ class MlflowTrialCallback(tune.Callback):
                         result: dict[str, Any], **info: Any) -> None:
         run_id, last = self._run(trial)
         self._note_node(trial.trial_id, run_id, result.get("node_id"))
+        for key, value in result.items():
+            if key.startswith(ARTIFACT_PREFIX) and isinstance(value, str) and Path(value).is_dir():
+                self.tracker.client.log_artifacts(run_id, value, key[len(ARTIFACT_PREFIX):])
         if int(result.get("epoch", 0)) > last:
             self.tracker.log_epoch(run_id, {**result, "method": self.base["method"]})
             self.runs[trial.trial_id] = (run_id, int(result["epoch"]))

@@ -121,3 +121,30 @@ def test_a_trial_no_node_can_hold_fails_fast(ray_local, tmp_path: Path,
     spec = load_spec(write_sweep(tmp_path, tiny_sweep(tmp_path, resources=resources)))
     with pytest.raises(SweepError, match="no node of this Ray cluster can ever provide"):
         run_sweep(spec)
+
+
+def test_slim_sweep_shares_gradcam_and_logs_overlays(ray_local, tmp_path: Path) -> None:
+    """Trials that differ only in retraining knobs reuse one GradCAM pass and one curation;
+    every run carries the GradCAM overlays as artifacts and the annotation count."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = tiny_sweep(
+        tmp_path, name="slimmy", method="slim", targets=["Odd"], seeds=[0],
+        reference={"epochs": 1}, slim={"budget_per_class": 5, "curated_size": 60},
+        search={"algorithm": "grid", "space": {"train.lr": {"choice": [0.01, 0.05]},
+                                               "slim.retrain": {"choice": ["full"]}}})
+    spec = load_spec(write_sweep(tmp_path, sweep))
+    run_sweep(spec)
+    check_sweep_runs(spec.tracking_uri, "slimmy", {"Odd": "Background"}, n_search=2,
+                     seeds=[0], epochs=2, method="slim")
+    runs = _children(spec.tracking_uri, "slimmy")
+    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
+                for stage in ("reference", "gradcam", "curation")}
+    assert computed == {"reference": 1, "gradcam": 1, "curation": 1}, computed
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    for r in runs:
+        assert r.data.metrics["slim/annotated"] == 10
+        assert r.data.metrics["slim/curated_size"] == 60
+        assert 0 <= r.data.metrics["slim/aiou_mean"] <= 1  # the synthetic data has masks
+        pngs = [a.path for a in client.list_artifacts(r.info.run_id, "gradcam")]
+        assert len([p for p in pngs if p.endswith("_overlay.png")]) == 8, pngs

@@ -15,6 +15,10 @@ once. The trial is the retraining, in one of two modes:
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +28,7 @@ from torch.nn import functional as F
 from debias.cache import stage_key
 from debias.methods.base import Method
 from debias.models import Classifier
-from debias.slim.pipeline import curated_subset
+from debias.slim.pipeline import curated_subset, write_overlays
 from debias.stages import reference_inputs, reference_model
 
 __all__ = ["SLIM"]
@@ -54,7 +58,25 @@ class SLIM(Method):
         self.curation = curated_subset({"slim": settings}, self.data, self.reference, self.cache,
                                        self.device, model_key=ref_key)
         self.positions = np.sort(self.curation["positions"].numpy())
+        self.overlays = self._gradcam_examples(ref_key)
         self._first_epoch = True
+
+    def _gradcam_examples(self, ref_key: str, n: int = 8) -> Path:
+        """Overlays of the first annotated images, written once per reference model and
+        shared by every trial (a folder renamed into place, so never half-written)."""
+        annotated = self.curation["annotated_positions"].numpy()[:n]
+        digest = stage_key("gradcam_examples", 1, {"ref": ref_key,
+                                                   "positions": annotated.tolist()})
+        folder = Path(self.config["cache_dir"]) / "gradcam_examples" / digest
+        if not folder.is_dir():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+            write_overlays(staging, self.data, self.reference, self.device, annotated)
+            try:
+                os.replace(staging, folder)
+            except OSError:  # another trial renamed its identical folder first
+                shutil.rmtree(staging, ignore_errors=True)
+        return folder
 
     def setup_model(self, model: Classifier) -> None:
         if self.params["retrain"] != "last_layer":
@@ -73,14 +95,16 @@ class SLIM(Method):
             model.trunk.eval()  # frozen means frozen: no BatchNorm statistics drift either
         return F.cross_entropy(model(images), labels)
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def epoch_metrics(self) -> dict[str, Any]:
         if not self._first_epoch:
             return {}
         self._first_epoch = False
         c = self.curation
         view = self.data.view("train")
         curated_groups = np.bincount(view.group[self.positions], minlength=4)
-        out = {
+        out: dict[str, Any] = {
+            # A folder, not a number: the tracker logs its PNGs as the run's artifacts.
+            "artifacts/gradcam": str(self.overlays),
             "slim/annotated": float(c["annotated"]),
             "slim/annotated_fraction": float(c["annotated_fraction"]),
             "slim/propagated_kept": float(c["propagated_kept"]),

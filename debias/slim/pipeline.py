@@ -41,7 +41,7 @@ from debias.slim.sampling import per_class_budget, sample_for_annotation
 from debias.slim.space import EMBEDDINGS, embed_per_class
 
 __all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
-           "model_fingerprint", "slim_settings"]
+           "model_fingerprint", "slim_settings", "write_overlays"]
 
 GRADCAM_VERSION = 1
 CURATION_VERSION = 1
@@ -158,12 +158,25 @@ def _write_request(path: Path, data: GroupedDataset, model: Classifier,
                    device: torch.device | str, positions: np.ndarray) -> Path:
     """The request CSV at ``path`` and its PNGs in ``<stem>_overlays/`` beside it."""
     view = data.view("train")
-    dataset = make_torch_dataset(data, "train", train=False)
     folder = path.with_name(f"{path.stem}_overlays")
+    written = write_overlays(folder, data, model, device, positions)
+    rows = [{"id": str(view.ids[p]), "position": int(p), "label_class": int(view.y[p]),
+             "image_path": str(image), "overlay_path": str(overlay)}
+            for p, (image, overlay) in zip(positions, written, strict=True)]
+    return write_annotation_request(path, rows)
+
+
+def write_overlays(folder: Path, data: GroupedDataset, model: Classifier,
+                   device: torch.device | str, positions: np.ndarray) -> list[tuple[Path, Path]]:
+    """GradCAM overlays (image | overlay | CAM >= 0.8) of training positions, as PNGs named
+    by sample id; returns (image path, overlay path) per position. Images of in-memory
+    datasets are written beside the overlays so a person can open them."""
+    view = data.view("train")
+    dataset = make_torch_dataset(data, "train", train=False)
     tensors = torch.stack([dataset[int(p)][0] for p in positions])
     cams = gradcam_images(model, tensors, view.y[positions], device)["cam"].numpy()
     images = _uint8_images(tensors)
-    rows = []
+    out = []
     for i, p in enumerate(positions):
         sample_id = str(view.ids[p])
         overlay = overlay_png(images[i], cams[i], folder / f"{sample_id}_overlay.png")
@@ -172,9 +185,8 @@ def _write_request(path: Path, data: GroupedDataset, model: Classifier,
         else:
             image_path = folder / f"{sample_id}_image.png"
             Image.fromarray(images[i]).save(image_path)
-        rows.append({"id": sample_id, "position": int(p), "label_class": int(view.y[p]),
-                     "image_path": str(image_path), "overlay_path": str(overlay)})
-    return write_annotation_request(path, rows)
+        out.append((image_path, overlay))
+    return out
 
 
 def _mean_or_nan(x: np.ndarray) -> float:
