@@ -41,6 +41,14 @@ class JobError(RuntimeError):
 def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
+    try:  # Ray >= 2.5x: heads started where a token exists require it; send ours like `ray job`
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:
+        pass
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, or RuntimeError from the version check

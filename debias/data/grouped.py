@@ -164,6 +164,20 @@ class InMemoryGroupedDataset(torch.utils.data.Dataset):
         return [(batch[i], int(p)) for i, p in enumerate(idx.tolist())]
 
 
+def load_rgb(path: Path) -> Image.Image:
+    """One image as RGB; a missing or bad file raises DatasetError naming it, not a PIL error."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path} does not exist (it did when the dataset "
+                           "was indexed; was the data moved or deleted?)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(
+            f"image file {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+            "expected a readable JPEG/PNG. Re-download or re-extract the dataset.") from exc
+
+
 class OnDiskGroupedDataset(torch.utils.data.Dataset):
     """Images read lazily with PIL; a bad file raises DatasetError naming it, not a PIL error."""
 
@@ -177,28 +191,28 @@ class OnDiskGroupedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.view)
 
-    def _load(self, path: Path) -> Image.Image:
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetError(f"image file {path} does not exist (it did when the dataset "
-                               "was indexed; was the data moved or deleted?)") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DatasetError(
-                f"image file {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-                "expected a readable JPEG/PNG. Re-download or re-extract the dataset.") from exc
-
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self._load(self.paths[position])), int(position)
+        return self.transform(load_rgb(self.paths[position])), int(position)
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         return [self[int(p)] for p in positions]
 
 
-def make_torch_dataset(data: GroupedDataset, split: str, train: bool) -> torch.utils.data.Dataset:
-    """Items are (normalised float CxHxW tensor, position into ``data.view(split)`` arrays)."""
+def make_torch_dataset(data: GroupedDataset, split: str, train: bool,
+                       cache_dir: str | Path | None = None) -> torch.utils.data.Dataset:
+    """Items are (normalised float CxHxW tensor, position into ``data.view(split)`` arrays).
+
+    ``cache_dir`` only matters for on-disk datasets (Waterbirds, CelebA): given, every image
+    is decoded and resized once into ``<cache_dir>/decoded/<key>.npy`` (built once per node,
+    under a lock) and all trials read it memory-mapped, sharing the OS page cache, instead of
+    decoding each JPEG with PIL every epoch (see :mod:`debias.data.decoded`). None: decode
+    with PIL per item, as before. In-memory datasets (synthetic) ignore it.
+    """
     _split_code(split)
     if data.images is not None:
         return InMemoryGroupedDataset(data, split)
+    if cache_dir is not None:
+        from debias.data.decoded import DecodedGroupedDataset  # imports this module
+
+        return DecodedGroupedDataset(data, split, train, cache_dir)
     return OnDiskGroupedDataset(data, split, train)
