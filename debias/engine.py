@@ -86,6 +86,13 @@ class Trainer:
         self.model: Classifier = build_classifier(
             backbone["arch"], backbone["weights"], self.method.heads()).to(self.device)
         self.method.setup_model(self.model)
+        t = self.train_cfg
+        self.memory_format = (torch.channels_last if t["channels_last"]
+                              else torch.contiguous_format)
+        self.model = self.model.to(memory_format=self.memory_format)
+        # bf16 autocast where the hardware has it (CUDA); a no-op context on the CPU path.
+        self.amp = bool(t["amp"]) and self.device.type == "cuda"
+        self.step_model = torch.compile(self.model) if t["compile"] else self.model
         self.optimizer = self._optimizer()
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=self.train_cfg["epochs"])
@@ -101,6 +108,9 @@ class Trainer:
             train_set, positions.tolist())
         self.eval_sets = {s: make_torch_dataset(self.data, s, train=False)
                           for s in ("val", "test")}
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.train_cfg
@@ -160,10 +170,12 @@ class Trainer:
         self.model.train()
         total, count = 0.0, 0
         for images, positions in loader:
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True,
+                               memory_format=self.memory_format)
             labels = torch.as_tensor(self.data.view("train").y[positions.numpy()],
                                      device=self.device)
-            loss = self.method.loss(self.model, images, positions, labels)
+            with self._autocast():
+                loss = self.method.loss(self.step_model, images, positions, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -194,7 +206,9 @@ class Trainer:
                             shuffle=False, num_workers=self.train_cfg["num_workers"])
         preds = np.empty(len(self.eval_sets[split]), dtype=np.int64)
         for images, positions in loader:
-            logits = self.model(images.to(self.device, non_blocking=True))
+            with self._autocast():
+                logits = self.step_model(images.to(self.device, non_blocking=True,
+                                                   memory_format=self.memory_format))
             preds[positions.numpy()] = logits.argmax(1).cpu().numpy()
         return preds
 

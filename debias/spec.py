@@ -179,6 +179,10 @@ TRAIN = {
     "momentum": Field(_float(0, 1, hi_open=True), 0.9, numeric="float"),
     "scheduler": Field(_choice("none", "cosine"), "none"),
     "num_workers": Field(_int(0, 64), 0, searchable=False),
+    # GPU path: bf16 autocast (CUDA only; ignored on CPU), channels_last tensors, torch.compile.
+    "amp": Field(_bool, False, searchable=False),
+    "channels_last": Field(_bool, False, searchable=False),
+    "compile": Field(_bool, False, searchable=False),
 }
 
 BACKBONE = {

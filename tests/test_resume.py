@@ -64,7 +64,9 @@ def kill_new_ray_processes(before: set[int]) -> None:
 
 
 def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) -> None:
-    sweep = tiny_sweep(tmp_path, name="killme", targets=["Odd"], seeds=[0, 1, 2])
+    # ClusterFix, so the kill also meets the stage cache (reference model, features, k-means).
+    sweep = tiny_sweep(tmp_path, name="killme", targets=["Odd"], seeds=[0, 1, 2],
+                       method="clusterfix", reference={"epochs": 1}, clusterfix={"k": 2})
     sweep["search"]["num_samples"] = 4
     sweep["train"]["epochs"] = 3
     path = write_sweep(tmp_path, sweep)
@@ -96,5 +98,24 @@ def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) ->
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming Odd/search" in resumed.stdout + resumed.stderr
     check_sweep_runs(f"sqlite:///{db}", "killme", {"Odd": "Background"}, n_search=4,
-                     seeds=[0, 1, 2], epochs=3)
+                     seeds=[0, 1, 2], epochs=3, method="clusterfix")
     assert "Odd" in resumed.stdout and "±" in resumed.stdout
+
+    # The Optuna study continued rather than restarted: a restarted TPE sampler (same seed)
+    # would propose its first values again, so the four search trials would repeat values.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("killme")
+    lrs = [r.data.params["train.lr"] for r in client.search_runs([exp.experiment_id])
+           if r.data.tags.get("phase") == "search" and r.info.status == "FINISHED"]
+    assert len(lrs) == 4 and len(set(lrs)) == 4, lrs
+    # The stage cache survived the kill: every file in it loads (a write cut off by the kill
+    # can only leave a temp file, which is never read).
+    import torch
+
+    cache = tmp_path / "results" / "cache"
+    files = list(cache.rglob("*.pt"))
+    assert {f.parent.name for f in files} >= {"reference", "features", "kmeans"}
+    for f in files:
+        assert isinstance(torch.load(f, weights_only=True), dict)
