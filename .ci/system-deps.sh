@@ -5,6 +5,9 @@
 #   SSHes into it and rsyncs file_mounts. openssh-server brings the client (ssh, ssh-keygen).
 #   The test also uses `unshare` and `setpriv` (util-linux, in every Debian/Ubuntu base image)
 #   and must run as root.
+#   chromium and chromium-driver (chromedriver): tests/test_browser.py drives a real headless
+#   Chromium (via selenium) through the MLflow UI (`launch.py --ui`) and the SLIM annotation
+#   page (`launch.py --annotate`); it never downloads a browser.
 # Idempotent: installs only what is missing, so re-running it is cheap and needs no network.
 # Needs root (or sudo) and apt-get (Debian/Ubuntu images). Usage: .ci/system-deps.sh
 set -euo pipefail
@@ -13,9 +16,11 @@ missing=()
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "system-deps: openssh-server, rsync already installed"
+  echo "system-deps: openssh-server, rsync, chromium, chromium-driver already installed"
   exit 0
 fi
 

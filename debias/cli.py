@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status", metavar="NAME", default=None,
                    help="show the submitted jobs of sweep NAME (needs --address), their logs "
                         "and where their MLflow runs are")
+    p.add_argument("--ui", action="store_true",
+                   help="open the MLflow UI of the sweep's tracking store on 127.0.0.1 and "
+                        "print the experiment's URL; Ctrl-C stops it")
+    p.add_argument("--annotate", action="store_true",
+                   help="SLIM: annotate the GradCAM overlays in a local web page (the request "
+                        "CSV slim.annotations is built first if absent); answers are saved as "
+                        "you go")
+    p.add_argument("--port", type=int, default=None,
+                   help="with --ui or --annotate: the port on 127.0.0.1 (default: 5000 / 8765 "
+                        "if free, else any; 0: any free port)")
     return p
 
 
@@ -62,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args.status, args.address)
     if args.sweep is None:
         parser.error("the sweep file is required (except with --status NAME)")
+    if args.ui and args.annotate:
+        parser.error("--ui and --annotate are separate commands; pass one")
+    if args.port is not None and not (args.ui or args.annotate):
+        parser.error("--port goes with --ui or --annotate")
     # A driver submitted as a Ray Job resolves relative paths against the head's workdir.
     workdir = os.environ.get(REMOTE_WORKDIR_ENV)
     cwd = Path(workdir).expanduser() if workdir else None
@@ -70,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.ui:
+        return _ui(spec, args.port)
+    if args.annotate:
+        return _annotate(spec, args)
     from debias.sweep import SweepError, describe_plan, preflight
 
     try:
@@ -115,6 +133,18 @@ def _status(name: str, address: str) -> int:
         return 1
     print(text)
     return 0 if jobs else 1
+
+
+def _ui(spec: Spec, port: int | None) -> int:
+    from debias.ui import run_ui
+
+    return run_ui(spec.tracking_uri, spec.name, port)
+
+
+def _annotate(spec: Spec, args: argparse.Namespace) -> int:
+    from debias.annotate import run_annotate
+
+    return run_annotate(spec, args.sweep, args.overrides, args.port)
 
 
 def _report(spec: Spec, log_artifacts: bool) -> int:

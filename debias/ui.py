@@ -1,0 +1,223 @@
+"""`launch.py SWEEP --ui`: the MLflow UI on the sweep's tracking store, on 127.0.0.1 only.
+
+For a ``sqlite:///`` store an ``mlflow server`` subprocess is started in its own process group
+(so stopping it also stops its uvicorn/gunicorn workers), the experiment's URL is printed, and
+the server runs until Ctrl-C. For an ``http(s)://`` tracking URI a server already exists: its
+URL is printed and nothing is started.
+
+Tests use :func:`start_ui` / :func:`stop_ui` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = ["UIError", "UIHandle", "experiment_url", "free_port", "run_ui", "start_ui",
+           "stop_ui"]
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+SQLITE = "sqlite:///"
+
+
+class UIError(RuntimeError):
+    """The UI could not be started; the message says why and where its log is."""
+
+
+@dataclass
+class UIHandle:
+    """A running ``mlflow server``: its process (leader of its own process group) and log."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def free_port(preferred: int | None = None, host: str = HOST) -> int:
+    """``preferred`` if it can be bound on ``host``, otherwise a free ephemeral port."""
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As servers do: a port whose old connections linger in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise UIError(f"no free port on {host}")  # pragma: no cover - bind(0) does not fail
+
+
+def experiment_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3's UI opens a bare ``#/experiments/ID`` as a GenAI
+    traces overview; the ``runs`` tab with ``workflowType=machine_learning`` shows the runs."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning")
+
+
+def _experiment_id(tracking_uri: str, experiment: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from debias.tracking import redact_uri
+
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        raise UIError(f"no MLflow experiment {experiment!r} in {redact_uri(tracking_uri)}; "
+                      "run the sweep first")
+    return str(found.experiment_id)
+
+
+def _absolute_sqlite(uri: str) -> tuple[str, Path]:
+    path = Path(uri[len(SQLITE):]).expanduser()
+    if not path.is_absolute():
+        path = path.resolve()
+    return SQLITE + str(path), path
+
+
+def _wait_ready(handle: UIHandle, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle.process.poll() is not None:
+            raise UIError(f"mlflow server exited with code {handle.process.returncode} before "
+                          f"it answered; its log: {handle.log_path}\n{_tail(handle.log_path)}")
+        try:
+            with urllib.request.urlopen(f"{handle.base_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise UIError(f"mlflow server did not answer on {handle.base_url} within {timeout:.0f}s; "
+                  f"its log: {handle.log_path}\n{_tail(handle.log_path)}")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_ui(tracking_uri: str, experiment: str, port: int | None = None,
+             timeout: float = 120.0) -> tuple[str, UIHandle]:
+    """Start ``mlflow server`` for a ``sqlite:///`` store on 127.0.0.1 and wait until it
+    answers; returns (URL of ``experiment``'s page, handle for :func:`stop_ui`).
+
+    ``port`` None picks 5000 if free, else any free port; 0 any free port; another port
+    must be free.
+    """
+    if not tracking_uri.startswith(SQLITE):
+        raise UIError(f"start_ui serves sqlite:/// stores only, got {tracking_uri.split(':')[0]}:"
+                      " (an http(s):// tracking URI is already a UI: open it in a browser)")
+    uri, db = _absolute_sqlite(tracking_uri)
+    if not db.is_file():
+        raise UIError(f"no MLflow store at {db}; run the sweep first")
+    experiment_id = _experiment_id(uri, experiment)
+    chosen = free_port(DEFAULT_PORT if port is None else port)
+    if port and chosen != port:
+        raise UIError(f"port {port} on {HOST} is in use; pick another with --port")
+    log_path = Path(tempfile.mkstemp(prefix="debias-mlflow-ui-", suffix=".log")[1])
+    log = log_path.open("wb")
+    artifacts = (db.parent / "mlartifacts").as_uri()  # where debias.tracking puts them too
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", artifacts, "--no-serve-artifacts",
+           "--host", HOST, "--port", str(chosen), "--workers", "1"]
+    # No GenAI job runner (a dozen huey consumers): viewing runs does not need it.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ,
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    handle = UIHandle(process=process, port=chosen, log_path=log_path, _log=log)
+    try:
+        _wait_ready(handle, timeout)
+    except BaseException:
+        stop_ui(handle)
+        raise
+    return experiment_url(handle.base_url, experiment_id), handle
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a reused id owned by someone else
+        return False
+    return True
+
+
+def stop_ui(handle: UIHandle, timeout: float = 10.0, keep_log: bool = False) -> None:
+    """Stop the server and every process of its group (workers included): SIGTERM, then
+    SIGKILL for whatever is left after ``timeout`` seconds; then delete its log unless
+    ``keep_log``. Safe to call twice."""
+    pgid = handle.process.pid  # start_new_session: the server leads its own group
+    if _group_alive(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            handle.process.poll()  # reap the leader so the group can empty
+            if not _group_alive(pgid):
+                break
+            time.sleep(0.1)
+        if _group_alive(pgid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        handle.process.wait(timeout=5)
+    if handle._log is not None:
+        handle._log.close()
+        handle._log = None
+    if not keep_log:
+        handle.log_path.unlink(missing_ok=True)
+
+
+def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
+    """The ``--ui`` command: start, print the URL, wait for Ctrl-C (or SIGTERM), stop."""
+    from debias.tracking import redact_uri
+
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow UI of sweep {experiment!r}: {redact_uri(tracking_uri)} (a tracking "
+              "server already serves it; nothing started)")
+        return 0
+    try:
+        url, handle = start_ui(tracking_uri, experiment, port)
+    except UIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        print(f"MLflow UI of sweep {experiment!r} ({redact_uri(tracking_uri)}):\n  {url}\n"
+              "Ctrl-C stops it.", flush=True)
+        while handle.process.poll() is None:
+            time.sleep(0.5)
+        print(f"error: mlflow server exited with code {handle.process.returncode}; the end of "
+              f"its log:\n{_tail(handle.log_path)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping the MLflow UI", flush=True)
+        return 0
+    finally:
+        stop_ui(handle)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
