@@ -103,10 +103,13 @@ class Trainer:
         self.train_mix = self.data.group_counts("train")
 
         positions = self.method.train_positions()
-        train_set = make_torch_dataset(self.data, "train", train=True)
+        # On-disk datasets are decoded once per node into a shared memory-mapped array in the
+        # stage cache (debias/data/decoded.py); in-memory ones (synthetic) ignore cache_dir.
+        cache_dir = config["cache_dir"]
+        train_set = make_torch_dataset(self.data, "train", train=True, cache_dir=cache_dir)
         self.train_set = train_set if len(positions) == len(train_set) else Subset(
             train_set, positions.tolist())
-        self.eval_sets = {s: make_torch_dataset(self.data, s, train=False)
+        self.eval_sets = {s: make_torch_dataset(self.data, s, train=False, cache_dir=cache_dir)
                           for s in ("val", "test")}
 
     def _autocast(self) -> Any:
