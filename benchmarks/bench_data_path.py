@@ -30,18 +30,16 @@ import gc
 import mmap
 import multiprocessing as mp
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from bench_common import command, machine, publish, stamp
 from PIL import Image, ImageDraw, ImageFilter
 
 from debias.data import clear_cache, load_grouped, make_torch_dataset
@@ -49,23 +47,6 @@ from debias.data import decoded as dec
 from debias.data.celeba import ATTRIBUTES
 
 TARGET, BIAS = "Blond_Hair", "Male"
-
-
-def machine() -> str:
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"python {platform.python_version()}, torch {torch.__version__}, "
-            "1 torch thread per process, CPU only")
-
-def command(script: str) -> str:
-    """How this run was invoked, without --out (where the section went is not how to rerun)."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--out" or arg.startswith("--out="):
-            skip = arg == "--out"
-            continue
-        argv.append(arg)
-    return shlex.join(["python", script, *argv])
-
 
 
 def make_celeba(root: Path, n: int, seed: int = 0) -> Path:
@@ -267,7 +248,7 @@ def main() -> None:
         "",
         f"`{command('benchmarks/bench_data_path.py')}`",
         "",
-        f"Machine: {machine()}. Date: {datetime.now().isoformat(timespec='minutes')}.",
+        f"Machine: {machine('1 torch thread per process, CPU only')}. Date: {stamp()}.",
         f"Generated CelebA-like folder: {t['n_all']} JPEGs of 178 x 218 (quality 90; written "
         f"in {gen_s:.0f} s, so in the page cache for both paths), image_size "
         f"{args.image_size}, stored squares {size} x {size}; train split {t['n_train']} "
@@ -300,10 +281,7 @@ def main() -> None:
               "figures, from smaps_rollup, also hold torch, PIL and the interpreter, about the "
               "same in both columns.)", ""]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

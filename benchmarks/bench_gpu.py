@@ -19,6 +19,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from bench_common import publish
 from torch.nn import functional as F
 
 from debias.models import build_classifier
@@ -108,10 +109,7 @@ def main() -> None:
         "| | product | bare loop | ratio |", "|---|---|---|---|", *rows, "",
         f"Trials/hour with 1 trial per GPU: {one:.0f}; with 4 (resources.gpu 0.25): {four:.0f}; "
         f"ratio {four / one:.2f}.", ""])
-    print(text)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

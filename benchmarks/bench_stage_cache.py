@@ -12,13 +12,12 @@ wall times and their ratio, plus the time spent in the shared stages alone.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from bench_common import command, machine, publish, stamp
 
 from debias.engine import Trainer
 from debias.spec import validate, with_params
@@ -63,9 +62,9 @@ def main() -> None:
     lines = [
         f"### Stage cache: ClusterFix k-sweep ({len(ks)} values of k)",
         "",
-        f"`python benchmarks/bench_stage_cache.py --epochs {args.epochs} --ref-epochs "
-        f"{args.ref_epochs} --size {args.size}` on {platform.machine()}, "
-        f"{args.threads} torch threads, CPU, {date.today().isoformat()}.",
+        f"`{command('benchmarks/bench_stage_cache.py')}`",
+        "",
+        f"Machine: {machine(f'{args.threads} torch thread(s), CPU only')}. Date: {stamp()}.",
         "",
         "| | with the cache | recomputed per trial | ratio |",
         "|---|---|---|---|",
@@ -75,10 +74,7 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

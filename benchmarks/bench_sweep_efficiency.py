@@ -30,18 +30,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from bench_common import command, machine, publish, stamp
 from mlflow.tracking import MlflowClient
 
 from debias.engine import Trainer
@@ -50,23 +47,6 @@ from debias.sweep import init_ray, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CPUS = 2
-
-
-def machine() -> str:
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"python {platform.python_version()}, torch {torch.__version__}, "
-            f"ray {ray.__version__}, CPU only")
-
-def command(script: str) -> str:
-    """How this run was invoked, without --out (where the section went is not how to rerun)."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--out" or arg.startswith("--out="):
-            skip = arg == "--out"
-            continue
-        argv.append(arg)
-    return shlex.join(["python", script, *argv])
-
 
 
 def calibrate(spec: Spec, epochs: int) -> dict[str, float]:
@@ -200,7 +180,7 @@ def main() -> None:
         "",
         f"`{command('benchmarks/bench_sweep_efficiency.py')}`",
         "",
-        f"Machine: {machine()}. Date: {datetime.now().isoformat(timespec='minutes')}.",
+        f"Machine: {machine(f'ray {ray.__version__}, CPU only')}. Date: {stamp()}.",
         f"`{args.sweep.relative_to(REPO) if args.sweep.is_relative_to(REPO) else args.sweep}` "
         f"with targets {args.targets}, {args.samples} search trials + {len(args.seeds)} seeds "
         f"per target ({n} trials: {phases['search']} search, {phases['seeds']} seeds), "
@@ -257,10 +237,7 @@ def main() -> None:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

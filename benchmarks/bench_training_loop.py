@@ -21,18 +21,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import platform
 import pstats
-import shlex
 import statistics
-import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import command, machine, publish, stamp
 
 from debias.data.transforms import normalize_uint8
 from debias.engine import Trainer
@@ -40,23 +37,6 @@ from debias.models import build_classifier
 from debias.spec import validate
 
 TARGET = 0.9
-
-
-def machine(threads: int) -> str:
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs ({platform.machine()}), "
-            f"python {platform.python_version()}, torch {torch.__version__}, "
-            f"{threads} torch thread(s), CPU only")
-
-def command(script: str) -> str:
-    """How this run was invoked, without --out (where the section went is not how to rerun)."""
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip or arg == "--out" or arg.startswith("--out="):
-            skip = arg == "--out"
-            continue
-        argv.append(arg)
-    return shlex.join(["python", script, *argv])
-
 
 
 def trial_config(storage: Path, size: int, batch: int) -> dict[str, Any]:
@@ -217,7 +197,7 @@ def main() -> None:
         "",
         f"`{command('benchmarks/bench_training_loop.py')}`",
         "",
-        f"Machine: {machine(args.threads)}. Date: {datetime.now().isoformat(timespec='minutes')}.",
+        f"Machine: {machine(f'{args.threads} torch thread(s), CPU only')}. Date: {stamp()}.",
         f"ERM, small_cnn, synthetic {args.size} px, batch {args.batch_size}, SGD; "
         f"{product.images} training images; {args.rounds} alternating rounds of "
         f"{args.epochs} epoch(s) each, after one warm-up epoch of each.",
@@ -234,10 +214,7 @@ def main() -> None:
     if profile:
         lines += [*profile, ""]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
