@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 FILES = ["cluster.yaml", "cluster_local.yaml"]
 # Top-level repository entries that the cluster's nodes do not need (everything else is synced).
 NOT_ON_NODES = {".ci", ".gitignore", "tests", "benchmarks", "BENCHMARKS.md", "cluster.yaml",
-                "cluster_local.yaml"}
+                "cluster_local.yaml", "docs"}
 PRIVATE_IP = "$(hostname -I | cut -d\" \" -f1)"  # the head's first (private) address
 
 
