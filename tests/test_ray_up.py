@@ -208,7 +208,11 @@ def loopback_head(work: Path) -> Iterator[Head]:
         "StrictModes no",  # the keys live under /tmp, which is world-writable
         # The sessions' environment: a private HOME, and Ray's temp files (the head's
         # autoscaler keeps cluster state there) inside the test's dir.
-        f"SetEnv HOME={home} RAY_TMPDIR={head_tmp} RAY_USAGE_STATS_ENABLED=0",
+        # Ray >= 2.5x turns token auth on when ~/.ray/auth_token exists (any earlier local
+        # ray.init writes one): the head (private HOME) and the driver (the user's HOME) must
+        # agree, so both run with it explicitly off.
+        f"SetEnv HOME={home} RAY_TMPDIR={head_tmp} RAY_USAGE_STATS_ENABLED=0 "
+        "RAY_AUTH_MODE=disabled",
         "LogLevel VERBOSE",
         "",
     ]))
@@ -353,7 +357,7 @@ def test_ray_up_runs_a_sweep_and_ray_down_stops_every_ray_process():
     relay.write_text(RELAY)
     names = ("gcs", "dashboard", "client", "agent")
     ports = dict(zip(names, free_ports(len(names)), strict=True))
-    env = dict(os.environ, RAY_TMPDIR=str(work), TMPDIR=str(work),
+    env = dict(os.environ, RAY_TMPDIR=str(work), TMPDIR=str(work), RAY_AUTH_MODE="disabled",
                RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     ray = str(VENV_BIN / "ray")
