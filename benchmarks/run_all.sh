@@ -69,6 +69,7 @@ else
     run benchmarks/bench_stage_cache.py
 fi
 
+cat benchmarks/notes.md >>"$tmp"   # the GPU status and the analysis of missed targets
 mv "$tmp" "$out"
 trap - EXIT
 echo "wrote $out" >&2
