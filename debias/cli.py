@@ -148,13 +148,20 @@ def _annotate(spec: Spec, args: argparse.Namespace) -> int:
 
 
 def _report(spec: Spec, log_artifacts: bool) -> int:
+    from mlflow.exceptions import MlflowException
+
     from debias.report import collect, render_text, write_report
+    from debias.sweep import check_tracking_server
     from debias.tracking import Tracker, redact_uri
 
+    check_tracking_server(spec.tracking_uri)  # SweepError, caught by main()
     try:
         tracker = Tracker(spec.tracking_uri, spec.name, create=False)
     except LookupError as exc:
         print(f"error: {exc}; run the sweep first", file=sys.stderr)
+        return 1
+    except MlflowException as exc:
+        print(f"error: MLflow at {redact_uri(spec.tracking_uri)}: {exc}", file=sys.stderr)
         return 1
     rows = collect(tracker)
     md, csv_path = write_report(rows, spec.storage / spec.name)

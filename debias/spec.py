@@ -187,7 +187,7 @@ TRAIN = {
 
 BACKBONE = {
     "arch": Field(_choice("small_cnn", "resnet18", "resnet34", "resnet50"), "small_cnn"),
-    "weights": Field(_weights, "none"),
+    "weights": Field(_weights, "none", searchable=False),  # paths are checked up front
 }
 
 #: Per-method hyperparameters with their defaults (the original papers' values where they
@@ -303,7 +303,7 @@ class SearchDomain:
     log: bool = False
     values: tuple[Any, ...] = ()
     #: Sampled only when every named key took one of the listed values (Optuna only), e.g.
-    #: beta only when cluster_loss is "both"; otherwise the file's own value is used.
+    #: SGD's momentum only when optimizer is "sgd"; otherwise the file's own value is used.
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def active(self, chosen: Mapping[str, Any]) -> bool:
@@ -635,6 +635,11 @@ def _check_method(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
                         "when backbone.weights is 'none' (random features cannot cluster)")
     if method == "slim":
         slim = cfg["slim"]
+        import importlib.util
+
+        if slim.get("embedding") == "umap" and importlib.util.find_spec("umap") is None:
+            problems.append("slim.embedding: got 'umap'; expected 'pca' here, or install "
+                            "umap-learn first (pip install -e '.[umap]')")
         if slim.get("annotator") == "csv":
             if "annotations" not in slim:
                 problems.append("slim.annotations: missing; expected the path of the annotation "

@@ -110,10 +110,31 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
                          "README, 'MLflow') or use the default sqlite:///mlflow.db.") from None
 
 
+def _check_annotations(spec: Spec) -> None:
+    """SLIM with human annotations: the filled-in CSV must exist before trials start. If it
+    does not, build the request here, once (reference model and GradCAM go to the stage cache
+    the trials then reuse), and stop with what to do next."""
+    slim = spec.config.get("slim") or {}
+    if spec.method != "slim" or slim.get("annotator") != "csv":
+        return
+    path = Path(slim["annotations"])
+    if path.is_file():
+        return
+    from debias.annotate import ensure_request
+
+    ensure_request(spec)
+    raise SweepError(
+        f"slim.annotations: {path} did not exist, so the annotation request was written there "
+        f"(GradCAM overlays in {path.stem}_overlays/ beside it). Answer it in the browser with "
+        f"`python launch.py {spec.source} --annotate`, or fill its 'annotation' column by hand "
+        "(1 = attention on the core object, 0 = not, -1 = unsure); then run the sweep again.")
+
+
 def preflight(spec: Spec) -> None:
     """Everything knowable before Ray starts: the data is there and every split can be scored,
     and the tracking server answers."""
     check_tracking_server(spec.tracking_uri)
+    _check_annotations(spec)
     for target in spec.targets:
         try:
             data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
@@ -136,10 +157,20 @@ def _cells(counts: Any) -> list[tuple[tuple[int, int], int]]:
 
 
 def _check_state(spec: Spec, resume: bool) -> None:
-    started = [p for t in spec.targets for p in (phase_path(spec, t, "search"),) if p.exists()]
-    if started and not resume:
+    if resume:
+        return
+    where = ""
+    if any(phase_path(spec, t, "search").exists() for t in spec.targets):
+        where = f"in {spec.storage / spec.name}"
+    else:  # same name and store, other storage: the runs would mix in one experiment
+        try:
+            if Tracker(spec.tracking_uri, spec.name, create=False).parent_runs():
+                where = f"in MLflow ({redact_uri(spec.tracking_uri)})"
+        except LookupError:
+            pass
+    if where:
         raise SweepError(
-            f"sweep {spec.name!r} already has results in {spec.storage / spec.name}. "
+            f"sweep {spec.name!r} already has results {where}. "
             "Pass --resume to continue it (a finished sweep just reprints its report), "
             "or give this run another name with --set name=NEW_NAME.")
 
@@ -258,7 +289,8 @@ def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any
     space: dict[str, Any] = {d.path: _domain(d, grid) for d in spec.space}
     space["seed"] = base["seed"]
     if grid:
-        return space, BasicVariantGenerator(random_state=s["seed"]), 1
+        return space, BasicVariantGenerator(random_state=s["seed"],
+                                            max_concurrent=s.get("max_concurrent", 0)), 1
     if s["algorithm"] == "random":
         return space, BasicVariantGenerator(random_state=s["seed"],
                                             max_concurrent=s.get("max_concurrent", 0)), \

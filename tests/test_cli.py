@@ -67,3 +67,16 @@ def test_unreachable_tracking_server_and_ray_address_fail_before_any_trial(
     path = write_sweep(tmp_path, tiny_sweep(tmp_path), "ok.yaml")
     assert main([str(path), "--address", f"127.0.0.1:{port}"]) == 1
     assert "cannot reach the Ray cluster" in capsys.readouterr().err
+
+
+def test_slim_without_its_annotation_file_writes_the_request_before_any_trial(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path = tmp_path / "ann.csv"
+    sweep = tiny_sweep(tmp_path, method="slim", targets=["Odd"], reference={"epochs": 1},
+                       slim={"annotator": "csv", "annotations": str(csv_path),
+                             "budget_per_class": 3})
+    assert main([str(write_sweep(tmp_path, sweep))]) == 1
+    err = capsys.readouterr().err
+    assert "annotation request was written there" in err and "--annotate" in err
+    assert csv_path.is_file() and csv_path.read_text().count("\n") == 7  # header + 2 x 3
+    assert not (tmp_path / "results" / "tiny").exists()  # no trial, no Tune experiment

@@ -14,6 +14,7 @@ would answer, measured), and ``group_annotator`` for datasets without masks.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ def write_annotation_request(path: str | Path, rows: Iterable[Mapping[str, Any]]
     """Write the CSV a person fills in; ``annotation`` is left empty unless a row gives one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place when whole
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -45,6 +47,7 @@ def write_annotation_request(path: str | Path, rows: Iterable[Mapping[str, Any]]
             if missing:
                 raise ValueError(f"annotation request row lacks {missing}: {dict(row)}")
             writer.writerow({c: "" if row.get(c) is None else row.get(c, "") for c in COLUMNS})
+    os.replace(tmp, path)
     return path
 
 
