@@ -22,7 +22,6 @@ import csv
 import json
 import os
 import shlex
-import signal
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ from typing import Any
 
 from debias.slim.annotations import ALLOWED_LABELS, COLUMNS, AnnotationError
 from debias.spec import Spec
-from debias.ui import HOST, free_port
+from debias.ui import HOST, free_port, sigterm_as_interrupt
 
 __all__ = ["AnnotationServer", "AnnotationStore", "ensure_request", "run_annotate",
            "start_annotation_server", "stop_annotation_server", "sweep_command"]
@@ -331,23 +330,17 @@ def run_annotate(spec: Spec, sweep: str, overrides: Sequence[str],
             print(f"all answered; run the sweep with:\n  {command}", flush=True)
 
     server.on_answer = progress
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        print(f"annotation page for {csv_path}:\n  {url}\nanswers are saved to the CSV as you "
-              "go; Ctrl-C stops the page.", flush=True)
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\nstopping the annotation page", flush=True)
-        return 0
-    finally:
-        stop_annotation_server(server)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    del signum, frame
-    raise KeyboardInterrupt
+    with sigterm_as_interrupt():
+        try:
+            print(f"annotation page for {csv_path}:\n  {url}\nanswers are saved to the CSV as "
+                  "you go; Ctrl-C stops the page.", flush=True)
+            while True:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping the annotation page", flush=True)
+            return 0
+        finally:
+            stop_annotation_server(server)
 
 
 PAGE = r"""<!doctype html>

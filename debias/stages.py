@@ -8,6 +8,7 @@ of their keys: a sweep over those knobs must share one reference model and one f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from debias.cache import StageCache
+from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.models import Classifier, build_classifier
 
-__all__ = ["SPLITS", "backbone_identity", "extract_features", "frozen_features",
-           "reference_config", "reference_inputs", "reference_model"]
+__all__ = ["SPLITS", "backbone_identity", "extract_features", "features_key", "frozen_features",
+           "reference_config", "reference_inputs", "reference_key", "reference_model"]
 
 SPLITS = ("train", "val", "test")
 REFERENCE_VERSION = 1
@@ -32,9 +33,17 @@ def backbone_identity(backbone: dict[str, Any]) -> dict[str, Any]:
     """Arch plus weights; a weights *file* is identified by its content, not its path."""
     weights = backbone["weights"]
     if weights not in ("none", "imagenet"):
-        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
-        weights = f"sha256:{digest}"
+        stat = Path(weights).stat()
+        weights = f"sha256:{_file_digest(weights, stat.st_size, stat.st_mtime_ns)}"
     return {"arch": backbone["arch"], "weights": weights}
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Hash a weights file once per process (a ResNet-50 is ~100 MB), not once per trial
+    that asks; size and mtime in the key make a replaced file hash again."""
+    del size, mtime_ns
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def reference_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -63,6 +72,11 @@ def reference_inputs(config: dict[str, Any], data: GroupedDataset) -> dict[str, 
     ref_cfg = reference_config(config)
     return {"data": data.identity(), "backbone": backbone_identity(ref_cfg["backbone"]),
             "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
+
+
+def reference_key(config: dict[str, Any], data: GroupedDataset) -> str:
+    """The reference model's cache key: what its dependants (GradCAM, overlays) key on."""
+    return stage_key("reference", REFERENCE_VERSION, reference_inputs(config, data))
 
 
 def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
@@ -100,15 +114,26 @@ def extract_features(model: Classifier, data: GroupedDataset, split: str, device
     return out
 
 
-def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                    device: torch.device, source: str) -> dict[str, Any]:
-    """L2-normalised features for every split, from a frozen pretrained backbone
-    (`source='backbone'`) or from the ERM reference model (`source='reference'`)."""
+def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str
+                    ) -> dict[str, Any]:
+    """What determines the frozen features of `source` ('backbone' or 'reference')."""
     if source == "backbone":
         identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
     else:
         identity = {"reference": reference_inputs(config, data)}
-    inputs = {"data": data.identity(), "source": source, **identity}
+    return {"data": data.identity(), "source": source, **identity}
+
+
+def features_key(config: dict[str, Any], data: GroupedDataset, source: str) -> str:
+    """The features' cache key: what stages built on them (k-means) key on."""
+    return stage_key("features", FEATURES_VERSION, features_inputs(config, data, source))
+
+
+def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+                    device: torch.device, source: str) -> dict[str, Any]:
+    """L2-normalised features for every split, from a frozen pretrained backbone
+    (`source='backbone'`) or from the ERM reference model (`source='reference'`)."""
+    inputs = features_inputs(config, data, source)
 
     def compute() -> dict[str, Any]:
         if source == "backbone":

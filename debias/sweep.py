@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,9 +180,6 @@ def _check_state(spec: Spec, resume: bool) -> None:
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """`host:port` and `ray://host:port` must accept a TCP connection now: ray.init would
     otherwise keep retrying an address nobody listens on for minutes."""
-    import re
-    import socket
-
     match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
     if not match:
         return  # "auto", "local" and the like: Ray resolves and reports these itself

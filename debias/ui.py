@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -201,23 +202,32 @@ def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
     except UIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    with sigterm_as_interrupt():
+        try:
+            print(f"MLflow UI of sweep {experiment!r} ({redact_uri(tracking_uri)}):\n  {url}\n"
+                  "Ctrl-C stops it.", flush=True)
+            while handle.process.poll() is None:
+                time.sleep(0.5)
+            print(f"error: mlflow server exited with code {handle.process.returncode}; the end "
+                  f"of its log:\n{_tail(handle.log_path)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping the MLflow UI", flush=True)
+            return 0
+        finally:
+            stop_ui(handle)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while a foreground server runs, so `kill` also reaches the
+    cleanup that stops it (the previous handler comes back afterwards)."""
+    def interrupt(signum: int, frame: object) -> None:
+        del signum, frame
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        print(f"MLflow UI of sweep {experiment!r} ({redact_uri(tracking_uri)}):\n  {url}\n"
-              "Ctrl-C stops it.", flush=True)
-        while handle.process.poll() is None:
-            time.sleep(0.5)
-        print(f"error: mlflow server exited with code {handle.process.returncode}; the end of "
-              f"its log:\n{_tail(handle.log_path)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping the MLflow UI", flush=True)
-        return 0
+        yield
     finally:
-        stop_ui(handle)
         signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    del signum, frame
-    raise KeyboardInterrupt

@@ -17,11 +17,11 @@ from torch.nn import functional as F
 
 from debias.methods.base import Method
 from debias.models import Classifier
-from debias.stages import SPLITS, frozen_features
+from debias.stages import SPLITS, features_key, frozen_features
 
 __all__ = ["ClusterFix", "ClusterWeights", "cluster_purity", "kmeans_per_class"]
 
-KMEANS_VERSION = 1
+KMEANS_VERSION = 2  # 2: keyed on the features stage key
 
 
 def kmeans_per_class(features: dict[str, torch.Tensor], labels: dict[str, np.ndarray], k: int,
@@ -146,16 +146,18 @@ class ClusterFix(Method):
         if source == "auto":
             source = "reference" if self.config["backbone"]["weights"] == "none" else "backbone"
         self.feature_source = source
-        feats = frozen_features(self.config, data, self.cache, self.device, source)
-        labels = {s: data.view(s).y for s in SPLITS}
-        features_key = {"data": data.identity(), "source": source,
-                        "backbone": self.config["backbone"]["arch"],
-                        "features": _fingerprint(feats["train"])}
-        inputs = {**features_key, "k": p["k"], "seed": p["kmeans_seed"]}
+        # Keyed on the features' own key, not a hash of the (possibly huge) matrix; a trial
+        # whose k-means is cached never reads the features at all.
+        inputs = {"features": features_key(self.config, data, source), "k": p["k"],
+                  "seed": p["kmeans_seed"]}
+
+        def cluster() -> dict[str, torch.Tensor]:
+            feats = frozen_features(self.config, data, self.cache, self.device, source)
+            labels = {s: data.view(s).y for s in SPLITS}
+            return kmeans_per_class(feats, labels, p["k"], data.n_classes, p["kmeans_seed"])
+
         self.k = p["k"]
-        self.clusters = self.cache.get_or_compute(
-            "kmeans", KMEANS_VERSION, inputs,
-            lambda: kmeans_per_class(feats, labels, p["k"], data.n_classes, p["kmeans_seed"]))
+        self.clusters = self.cache.get_or_compute("kmeans", KMEANS_VERSION, inputs, cluster)
         self.n_clusters = self.k * data.n_classes
         self.weights = ClusterWeights(self.clusters["train"], self.n_clusters, p["momentum"],
                                       p["cluster_loss"], p["beta"], p["ema"])
@@ -228,9 +230,3 @@ class ClusterFix(Method):
         self.weights.load_state_dict(state["weights"])
         self._first_epoch = False
 
-
-def _fingerprint(t: torch.Tensor) -> str:
-    """Content hash of a feature matrix, so k-means keys follow the features exactly."""
-    import hashlib
-
-    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]

@@ -29,7 +29,7 @@ from debias.cache import stage_key
 from debias.methods.base import Method
 from debias.models import Classifier
 from debias.slim.pipeline import curated_subset, write_overlays
-from debias.stages import reference_inputs, reference_model
+from debias.stages import reference_key, reference_model
 
 __all__ = ["SLIM"]
 
@@ -40,7 +40,7 @@ class SLIM(Method):
     def prepare(self) -> None:
         p = self.params
         self.reference = reference_model(self.config, self.data, self.cache, self.device)
-        ref_key = stage_key("reference", 1, reference_inputs(self.config, self.data))
+        ref_key = reference_key(self.config, self.data)
         settings = {
             "budget_per_class": p["budget_per_class"],
             "neighbours": p["neighbours"],
