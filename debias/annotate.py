@@ -259,7 +259,7 @@ def ensure_request(spec: Spec) -> Path:
 
     from debias.cache import StageCache
     from debias.data import load_grouped
-    from debias.methods.slim import SLIM
+    from debias.methods.slim import curation_for
 
     target = spec.targets[0]
     config = spec.trial_base(target)
@@ -268,7 +268,7 @@ def ensure_request(spec: Spec) -> Path:
     data = load_grouped(config["dataset"], target, config["bias"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        SLIM(config, data, StageCache(config["cache_dir"]), device).prepare()
+        curation_for(config, data, StageCache(config["cache_dir"]), device)
     except AnnotationError:
         if not path.is_file():
             raise

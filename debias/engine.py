@@ -11,10 +11,8 @@ the last digits differ.)
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,20 +26,9 @@ from debias.data import GroupedDataset, load_grouped, make_torch_dataset
 from debias.methods import METHODS, Method
 from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
+from debias.seeding import derive_seed, seed_everything
 
-__all__ = ["Trainer", "derive_seed", "seed_everything"]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 31-bit seed from any parts, stable across processes (unlike Python's hash())."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+__all__ = ["Selection", "Trainer", "derive_seed", "seed_everything"]
 
 
 @dataclass
@@ -58,6 +45,23 @@ class Selection:
         if self.score is None or math.isnan(self.score):
             return not math.isnan(value)
         return value > self.score if self.mode == "max" else value < self.score
+
+    def record(self, metrics: dict[str, float], epoch: int,
+               evaluate_test: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Take this epoch's validation metrics; test is evaluated only when it is the best
+        so far. Returns the selection's report: score, epoch and the selected test metrics."""
+        score = metrics.get(self.metric, float("nan"))
+        if self.improves(score):
+            self.score, self.epoch = score, epoch
+            self.test = evaluate_test()
+        return {"selected/score": self.score if self.score is not None else float("nan"),
+                "selected/epoch": self.epoch or 0, **self.test}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "epoch": self.epoch, "test": dict(self.test)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.score, self.epoch, self.test = state["score"], state["epoch"], dict(state["test"])
 
 
 class Trainer:
@@ -133,8 +137,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "method": self.method.state_dict(),
-            "selection": {"score": self.selection.score, "epoch": self.selection.epoch,
-                          "test": dict(self.selection.test)},
+            "selection": self.selection.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -144,9 +147,7 @@ class Trainer:
         if self.scheduler and state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
-        sel = state["selection"]
-        self.selection.score, self.selection.epoch = sel["score"], sel["epoch"]
-        self.selection.test = dict(sel["test"])
+        self.selection.load_state_dict(state["selection"])
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
@@ -192,14 +193,7 @@ class Trainer:
         metrics.update(self.method.epoch_metrics())
         metrics.update(self.cache_events)
         metrics.update(self.evaluate("val"))
-        score = metrics.get(self.selection.metric, float("nan"))
-        if self.selection.improves(score):
-            self.selection.score, self.selection.epoch = score, self.epoch
-            self.selection.test = self.evaluate("test")
-        metrics["selected/score"] = (self.selection.score if self.selection.score is not None
-                                     else float("nan"))
-        metrics["selected/epoch"] = self.selection.epoch or 0
-        metrics.update(self.selection.test)
+        metrics.update(self.selection.record(metrics, self.epoch, lambda: self.evaluate("test")))
         return metrics
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from debias.data import DATASETS, check_pair, dataset_attributes
+from debias.slim.dfr import DFR_C_GRID, DFR_CLASS_WEIGHTS
 
 __all__ = [
     "METHOD_PARAMS",
@@ -123,6 +124,24 @@ def _choice(*values: Any) -> Callable[[Any], Any]:
     return check
 
 
+def _float_list(lo: float, lo_open: bool = False) -> Callable[[Any], list[float]]:
+    item = _float(lo, None, lo_open=lo_open)
+
+    def check(v: Any) -> list[float]:
+        what = f"a non-empty list of distinct numbers{_bounds(lo, None, lo_open)}"
+        if not isinstance(v, list) or not v:
+            raise Invalid(what)
+        try:
+            out = [item(x) for x in v]
+        except Invalid:
+            raise Invalid(what) from None
+        if len(set(out)) != len(out):
+            raise Invalid(what)
+        return out
+
+    return check
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise Invalid("true or false")
@@ -217,6 +236,11 @@ METHOD_PARAMS: dict[str, dict[str, Field]] = {
         "annotations": Field(_text, searchable=False),
         "aiou_threshold": Field(_float(0, 1), 0.3, numeric="float"),
         "seed": Field(_int(0), 0, searchable=False),
+        # last_layer mode (DFR): logistic regressions per grid point, averaged.
+        "retrains": Field(_int(1, 1000), 5, numeric="int"),
+        "c_grid": Field(_float_list(0, lo_open=True), list(DFR_C_GRID), searchable=False),
+        "class_weight_ratios": Field(_float_list(0, lo_open=True), list(DFR_CLASS_WEIGHTS),
+                                     searchable=False),
     },
 }
 
@@ -532,6 +556,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     _check_method(cfg, problems, cwd)
     _check_metric(cfg, bad)
     space = _check_space(cfg, cfg["search"].pop("space", None) or {}, problems, bad)
+    _check_slim_space(cfg, space, problems)
 
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
@@ -647,6 +672,36 @@ def _check_method(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
                                 "in if it does not exist)")
             else:
                 slim["annotations"] = str(_absolute(slim["annotations"], cwd))
+
+
+def _possible(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) -> set[Any]:
+    """Every value a key can take in this sweep: its searched choices, else the file's."""
+    for d in space:
+        if d.path == path:
+            return set(d.values) if d.kind == "choice" else {"<range>"}
+    section, _, leaf = path.partition(".")
+    return {cfg[section].get(leaf)}
+
+
+#: SLIM knobs that change *which images* are shown to the annotator.
+SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "slim.retrain")
+
+
+def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
+                      problems: list[str]) -> None:
+    """Rules between SLIM's knobs and the search: they need the parsed space."""
+    if cfg.get("method") != "slim":
+        return
+    if cfg["scheduler"] and "last_layer" in _possible(cfg, space, "slim.retrain"):
+        problems.append("scheduler: got ASHA; expected null when slim.retrain can be "
+                        "'last_layer' (its steps are points of the C x class-weight grid, not "
+                        "epochs, so stopping early would skip grid points, not epochs)")
+    if cfg["slim"].get("annotator") == "csv":
+        searched = [d.path for d in space if d.path in SAMPLING_KEYS]
+        if searched:
+            problems.append(f"search.space: {', '.join(searched)} searched with slim.annotator "
+                            "'csv'; expected these fixed (each value samples other images, and "
+                            "one annotation file answers one sampling)")
 
 
 def _check_metric(cfg: dict[str, Any], bad: Callable[[str, Any, str], None]) -> None:

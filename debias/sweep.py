@@ -22,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from debias.data import DatasetError, load_grouped
+from debias.slim.dfr import class_weight_options
 from debias.spec import SearchDomain, Spec
 from debias.tracking import MlflowTrialCallback, Tracker, redact_uri
 from debias.trainable import train_trial
@@ -69,18 +70,32 @@ def describe_plan(spec: Spec) -> str:
     for d in spec.space:
         rng = (f"choice {list(d.values)}" if d.kind == "choice"
                else f"{d.kind} [{d.low}, {d.high}]{' log' if d.log else ''}")
-        lines.append(f"    {d.path}: {rng}")
+        when = "; ".join(f"{k} in {list(v)}" for k, v in d.when)
+        lines.append(f"    {d.path}: {rng}" + (f" (only when {when})" if when else ""))
     if spec.config["scheduler"]:
         lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']}")
     lines += [
         f"  seeds: {spec.seeds} ({len(spec.seeds)} re-runs of the best config per target)",
         f"  trials in all: {len(spec.targets) * (n_search + len(spec.seeds))}",
         f"  resources per trial: {spec.config['resources']}",
-        f"  epochs per trial: {spec.config['train']['epochs']}",
+        f"  steps per trial: {_steps_per_trial(spec)}",
         f"  storage: {spec.storage}",
         f"  tracking: {redact_uri(spec.tracking_uri)}",
     ]
     return "\n".join(lines)
+
+
+def _steps_per_trial(spec: Spec) -> str:
+    """SGD epochs, or the last-layer grid's points where SLIM retrains the last layer."""
+    epochs = f"{spec.config['train']['epochs']} epochs"
+    slim = spec.config.get("slim") or {}
+    searched = any(d.path == "slim.retrain" for d in spec.space)
+    if spec.method != "slim" or (slim["retrain"] != "last_layer" and not searched):
+        return epochs
+    # Every dataset here has binary targets: 2 classes for the class-weight options.
+    grid = len(slim["c_grid"]) * len(class_weight_options(slim["class_weight_ratios"], 2))
+    points = f"{grid} grid points (C x class weights) for slim.retrain last_layer"
+    return f"{epochs} for slim.retrain full, {points}" if searched else points
 
 
 def _num_search_trials(spec: Spec) -> int:

@@ -19,9 +19,10 @@ import torch
 from ray import tune
 
 from debias.engine import Trainer
+from debias.slim.last_layer import LastLayerTrial
 from debias.spec import with_params
 
-__all__ = ["STATE_FILE", "limit_threads", "train_trial"]
+__all__ = ["STATE_FILE", "build_trial", "limit_threads", "train_trial"]
 
 STATE_FILE = "state.pt"
 
@@ -32,6 +33,14 @@ def limit_threads(cpus: float) -> int:
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
     return n
+
+
+def build_trial(config: dict[str, Any], device: str | None = None) -> Trainer | LastLayerTrial:
+    """The trial a config asks for: SGD epochs (every method and SLIM's ``full`` mode), or
+    SLIM's DFR-style last-layer grid, which has no epochs to train."""
+    if config["method"] == "slim" and config["slim"]["retrain"] == "last_layer":
+        return LastLayerTrial(config, device=device)
+    return Trainer(config, device=device)
 
 
 def _assigned_cpus() -> float:
@@ -54,7 +63,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
     config = with_params(base, params)
-    trainer = Trainer(config)
+    trainer = build_trial(config)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:

@@ -120,20 +120,25 @@ def simulated_annotator(aiou_values: np.ndarray, threshold: float) -> np.ndarray
     return (values >= threshold).astype(np.int64)
 
 
-def group_annotator(y: np.ndarray, a: np.ndarray,
-                    positions: np.ndarray | None = None) -> np.ndarray:
+def group_annotator(y: np.ndarray, a: np.ndarray, positions: np.ndarray | None = None,
+                    majority_of: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Stand-in for a person on datasets without masks: label 1 iff the sample is in a
     minority group (its bias value differs from the majority bias value of its class).
 
     It uses the bias labels, which SLIM itself never sees, so runs using it must be tagged
-    as simulated. The majority is taken over all of ``y``/``a`` (the training split); labels
-    are returned for ``positions`` (default: every sample).
+    as simulated. The majority is taken over ``majority_of`` = (y, a) of the training split
+    where given (a group-balanced validation split has no majority of its own), else over
+    all of ``y``/``a``; labels are returned for ``positions`` (default: every sample).
     """
     y = np.asarray(y, dtype=np.int64)
     a = np.asarray(a, dtype=np.int64)
-    n_classes = int(y.max()) + 1 if len(y) else 0
-    counts = np.zeros((n_classes, int(a.max()) + 1 if len(a) else 1), dtype=np.int64)
-    np.add.at(counts, (y, a), 1)
+    ref_y, ref_a = ((y, a) if majority_of is None
+                    else (np.asarray(majority_of[0], dtype=np.int64),
+                          np.asarray(majority_of[1], dtype=np.int64)))
+    n_classes = int(max(ref_y.max(initial=-1), y.max(initial=-1))) + 1
+    n_bias = int(max(ref_a.max(initial=-1), a.max(initial=-1))) + 1
+    counts = np.zeros((n_classes, max(n_bias, 1)), dtype=np.int64)
+    np.add.at(counts, (ref_y, ref_a), 1)
     majority = counts.argmax(axis=1)
     rows = np.arange(len(y)) if positions is None else np.asarray(positions, dtype=np.int64)
     return (a[rows] != majority[y[rows]]).astype(np.int64)

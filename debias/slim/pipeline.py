@@ -1,9 +1,13 @@
 """SLIM's data side end to end: attention -> space -> sample -> annotate -> spread -> curate.
 
-Two cached stages. "gradcam" (GradCAM over the training split, reduced to the attention
-vectors and AIOU) depends only on the data and the reference model, so a sweep over SLIM's
-knobs computes it once. "curation" adds every knob that changes the subset (and, for human
+Two cached stages. "gradcam" (GradCAM over one split, reduced to the attention vectors and
+AIOU) depends only on the data, the split and the reference model, so a sweep over SLIM's knobs
+computes it once. "curation" adds every knob that changes the subset (and, for human
 annotations, the content of the filled-in CSV, so editing the file invalidates it).
+
+The split is ``train`` for full retraining and ``val`` for last-layer retraining, where only a
+``pool`` of validation positions (half of the split; the other half selects the model) may be
+sampled, annotated and curated.
 
 Annotators: ``simulated`` uses AIOU against foreground masks when the dataset has them, and
 otherwise the group-based stand-in (bias labels!); the result names the one used so runs can
@@ -44,7 +48,7 @@ __all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
            "model_fingerprint", "slim_settings", "write_overlays"]
 
 GRADCAM_VERSION = 1
-CURATION_VERSION = 1
+CURATION_VERSION = 2
 ANNOTATORS = ("simulated", "csv")
 
 SLIM_DEFAULTS: dict[str, Any] = {
@@ -61,6 +65,7 @@ SLIM_DEFAULTS: dict[str, Any] = {
     "annotations": None,
     "aiou_threshold": 0.3,
     "seed": 0,
+    "curation_seed": None,
     "batch_size": 64,
 }
 
@@ -110,6 +115,10 @@ def slim_settings(config: dict[str, Any], n_classes: int = 2) -> dict[str, Any]:
         raise bad("aiou_threshold", "a number in [0, 1]")
     if not _is_int(s["seed"]):
         raise bad("seed", "an integer")
+    if s["curation_seed"] is None:
+        s["curation_seed"] = s["seed"]
+    if not _is_int(s["curation_seed"]):
+        raise bad("curation_seed", "an integer (or null: the same as seed)")
     if not _is_int(s["batch_size"]) or s["batch_size"] < 1:
         raise bad("batch_size", "a positive integer")
     return s
@@ -126,17 +135,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def attention_stage(data: GroupedDataset, model: Classifier, cache: StageCache,
-                    device: torch.device | str, model_key: str,
-                    batch_size: int = 64) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(cached attention of the training split, the stage's key inputs).
+                    device: torch.device | str, model_key: str, batch_size: int = 64,
+                    split: str = "train") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cached attention of one split, the stage's key inputs).
 
     Image-size CAMs are not stored (CelebA's would take ~16 GB); AIOU is computed from them
     while they are in memory, and overlays re-run GradCAM on the few images they need.
     """
-    inputs = {"data": data.identity(), "model": model_key, "split": "train"}
+    inputs = {"data": data.identity(), "model": model_key, "split": split}
 
     def compute() -> dict[str, Any]:
-        att = compute_attention(model, data, "train", device, batch_size, keep_cams=False)
+        att = compute_attention(model, data, split, device, batch_size, keep_cams=False)
         return {**att, "has_masks": data.masks is not None}
 
     return cache.get_or_compute("gradcam", GRADCAM_VERSION, inputs, compute), inputs
@@ -155,11 +164,11 @@ def _uint8_images(tensors: torch.Tensor) -> np.ndarray:
 
 
 def _write_request(path: Path, data: GroupedDataset, model: Classifier,
-                   device: torch.device | str, positions: np.ndarray) -> Path:
+                   device: torch.device | str, positions: np.ndarray, split: str) -> Path:
     """The request CSV at ``path`` and its PNGs in ``<stem>_overlays/`` beside it."""
-    view = data.view("train")
+    view = data.view(split)
     folder = path.with_name(f"{path.stem}_overlays")
-    written = write_overlays(folder, data, model, device, positions)
+    written = write_overlays(folder, data, model, device, positions, split)
     rows = [{"id": str(view.ids[p]), "position": int(p), "label_class": int(view.y[p]),
              "image_path": str(image), "overlay_path": str(overlay)}
             for p, (image, overlay) in zip(positions, written, strict=True)]
@@ -167,12 +176,13 @@ def _write_request(path: Path, data: GroupedDataset, model: Classifier,
 
 
 def write_overlays(folder: Path, data: GroupedDataset, model: Classifier,
-                   device: torch.device | str, positions: np.ndarray) -> list[tuple[Path, Path]]:
-    """GradCAM overlays (image | overlay | CAM >= 0.8) of training positions, as PNGs named
-    by sample id; returns (image path, overlay path) per position. Images of in-memory
+                   device: torch.device | str, positions: np.ndarray,
+                   split: str = "train") -> list[tuple[Path, Path]]:
+    """GradCAM overlays (image | overlay | CAM >= 0.8) of positions of ``split``, as PNGs
+    named by sample id; returns (image path, overlay path) per position. Images of in-memory
     datasets are written beside the overlays so a person can open them."""
-    view = data.view("train")
-    dataset = make_torch_dataset(data, "train", train=False)
+    view = data.view(split)
+    dataset = make_torch_dataset(data, split, train=False)
     tensors = torch.stack([dataset[int(p)][0] for p in positions])
     cams = gradcam_images(model, tensors, view.y[positions], device)["cam"].numpy()
     images = _uint8_images(tensors)
@@ -194,42 +204,55 @@ def _mean_or_nan(x: np.ndarray) -> float:
     return float(np.mean(x)) if len(x) and not np.isnan(x).any() else math.nan
 
 
+def _pool_digest(pool: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
 def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifier,
                    cache: StageCache, device: torch.device | str,
-                   model_key: str | None = None) -> dict[str, Any]:
-    """The curated training subset and what it cost (see module docstring).
+                   model_key: str | None = None, split: str = "train",
+                   pool: np.ndarray | None = None) -> dict[str, Any]:
+    """The curated subset of ``split`` (drawn from ``pool``, default the whole split) and what
+    it cost (see module docstring).
 
     ``model_key`` identifies the reference model in the cache key (e.g. the hash of the
-    reference stage's inputs); by default the model's weights are hashed.
+    reference stage's inputs); by default the model's weights are hashed. Only the
+    curation's own choices depend on ``curation_seed``, so re-curating with other seeds (the
+    retrains of last-layer mode) reuses the same annotated images.
 
-    Returns ``positions`` (LongTensor of training-split positions), ``annotated`` (images
-    shown to the annotator), ``annotated_fraction``, ``aiou_mean`` (training split; NaN
-    without masks), ``propagated_kept``, ``annotator`` (``simulated-aiou``,
-    ``simulated-group`` or ``csv``), ``simulated`` and a few diagnostics.
+    Returns ``positions`` (LongTensor of positions in ``split``), ``annotated_positions``,
+    ``annotated`` (images shown to the annotator), ``annotated_fraction`` (of the pool),
+    ``aiou_mean`` (pool; NaN without masks), ``propagated_kept``, ``annotator``
+    (``simulated-aiou``, ``simulated-group`` or ``csv``), ``simulated`` and a few diagnostics.
     """
-    view = data.view("train")
+    view = data.view(split)
+    pool = (np.arange(len(view), dtype=np.int64) if pool is None
+            else np.sort(np.asarray(pool, dtype=np.int64)))
     s = slim_settings(config, data.n_classes)
     key = model_key if model_key is not None else model_fingerprint(model)
-    att, att_inputs = attention_stage(data, model, cache, device, key, s["batch_size"])
+    att, att_inputs = attention_stage(data, model, cache, device, key, s["batch_size"], split)
     has_masks = bool(att["has_masks"])
     if s["annotator"] == "csv":
         annotator = "csv"
     else:
         annotator = "simulated-aiou" if has_masks else "simulated-group"
-    y = np.asarray(view.y)
-    v = att["v"].numpy()
-    v_bar = att["v_bar"].numpy()
+    y = np.asarray(view.y)[pool]
+    v = att["v"].numpy()[pool]
+    v_bar = att["v_bar"].numpy()[pool]
+    aiou = att["aiou"].numpy()[pool]
 
     def embed_and_sample() -> tuple[np.ndarray, np.ndarray]:
+        """(embedding of the pool, sampled pool indices): fixed by ``seed`` alone."""
         e = embed_per_class(v, y, s["embedding"], s["seed"])
         sampled = sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
         return e, sampled
 
     inputs: dict[str, Any] = {
         "gradcam": att_inputs,
+        "pool": None if len(pool) == len(view) else _pool_digest(pool),
         **{k: s[k] for k in ("budget_per_class", "neighbours", "gamma", "alpha",
                              "keep_quantile", "curated_size", "k_range", "embedding", "seed",
-                             "cell_share")},
+                             "curation_seed", "cell_share")},
         "annotator": annotator,
         "threshold": s["aiou_threshold"] if annotator == "simulated-aiou" else None,
     }
@@ -237,7 +260,7 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     if csv_path is not None:
         if not csv_path.is_file():
             _, sampled = embed_and_sample()
-            _write_request(csv_path, data, model, device, sampled)
+            _write_request(csv_path, data, model, device, pool[sampled], split)
             raise AnnotationError(
                 f"annotation file {csv_path} did not exist: wrote an annotation request there "
                 f"for {len(sampled)} images (overlays in {csv_path.stem}_overlays/ beside it). "
@@ -249,24 +272,27 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
         e, sampled = embed_and_sample()
         if annotator == "csv":
             assert csv_path is not None
-            answers = read_annotations(csv_path, [str(view.ids[p]) for p in sampled])
-            labels = np.array([answers[str(view.ids[p])] for p in sampled], dtype=np.int64)
+            ids = [str(view.ids[p]) for p in pool[sampled]]
+            answers = read_annotations(csv_path, ids)
+            labels = np.array([answers[i] for i in ids], dtype=np.int64)
         elif annotator == "simulated-aiou":
-            labels = simulated_annotator(att["aiou"].numpy()[sampled], s["aiou_threshold"])
-        else:
-            labels = group_annotator(y, view.a, sampled)
+            labels = simulated_annotator(aiou[sampled], s["aiou_threshold"])
+        else:  # the majority bias value of a class is the training split's, on any split
+            train = data.view("train")
+            labels = group_annotator(view.y[pool[sampled]], view.a[pool[sampled]],
+                                     majority_of=(train.y, train.a))
         prop = propagate(e, y, sampled, labels, s["gamma"], s["alpha"], s["keep_quantile"])
         kept = np.flatnonzero(prop.keep)
         e_bar = embed_per_class(v_bar, y, s["embedding"], s["seed"])
-        cur = curate(e, e_bar, y, kept, s["curated_size"], s["k_range"], s["seed"],
+        cur = curate(e, e_bar, y, kept, s["curated_size"], s["k_range"], s["curation_seed"],
                      s["cell_share"])
-        aiou = att["aiou"].numpy()
         return {
-            "positions": torch.from_numpy(cur.positions),
-            "annotated_positions": torch.from_numpy(sampled),
+            "split": split,
+            "positions": torch.from_numpy(pool[cur.positions]),
+            "annotated_positions": torch.from_numpy(pool[sampled]),
             "annotation_labels": torch.from_numpy(labels),
             "annotated": len(sampled),
-            "annotated_fraction": len(sampled) / max(1, len(view)),
+            "annotated_fraction": len(sampled) / max(1, len(pool)),
             "unsure": int((labels == -1).sum()),
             "aiou_mean": _mean_or_nan(aiou) if has_masks else math.nan,
             "aiou_mean_curated": (_mean_or_nan(aiou[cur.positions]) if has_masks else math.nan),
