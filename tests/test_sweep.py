@@ -148,3 +148,31 @@ def test_slim_sweep_shares_gradcam_and_logs_overlays(ray_local, tmp_path: Path) 
         assert 0 <= r.data.metrics["slim/aiou_mean"] <= 1  # the synthetic data has masks
         pngs = [a.path for a in client.list_artifacts(r.info.run_id, "gradcam")]
         assert len([p for p in pngs if p.endswith("_overlay.png")]) == 8, pngs
+
+
+def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path: Path) -> None:
+    """Last-layer trials through real Ray Tune and MLflow: each grid point is a logged step,
+    and trials that differ only in the number of retrains share the reference model, one
+    GradCAM pass over validation, one feature extraction and every curation they have in
+    common."""
+    sweep = tiny_sweep(
+        tmp_path, name="slimll", method="slim", targets=["Odd"], seeds=[0],
+        reference={"epochs": 1},
+        slim={"retrain": "last_layer", "budget_per_class": 5, "curated_size": 60,
+              "keep_quantile": 0.0, "c_grid": [1.0, 0.1], "class_weight_ratios": [1, 3]},
+        search={"algorithm": "grid", "space": {"slim.retrains": {"choice": [1, 2]}}},
+        resources={"cpu": 2})  # one trial at a time: "computed once" is then exact
+    spec = load_spec(write_sweep(tmp_path, sweep))
+    run_sweep(spec)
+    check_sweep_runs(spec.tracking_uri, "slimll", {"Odd": "Background"}, n_search=2,
+                     seeds=[0], epochs=6, method="slim")
+    runs = _children(spec.tracking_uri, "slimll")
+    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
+                for stage in ("reference", "gradcam", "features", "curation")}
+    # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1; seeds reuse all.
+    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "curation": 2}, computed
+    for r in runs:
+        m = r.data.metrics
+        assert m["slim/grid_size"] == 6 and m["slim/annotated"] == 10
+        assert m["slim/val_selection_size"] > 0 and "slim/C" in m
+        assert r.data.params["slim.retrain"] == "last_layer"

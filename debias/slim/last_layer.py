@@ -65,6 +65,7 @@ class LastLayerTrial:
         self.cache_events = {k: float(v - before.get(k, 0))
                              for k, v in StageCache.events().items()}
 
+        self.curations = curations
         fit_half, self.held_out = validation_halves(self.data, params["seed"])
         val = self.data.view("val")
         val_x = features["val"].numpy().astype(np.float64)

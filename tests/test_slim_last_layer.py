@@ -1,0 +1,276 @@
+"""SLIM's last-layer mode (DFR-style): the numerics on hand-made data, then the trial on the
+embedded dataset: held-out selection, test from the selected grid point, cached stages,
+same seed same numbers, resume from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from debias.cache import StageCache
+from debias.slim.annotations import group_annotator
+from debias.slim.dfr import (
+    class_weight_options,
+    fit_averaged_head,
+    split_halves,
+    standardiser,
+)
+from debias.spec import SpecError, validate, with_params
+from debias.trainable import build_trial
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_split_halves_are_a_stratified_partition_fixed_by_the_seed() -> None:
+    y = np.array([0] * 11 + [1] * 6)
+    fit, held = split_halves(y, seed=3)
+    assert np.intersect1d(fit, held).size == 0
+    assert sorted(np.concatenate([fit, held]).tolist()) == list(range(len(y)))
+    assert [(y[fit] == c).sum() for c in (0, 1)] == [6, 3]
+    assert [(y[held] == c).sum() for c in (0, 1)] == [5, 3]
+    again, _ = split_halves(y, seed=3)
+    other, _ = split_halves(y, seed=4)
+    assert np.array_equal(fit, again) and not np.array_equal(fit, other)
+
+
+def test_class_weight_options_are_dfrs_pairs() -> None:
+    assert class_weight_options([1, 2, 10], 2) == [
+        {0: 1.0, 1: 1.0}, {0: 2.0, 1: 1.0}, {0: 1.0, 1: 2.0}, {0: 10.0, 1: 1.0},
+        {0: 1.0, 1: 10.0}]
+    assert len(class_weight_options([3], 3)) == 4  # equal, then each class up-weighted
+
+
+def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 12)) * np.arange(1, 13) + np.arange(12)  # unequal scales, offsets
+    y = (x[:, 0] - 3 * x[:, 1] + rng.normal(size=n) > -2).astype(np.int64)
+    return x, y
+
+
+def test_folded_head_predicts_what_the_standardised_regression_predicts() -> None:
+    x, y = _toy(200, 0)
+    mean, std = standardiser(x)
+    head = fit_averaged_head([(x, y)], c=0.5, class_weight={0: 1.0, 1: 2.0}, n_classes=2,
+                             mean=mean, std=std, seed=7)
+    reference = LogisticRegression(C=0.5, l1_ratio=1.0, solver="liblinear",
+                                   class_weight={0: 1.0, 1: 2.0}, random_state=7)
+    reference.fit((x - mean) / std, y)
+    decision = reference.decision_function((x - mean) / std)
+    logits = head.logits(x)
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], decision, rtol=1e-9, atol=1e-9)
+    assert np.array_equal(head.predict(x), reference.predict((x - mean) / std))
+
+
+def test_retrains_are_averaged_and_l1_makes_the_head_sparse() -> None:
+    (x1, y1), (x2, y2) = _toy(150, 1), _toy(150, 2)
+    mean, std = standardiser(np.concatenate([x1, x2]))
+    kw: dict[str, Any] = {"class_weight": {0: 1.0, 1: 1.0}, "n_classes": 2, "mean": mean,
+                          "std": std}
+    both = fit_averaged_head([(x1, y1), (x2, y2)], c=0.3, seed=5, **kw)
+    first = fit_averaged_head([(x1, y1)], c=0.3, seed=5, **kw)
+    second = fit_averaged_head([(x2, y2)], c=0.3, seed=6, **kw)  # retrain r gets seed + r
+    np.testing.assert_allclose(both.weight, (first.weight + second.weight) / 2, atol=1e-12)
+    np.testing.assert_allclose(both.bias, (first.bias + second.bias) / 2, atol=1e-12)
+    loose = fit_averaged_head([(x1, y1)], c=10.0, seed=5, **kw)
+    tight = fit_averaged_head([(x1, y1)], c=0.01, seed=5, **kw)
+    assert tight.nonzero < loose.nonzero
+
+
+def test_a_subset_missing_a_class_is_refused_with_the_knob_to_turn() -> None:
+    x, y = _toy(40, 3)
+    mean, std = standardiser(x)
+    with pytest.raises(ValueError, match="curated_size"):
+        fit_averaged_head([(x, y), (x[y == 0], y[y == 0])], c=1.0, class_weight={0: 1, 1: 1},
+                          n_classes=2, mean=mean, std=std, seed=0)
+
+
+def test_group_annotator_takes_the_majority_from_the_training_split() -> None:
+    train_y, train_a = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 1, 0])
+    # A balanced validation sample has no majority of its own; the training split's decides.
+    val_y, val_a = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert group_annotator(val_y, val_a, majority_of=(train_y, train_a)).tolist() == [0, 1, 1, 0]
+
+
+# --------------------------------------------------------------------------- the trial
+
+SLIM = {"retrain": "last_layer", "budget_per_class": 5, "curated_size": 60, "keep_quantile": 0.0,
+        "retrains": 2, "c_grid": [1.0, 0.1], "class_weight_ratios": [1, 3]}
+GRID_SIZE = 2 * 3
+
+
+def _config(tmp_path: Path, seed: int = 0, **slim: Any) -> dict[str, Any]:
+    spec = validate({
+        "name": "ll", "method": "slim", "targets": ["Odd"], "bias_attribute": "Background",
+        "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.9},
+        "backbone": {"arch": "small_cnn", "weights": "none"},
+        "reference": {"epochs": 3, "lr": 0.05}, "slim": {**SLIM, **slim},
+        "storage": str(tmp_path)})
+    return with_params(spec.trial_base("Odd"), {"seed": seed})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("last_layer")
+
+
+@pytest.fixture(scope="module")
+def first_run(store: Path) -> tuple[Any, list[dict[str, Any]]]:
+    trial = build_trial(_config(store), device="cpu")
+    return trial, list(trial.epochs())
+
+
+def test_one_step_per_grid_point_with_test_from_the_selected_point(first_run) -> None:
+    trial, history = first_run
+    assert [m["epoch"] for m in history] == list(range(1, GRID_SIZE + 1))
+    assert {(m["slim/C"], m["slim/class_weight/1"]) for m in history} == {
+        (c, w) for c in (1.0, 0.1) for w in (1.0, 3.0)}
+    scores = [m["val/worst_group_acc"] for m in history]
+    best = int(np.argmax(scores))  # first of the ties, as selection only moves on improvement
+    final = history[-1]
+    assert final["selected/epoch"] == best + 1 and final["selected/score"] == scores[best]
+    chosen = history[best]
+    head = fit_averaged_head(trial.subsets, chosen["slim/C"],
+                             {0: chosen["slim/class_weight/0"], 1: chosen["slim/class_weight/1"]},
+                             2, trial.mean, trial.std, seed=trial_seed(trial, best))
+    assert final["test/worst_group_acc"] == trial.evaluate("test", head)["test/worst_group_acc"]
+    assert 0.0 <= final["train/loss"] and history[0]["slim/grid_size"] == GRID_SIZE
+
+
+def trial_seed(trial: Any, index: int) -> int:
+    from debias.seeding import derive_seed
+
+    return derive_seed(trial.seed, "dfr", index)
+
+
+def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -> None:
+    trial, history = first_run
+    fit_half = np.setdiff1d(np.arange(len(trial.data.view("val"))), trial.held_out)
+    for curation in trial.curations:
+        assert curation["split"] == "val"
+        assert np.isin(curation["positions"].numpy(), fit_half).all()
+        assert np.isin(curation["annotated_positions"].numpy(), fit_half).all()
+    # The retrains re-curate with their own seeds but show the annotator the same images.
+    a, b = trial.curations
+    assert np.array_equal(a["annotated_positions"], b["annotated_positions"])
+    assert not np.array_equal(np.sort(a["positions"]), np.sort(b["positions"]))
+    # val/* is scored on the held-out half only (the counts say so, and so do accuracies).
+    view = trial.data.view("val")
+    counts = sum(v for k, v in history[0].items() if k.startswith("val/group_count/"))
+    assert counts == len(trial.held_out) == history[0]["slim/val_selection_size"]
+    assert history[0]["slim/annotated"] == 10
+
+
+def test_same_seed_same_numbers_and_the_stages_come_from_the_cache(store, first_run) -> None:
+    _, history = first_run
+    StageCache.reset_events()
+    again = build_trial(_config(store), device="cpu")
+    assert again.cache_events.get("cache/computed/curation", 0) == 0
+    assert again.cache_events["cache/reused/curation"] == 2
+    assert again.cache_events["cache/reused/gradcam"] >= 1
+    assert _numbers(list(again.epochs())) == _numbers(history)
+
+
+def test_a_resumed_trial_ends_with_the_metrics_of_an_uninterrupted_one(store, first_run,
+                                                                       tmp_path: Path) -> None:
+    _, history = first_run
+    interrupted = build_trial(_config(store), device="cpu")
+    steps = interrupted.epochs()
+    for _ in range(3):
+        next(steps)
+    interrupted.save(tmp_path / "state.pt")
+    resumed = build_trial(_config(store), device="cpu")
+    resumed.load(tmp_path / "state.pt")
+    rest = list(resumed.epochs())
+    assert [m["epoch"] for m in rest] == list(range(4, GRID_SIZE + 1))
+    assert _numbers(rest) == _numbers(history[3:])
+
+
+def test_another_trial_seed_recurates_the_same_annotated_images(store, first_run) -> None:
+    trial, _ = first_run
+    other = build_trial(_config(store, seed=1), device="cpu")
+    assert np.array_equal(other.curations[0]["annotated_positions"],
+                          trial.curations[0]["annotated_positions"])
+    assert not np.array_equal(np.sort(other.curations[0]["positions"]),
+                              np.sort(trial.curations[0]["positions"]))
+
+
+def _numbers(history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    skip = ("cache/", "artifacts/")
+    return [{k: v for k, v in m.items() if isinstance(v, float) and not k.startswith(skip)}
+            for m in history]
+
+
+# --------------------------------------------------------------------------- the sweep file
+
+
+def _raw(**over: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"name": "x", "method": "slim", "targets": ["Odd"],
+                           "bias_attribute": "Background", "dataset": {"name": "synthetic"}}
+    raw.update(over)
+    return raw
+
+
+def test_last_layer_knobs_are_checked_with_what_is_allowed() -> None:
+    with pytest.raises(SpecError) as err:
+        validate(_raw(slim={"retrain": "last_layer", "c_grid": [1.0, -0.1],
+                            "class_weight_ratios": "3", "retrains": 0}))
+    text = str(err.value)
+    assert "slim.c_grid: got [1.0, -0.1]; expected a non-empty list of distinct numbers > 0" \
+        in text
+    assert "slim.class_weight_ratios: got '3'" in text
+    assert "slim.retrains: got 0" in text
+
+
+def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> None:
+    with pytest.raises(SpecError, match="scheduler: got ASHA; expected null when slim.retrain"):
+        validate(_raw(slim={"retrain": "full"}, scheduler={"asha": {"grace_period": 1}},
+                      search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]}}}))
+    with pytest.raises(SpecError, match=r"slim.retrain, slim.budget_per_class searched with "
+                                        r"slim.annotator 'csv'"):
+        validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
+                      search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]},
+                                        "slim.budget_per_class": {"int": [5, 10]}}}))
+    # Retraining knobs are free to vary with a person's annotations.
+    validate(_raw(slim={"annotator": "csv", "annotations": "a.csv", "retrain": "last_layer"},
+                  search={"space": {"slim.retrains": {"int": [1, 5]}}}))
+
+
+def test_a_persons_annotations_for_last_layer_mode_are_of_validation_images(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The request written before any trial lists images of the fitted half of validation;
+    filled in, it is what the trial's curation reads (not a simulated annotator)."""
+    import csv
+
+    from debias.cli import main
+    from debias.data import load_grouped
+    from debias.spec import load_spec
+    from tests.conftest import tiny_sweep, write_sweep
+
+    csv_path = tmp_path / "ann_val.csv"
+    slim = {**SLIM, "annotator": "csv", "annotations": str(csv_path)}
+    sweep = tiny_sweep(tmp_path, method="slim", targets=["Odd"], reference={"epochs": 1},
+                       slim=slim, search={"num_samples": 1})
+    path = write_sweep(tmp_path, sweep)
+    assert main([str(path)]) == 1
+    assert "annotation request was written there" in capsys.readouterr().err
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 10  # 5 per class
+    data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
+    val_ids = data.view("val").ids
+    fit_half, _ = split_halves(data.view("val").y, seed=0)
+    assert {r["id"] for r in rows} <= {str(i) for i in val_ids[fit_half]}
+
+    for r in rows:
+        r["annotation"] = "1"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = with_params(load_spec(path).trial_base("Odd"), {"seed": 0})
+    trial = build_trial(config, device="cpu")
+    assert all(c["annotator"] == "csv" and not c["simulated"] for c in trial.curations)
+    assert next(trial.epochs())["slim/simulated_annotator"] == 0.0
