@@ -137,7 +137,7 @@ def test_one_step_per_grid_point_with_test_from_the_selected_point(first_run) ->
                              {0: chosen["slim/class_weight/0"], 1: chosen["slim/class_weight/1"]},
                              2, trial.mean, trial.std, seed=trial_seed(trial, best))
     assert final["test/worst_group_acc"] == trial.evaluate("test", head)["test/worst_group_acc"]
-    assert 0.0 <= final["train/loss"] and history[0]["slim/grid_size"] == GRID_SIZE
+    assert final["train/loss"] >= 0.0 and history[0]["slim/grid_size"] == GRID_SIZE
 
 
 def trial_seed(trial: Any, index: int) -> int:
@@ -158,9 +158,17 @@ def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -
     assert np.array_equal(a["annotated_positions"], b["annotated_positions"])
     assert not np.array_equal(np.sort(a["positions"]), np.sort(b["positions"]))
     # val/* is scored on the held-out half only (the counts say so, and so do accuracies).
-    view = trial.data.view("val")
     counts = sum(v for k, v in history[0].items() if k.startswith("val/group_count/"))
     assert counts == len(trial.held_out) == history[0]["slim/val_selection_size"]
+    c, weights = trial.grid[0]
+    head = fit_averaged_head(trial.subsets, c, weights, 2, trial.mean, trial.std,
+                             seed=trial_seed(trial, 0))
+    view = trial.data.view("val")
+    y, a = view.y[trial.held_out], view.a[trial.held_out]
+    correct = head.predict(trial.features["val"]) == y
+    for g in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        members = (y == g[0]) & (a == g[1])
+        assert history[0][f"val/group_acc/{g[0]}_{g[1]}"] == pytest.approx(correct[members].mean())
     assert history[0]["slim/annotated"] == 10
 
 
@@ -226,7 +234,7 @@ def test_last_layer_knobs_are_checked_with_what_is_allowed() -> None:
 
 
 def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> None:
-    with pytest.raises(SpecError, match="scheduler: got ASHA; expected null when slim.retrain"):
+    with pytest.raises(SpecError, match=r"scheduler: got ASHA; expected null when slim\.retrain"):
         validate(_raw(slim={"retrain": "full"}, scheduler={"asha": {"grace_period": 1}},
                       search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]}}}))
     with pytest.raises(SpecError, match=r"slim.retrain, slim.budget_per_class searched with "
