@@ -43,8 +43,9 @@ trap 'rm -f "$tmp"' EXIT
     echo
     echo "Every headline figure is a **ratio of two things measured side by side in one run**"
     echo "on the same machine (product vs bare loop, memmap vs PIL decoding, shared vs private"
-    echo "memory, cache vs recompute, trial time vs sweep wall time), so it is comparable across"
-    echo "machines where absolute times are not; absolute times are given for context only."
+    echo "memory, cache vs recompute, trial time vs sweep wall time, one retrain mode vs the other),"
+    echo "so it is comparable across machines where absolute times are not; absolute times are given"
+    echo "for context only."
     echo
     echo "No GPU on the machine these were produced on: GPU figures are not measured here."
     if ((${#quick[@]})); then
@@ -67,6 +68,11 @@ if ((${#quick[@]})); then
     run benchmarks/bench_stage_cache.py --epochs 1 --ref-epochs 2
 else
     run benchmarks/bench_stage_cache.py
+fi
+if ((${#quick[@]})); then
+    run benchmarks/bench_slim_modes.py --epochs 2 --ref-epochs 2
+else
+    run benchmarks/bench_slim_modes.py
 fi
 
 cat benchmarks/notes.md >>"$tmp"   # the GPU status and the analysis of missed targets
