@@ -28,7 +28,7 @@ from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
 from debias.seeding import derive_seed, seed_everything
 
-__all__ = ["Selection", "Trainer", "derive_seed", "seed_everything"]
+__all__ = ["Selection", "Trainer"]
 
 
 @dataclass

@@ -674,17 +674,17 @@ def _check_method(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
                 slim["annotations"] = str(_absolute(slim["annotations"], cwd))
 
 
-def _possible(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) -> set[Any]:
-    """Every value a key can take in this sweep: its searched choices, else the file's."""
+def _choices(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) -> set[Any]:
+    """Every value a choice key can take in this sweep: its searched values, else the file's."""
     for d in space:
         if d.path == path:
-            return set(d.values) if d.kind == "choice" else {"<range>"}
+            return set(d.values)
     section, _, leaf = path.partition(".")
     return {cfg[section].get(leaf)}
 
 
 #: SLIM knobs that change *which images* are shown to the annotator.
-SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "slim.retrain")
+_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "slim.retrain")
 
 
 def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
@@ -692,12 +692,12 @@ def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
     """Rules between SLIM's knobs and the search: they need the parsed space."""
     if cfg.get("method") != "slim":
         return
-    if cfg["scheduler"] and "last_layer" in _possible(cfg, space, "slim.retrain"):
+    if cfg["scheduler"] and "last_layer" in _choices(cfg, space, "slim.retrain"):
         problems.append("scheduler: got ASHA; expected null when slim.retrain can be "
                         "'last_layer' (its steps are points of the C x class-weight grid, not "
                         "epochs, so stopping early would skip grid points, not epochs)")
     if cfg["slim"].get("annotator") == "csv":
-        searched = [d.path for d in space if d.path in SAMPLING_KEYS]
+        searched = [d.path for d in space if d.path in _SAMPLING_KEYS]
         if searched:
             problems.append(f"search.space: {', '.join(searched)} searched with slim.annotator "
                             "'csv'; expected these fixed (each value samples other images, and "
