@@ -34,7 +34,7 @@ from typing import Any
 
 from debias.slim.annotations import ALLOWED_LABELS, COLUMNS, AnnotationError
 from debias.spec import Spec
-from debias.ui import HOST, free_port, sigterm_as_interrupt
+from debias.ui import HOST, free_port, stop_signals_as_interrupt
 
 __all__ = ["AnnotationServer", "AnnotationStore", "ensure_request", "run_annotate",
            "start_annotation_server", "stop_annotation_server", "sweep_command"]
@@ -330,7 +330,7 @@ def run_annotate(spec: Spec, sweep: str, overrides: Sequence[str],
             print(f"all answered; run the sweep with:\n  {command}", flush=True)
 
     server.on_answer = progress
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         try:
             print(f"annotation page for {csv_path}:\n  {url}\nanswers are saved to the CSV as "
                   "you go; Ctrl-C stops the page.", flush=True)

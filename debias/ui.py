@@ -202,7 +202,7 @@ def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
     except UIError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         try:
             print(f"MLflow UI of sweep {experiment!r} ({redact_uri(tracking_uri)}):\n  {url}\n"
                   "Ctrl-C stops it.", flush=True)
@@ -219,15 +219,19 @@ def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while a foreground server runs, so `kill` also reaches the
-    cleanup that stops it (the previous handler comes back afterwards)."""
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and `kill` (SIGTERM) both raise KeyboardInterrupt while a foreground
+    server runs, so either reaches the cleanup that stops it. SIGINT is set explicitly: a
+    process started in the background by a non-interactive shell (nohup, `cmd &` in a script)
+    inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt for it. The
+    previous handlers come back afterwards."""
     def interrupt(signum: int, frame: object) -> None:
         del signum, frame
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
