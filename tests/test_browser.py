@@ -252,7 +252,10 @@ def test_annotation_page_answers_resumes_and_yields_a_valid_csv(tmp_path: Path) 
         proc = subprocess.Popen(
             [sys.executable, "launch.py", sweep, "--annotate", "--port", "0", *set_args],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # As a background job of a non-interactive shell (nohup, `cmd &`) starts it:
+            # SIGINT ignored. Ctrl-C (SIGINT below) must still stop the page.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         url = _wait_for_url(proc, log)
         print(f"request built and page served after {time.monotonic() - started:.1f}s: {url}")
