@@ -32,8 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from debias.slim.annotations import ALLOWED_LABELS, COLUMNS, AnnotationError
-from debias.spec import Spec
+from debias.slim.annotations import (
+    ALLOWED_LABELS,
+    COLUMNS,
+    AnnotationError,
+    write_annotation_request,
+)
+from debias.spec import Spec, with_params
 from debias.ui import HOST, free_port, stop_signals_as_interrupt
 
 __all__ = ["AnnotationServer", "AnnotationStore", "ensure_request", "run_annotate",
@@ -239,7 +244,8 @@ def stop_annotation_server(server: AnnotationServer) -> None:
 
 
 def ensure_request(spec: Spec) -> Path:
-    """The sweep's request CSV, built first (for the first target) if it does not exist."""
+    """The sweep's request CSV, built first if it does not exist: for the first target, with
+    rows for every retrain mode the sweep can take (each row names its split)."""
     if spec.method != "slim":
         raise AnnotationError(f"--annotate is SLIM's annotation step; sweep {spec.name!r} "
                               f"uses method {spec.method!r}")
@@ -259,22 +265,20 @@ def ensure_request(spec: Spec) -> Path:
 
     from debias.cache import StageCache
     from debias.data import load_grouped
-    from debias.methods.slim import curation_for
+    from debias.methods.slim import annotation_request_rows
 
     target = spec.targets[0]
-    config = spec.trial_base(target)
-    print(f"building the annotation request for target {target!r} (ERM reference model and "
-          "GradCAM from the stage cache, computed first if absent) ...", flush=True)
-    data = load_grouped(config["dataset"], target, config["bias"])
+    base = spec.trial_base(target)
+    modes = sorted(spec.values_of("slim.retrain"))  # full: training images; last_layer: val
+    print(f"building the annotation request for target {target!r}, retrain mode(s) "
+          f"{', '.join(modes)} (ERM reference model and GradCAM from the stage cache, computed "
+          "first if absent) ...", flush=True)
+    data = load_grouped(base["dataset"], target, base["bias"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        curation_for(config, data, StageCache(config["cache_dir"]), device)
-    except AnnotationError:
-        if not path.is_file():
-            raise
-    if not path.is_file():  # pragma: no cover - prepare() never succeeds without the file
-        raise AnnotationError(f"the pipeline wrote no annotation request at {path}")
-    return path
+    cache = StageCache(base["cache_dir"])
+    rows = [row for mode in modes for row in annotation_request_rows(
+        with_params(base, {"slim.retrain": mode}), data, cache, device, path)]
+    return write_annotation_request(path, rows)
 
 
 def sweep_command(sweep: str, overrides: Sequence[str], csv_path: Path) -> str:

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.submit:
             return _submit(spec, args)
         if args.dry_run:
-            preflight(spec)
+            preflight(spec, dry_run=True)
             print("dry run: the sweep file and the data are valid; nothing was run.")
             return 0
         from debias.sweep import run_sweep

@@ -374,6 +374,10 @@ class Spec:
         bias = self.config["bias_attribute"]
         return bias[target] if isinstance(bias, dict) else bias
 
+    def values_of(self, path: str) -> set[Any]:
+        """Every value a choice key takes in this sweep: its searched values, else the file's."""
+        return _choices(self.config, self.space, path)
+
     def trial_base(self, target: str) -> dict[str, Any]:
         """The trial config before the search's values are applied: all a trainable needs."""
         c = self.config
@@ -683,8 +687,9 @@ def _choices(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) ->
     return {cfg[section].get(leaf)}
 
 
-#: SLIM knobs that change *which images* are shown to the annotator.
-_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "slim.retrain")
+#: SLIM knobs that change *which images* are shown to the annotator. (``slim.retrain`` also
+#: does, but the request covers every mode the sweep can take: rows carry their split.)
+_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding")
 
 
 def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],

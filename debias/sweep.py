@@ -127,15 +127,20 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
                          "README, 'MLflow') or use the default sqlite:///mlflow.db.") from None
 
 
-def _check_annotations(spec: Spec) -> None:
+def _check_annotations(spec: Spec, dry_run: bool = False) -> None:
     """SLIM with human annotations: the filled-in CSV must exist before trials start. If it
     does not, build the request here, once (reference model and GradCAM go to the stage cache
-    the trials then reuse), and stop with what to do next."""
+    the trials then reuse), and stop with what to do next. A dry run only says so: building
+    the request trains the reference model."""
     slim = spec.config.get("slim") or {}
     if spec.method != "slim" or slim.get("annotator") != "csv":
         return
     path = Path(slim["annotations"])
     if path.is_file():
+        return
+    if dry_run:
+        print(f"note: slim.annotations {path} does not exist yet; the first real run (or "
+              "--annotate) writes the annotation request there and stops before any trial.")
         return
     from debias.annotate import ensure_request
 
@@ -147,11 +152,10 @@ def _check_annotations(spec: Spec) -> None:
         "(1 = attention on the core object, 0 = not, -1 = unsure); then run the sweep again.")
 
 
-def preflight(spec: Spec) -> None:
-    """Everything knowable before Ray starts: the data is there and every split can be scored,
-    and the tracking server answers."""
+def preflight(spec: Spec, dry_run: bool = False) -> None:
+    """Everything knowable before Ray starts: the tracking server answers, the data is there
+    and every split can be scored, then (SLIM with a person annotating) the answers exist."""
     check_tracking_server(spec.tracking_uri)
-    _check_annotations(spec)
     for target in spec.targets:
         try:
             data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
@@ -166,6 +170,7 @@ def preflight(spec: Spec) -> None:
         if empty:
             log.warning("target %s: groups with no samples (skipped in worst-group accuracy): "
                         "%s", target, empty)
+    _check_annotations(spec, dry_run)
 
 
 def _cells(counts: Any) -> list[tuple[tuple[int, int], int]]:

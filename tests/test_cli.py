@@ -31,13 +31,29 @@ def test_invalid_file_exits_2_with_every_problem(
     assert "2 problem(s)" in err and "train.lr: got -1" in err and "method: got 'dro'" in err
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("method", ["erm", "slim with a person annotating"])
 def test_missing_dataset_says_where_it_looked(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], method: str, dry_run: bool) -> None:
+    extra = {} if method == "erm" else {"method": "slim", "slim": {
+        "annotator": "csv", "annotations": str(tmp_path / "ann.csv")}}
     sweep = tiny_sweep(tmp_path, dataset={"name": "waterbirds", "root": str(tmp_path / "wb")},
-                       targets=["Object"], bias_attribute="Place")
-    assert main([str(write_sweep(tmp_path, sweep)), "--dry-run"]) == 1
+                       targets=["Object"], bias_attribute="Place", **extra)
+    assert main([str(write_sweep(tmp_path, sweep)), *(["--dry-run"] if dry_run else [])]) == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "wb") in err and "metadata.csv" in err
+    assert not (tmp_path / "ann.csv").exists()
+
+
+def test_dry_run_of_a_sweep_awaiting_annotations_builds_no_request(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path = tmp_path / "ann.csv"
+    sweep = tiny_sweep(tmp_path, method="slim", targets=["Odd"],
+                       slim={"annotator": "csv", "annotations": str(csv_path)})
+    assert main([str(write_sweep(tmp_path, sweep)), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"slim.annotations {csv_path} does not exist yet" in out and "dry run" in out
+    assert not csv_path.exists() and not (tmp_path / "results").exists()
 
 
 def test_report_before_any_run_says_so(tmp_path: Path,

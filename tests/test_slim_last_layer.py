@@ -237,20 +237,23 @@ def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> No
     with pytest.raises(SpecError, match=r"scheduler: got ASHA; expected null when slim\.retrain"):
         validate(_raw(slim={"retrain": "full"}, scheduler={"asha": {"grace_period": 1}},
                       search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]}}}))
-    with pytest.raises(SpecError, match=r"slim.retrain, slim.budget_per_class searched with "
+    with pytest.raises(SpecError, match=r"slim.budget_per_class searched with "
                                         r"slim.annotator 'csv'"):
         validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
-                      search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]},
-                                        "slim.budget_per_class": {"int": [5, 10]}}}))
-    # Retraining knobs are free to vary with a person's annotations.
-    validate(_raw(slim={"annotator": "csv", "annotations": "a.csv", "retrain": "last_layer"},
-                  search={"space": {"slim.retrains": {"int": [1, 5]}}}))
+                      search={"space": {"slim.budget_per_class": {"int": [5, 10]}}}))
+    # Retraining knobs are free to vary with a person's annotations, the mode included (the
+    # request then covers both splits).
+    validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
+                  search={"space": {"slim.retrains": {"int": [1, 5]},
+                                    "slim.retrain": {"choice": ["full", "last_layer"]}}}))
 
 
-def test_a_persons_annotations_for_last_layer_mode_are_of_validation_images(
+def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The request written before any trial lists images of the fitted half of validation;
-    filled in, it is what the trial's curation reads (not a simulated annotator)."""
+    """A sweep searching the retrain mode with a person annotating: the request written
+    before any trial lists training images (full) and images of the fitted half of
+    validation (last layer), each row naming its split; filled in, each mode's curation
+    reads its own rows (not a simulated annotator)."""
     import csv
 
     from debias.cli import main
@@ -258,19 +261,22 @@ def test_a_persons_annotations_for_last_layer_mode_are_of_validation_images(
     from debias.spec import load_spec
     from tests.conftest import tiny_sweep, write_sweep
 
-    csv_path = tmp_path / "ann_val.csv"
-    slim = {**SLIM, "annotator": "csv", "annotations": str(csv_path)}
+    csv_path = tmp_path / "ann.csv"
+    slim = {**SLIM, "retrain": "full", "annotator": "csv", "annotations": str(csv_path)}
     sweep = tiny_sweep(tmp_path, method="slim", targets=["Odd"], reference={"epochs": 1},
-                       slim=slim, search={"num_samples": 1})
+                       slim=slim, search={"algorithm": "grid", "space": {
+                           "slim.retrain": {"choice": ["full", "last_layer"]}}})
     path = write_sweep(tmp_path, sweep)
     assert main([str(path)]) == 1
     assert "annotation request was written there" in capsys.readouterr().err
     rows = list(csv.DictReader(csv_path.open()))
-    assert len(rows) == 10  # 5 per class
+    by_split = {s: {r["id"] for r in rows if r["split"] == s} for s in ("train", "val")}
+    assert len(rows) == 20 and {s: len(ids) for s, ids in by_split.items()} == {
+        "train": 10, "val": 10}  # 5 per class for each mode
     data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
-    val_ids = data.view("val").ids
     fit_half, _ = split_halves(data.view("val").y, seed=0)
-    assert {r["id"] for r in rows} <= {str(i) for i in val_ids[fit_half]}
+    assert by_split["val"] <= {str(i) for i in data.view("val").ids[fit_half]}
+    assert by_split["train"] <= {str(i) for i in data.view("train").ids}
 
     for r in rows:
         r["annotation"] = "1"
@@ -278,7 +284,9 @@ def test_a_persons_annotations_for_last_layer_mode_are_of_validation_images(
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    config = with_params(load_spec(path).trial_base("Odd"), {"seed": 0})
-    trial = build_trial(config, device="cpu")
-    assert all(c["annotator"] == "csv" and not c["simulated"] for c in trial.curations)
-    assert next(trial.epochs())["slim/simulated_annotator"] == 0.0
+    base = load_spec(path).trial_base("Odd")
+    last = build_trial(with_params(base, {"seed": 0, "slim.retrain": "last_layer"}), "cpu")
+    assert all(c["annotator"] == "csv" and not c["simulated"] for c in last.curations)
+    assert next(last.epochs())["slim/simulated_annotator"] == 0.0
+    full = build_trial(with_params(base, {"seed": 0, "train.epochs": 1}), "cpu")
+    assert full.method.curation["annotator"] == "csv" and full.method.curation["split"] == "train"

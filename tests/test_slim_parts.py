@@ -212,8 +212,9 @@ def test_curation_budget_balanced_deterministic() -> None:
 
 # ---------------------------------------------------------------- annotations
 def _request(path: Path, ids: list[str]) -> Path:
-    rows = [{"id": i, "position": n, "label_class": n % 2, "image_path": f"{i}.png",
-             "overlay_path": f"{i}_overlay.png"} for n, i in enumerate(ids)]
+    rows = [{"id": i, "split": "train", "position": n, "label_class": n % 2,
+             "image_path": f"{i}.png", "overlay_path": f"{i}_overlay.png"}
+            for n, i in enumerate(ids)]
     return write_annotation_request(path, rows)
 
 
@@ -235,6 +236,17 @@ def test_annotation_round_trip(tmp_path: Path) -> None:
         assert next(csv.reader(handle)) == list(COLUMNS)
     _fill(path, ["1", " 0 ", "-1"])
     assert read_annotations(path, ids) == {"a": 1, "b": 0, "c": -1}
+
+
+def test_one_file_answers_each_split_on_its_own(tmp_path: Path) -> None:
+    path = _request(tmp_path / "ann.csv", ["a", "b", "c"])
+    _fill(path, ["1", "0", "-1"])
+    path.write_text(path.read_text().replace("c,train,", "c,val,"))
+    # The training rows are read as the training split's; the validation row is not theirs.
+    assert read_annotations(path, ["a", "b"], split="train") == {"a": 1, "b": 0}
+    assert read_annotations(path, ["c"], split="val") == {"c": -1}
+    with pytest.raises(AnnotationError, match=r"line 2: unknown id 'a'"):
+        read_annotations(path, ["c"])  # without a split, every row must be requested
 
 
 @pytest.mark.parametrize(("edit", "pattern"), [

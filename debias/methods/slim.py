@@ -32,10 +32,11 @@ from debias.methods.base import Method
 from debias.models import Classifier
 from debias.seeding import derive_seed
 from debias.slim.dfr import split_halves
-from debias.slim.pipeline import curated_subset, write_overlays
+from debias.slim.pipeline import curated_subset, request_rows, write_overlays
 from debias.stages import reference_key, reference_model
 
-__all__ = ["SLIM", "curation_for", "curation_metrics", "gradcam_examples", "validation_halves"]
+__all__ = ["SLIM", "annotation_request_rows", "curation_for", "curation_metrics",
+           "gradcam_examples", "validation_halves"]
 
 
 def _pipeline_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -61,11 +62,20 @@ def validation_halves(data: GroupedDataset, seed: int) -> tuple[np.ndarray, np.n
     return split_halves(data.view("val").y, seed)
 
 
+def _curation_split(config: dict[str, Any], data: GroupedDataset
+                    ) -> tuple[str, np.ndarray | None]:
+    """(split, pool) that SLIM samples and curates in: all of train for ``full``, the fit
+    half of validation for ``last_layer``."""
+    if config["slim"]["retrain"] == "last_layer":
+        fit_half, _ = validation_halves(data, config["slim"]["seed"])
+        return "val", fit_half
+    return "train", None
+
+
 def curation_for(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
                  device: torch.device, retrain_index: int = 0
                  ) -> tuple[Classifier, str, dict[str, Any]]:
-    """(reference model, its cache key, the curated subset) for the trial's retrain mode:
-    the training split for ``full``, the fit half of validation for ``last_layer``.
+    """(reference model, its cache key, the curated subset) for the trial's retrain mode.
 
     Which images are annotated depends on ``slim.seed`` only, never on the trial seed: a
     person answers once per sweep. In last-layer mode the curation's own picks are the
@@ -75,16 +85,22 @@ def curation_for(config: dict[str, Any], data: GroupedDataset, cache: StageCache
     reference = reference_model(config, data, cache, device)
     ref_key = reference_key(config, data)
     settings = _pipeline_settings(params)
-    if params["retrain"] == "last_layer":
-        fit_half, _ = validation_halves(data, params["seed"])
+    split, pool = _curation_split(config, data)
+    if split == "val":
         settings["curation_seed"] = derive_seed(params["seed"], config["seed"], "curation",
                                                 retrain_index)
-        curation = curated_subset({"slim": settings}, data, reference, cache, device,
-                                  model_key=ref_key, split="val", pool=fit_half)
-    else:
-        curation = curated_subset({"slim": settings}, data, reference, cache, device,
-                                  model_key=ref_key)
+    curation = curated_subset({"slim": settings}, data, reference, cache, device,
+                              model_key=ref_key, split=split, pool=pool)
     return reference, ref_key, curation
+
+
+def annotation_request_rows(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+                            device: torch.device, path: Path) -> list[dict[str, Any]]:
+    """The request rows for the trial's retrain mode (overlays written beside ``path``)."""
+    reference = reference_model(config, data, cache, device)
+    split, pool = _curation_split(config, data)
+    return request_rows({"slim": _pipeline_settings(config["slim"])}, data, reference, cache,
+                        device, reference_key(config, data), path, split, pool)
 
 
 def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Classifier,

@@ -24,8 +24,8 @@ import numpy as np
 __all__ = ["ALLOWED_LABELS", "COLUMNS", "AnnotationError", "group_annotator",
            "read_annotations", "simulated_annotator", "write_annotation_request"]
 
-COLUMNS: tuple[str, ...] = ("id", "position", "label_class", "image_path", "overlay_path",
-                            "annotation")
+COLUMNS: tuple[str, ...] = ("id", "split", "position", "label_class", "image_path",
+                            "overlay_path", "annotation")
 ALLOWED_LABELS: tuple[int, ...] = (1, 0, -1)
 _ALLOWED_TEXT = "1 (attention on the core object), 0 (not on it) or -1 (unsure)"
 
@@ -66,12 +66,15 @@ def _parse_label(text: str, path: Path, line: int, sample_id: str) -> int:
     return label
 
 
-def read_annotations(path: str | Path, expected_ids: Iterable[str]) -> dict[str, int]:
+def read_annotations(path: str | Path, expected_ids: Iterable[str],
+                     split: str | None = None) -> dict[str, int]:
     """Labels by id from a filled-in request, checked against the ids that were asked for.
 
     Every requested id must appear exactly once with a label in {1, 0, -1}; rows for ids
     that were never requested are refused (they usually mean the file belongs to another
-    sampling, e.g. a different budget or seed).
+    sampling, e.g. a different budget or seed). With ``split``, rows whose ``split`` column
+    names another split are left alone: one file can answer the training images of full
+    retraining and the validation images of last-layer retraining.
     """
     path = Path(path)
     expected = [str(i) for i in expected_ids]
@@ -90,8 +93,11 @@ def read_annotations(path: str | Path, expected_ids: Iterable[str]) -> dict[str,
                                       f"must contain {', '.join(COLUMNS)} (found "
                                       f"{', '.join(header) or 'nothing'})")
         reader.fieldnames = header
+        for_split = split is not None and "split" in header
         for row in reader:
             line = reader.line_num
+            if for_split and (row.get("split") or "").strip() != split:
+                continue
             sample_id = (row.get("id") or "").strip()
             if sample_id not in expected_set:
                 raise AnnotationError(f"{path}, line {line}: unknown id {sample_id!r}; only the "

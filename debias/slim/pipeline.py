@@ -45,7 +45,7 @@ from debias.slim.sampling import per_class_budget, sample_for_annotation
 from debias.slim.space import EMBEDDINGS, embed_per_class
 
 __all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
-           "model_fingerprint", "slim_settings", "write_overlays"]
+           "model_fingerprint", "request_rows", "slim_settings", "write_overlays"]
 
 GRADCAM_VERSION = 1
 CURATION_VERSION = 2
@@ -163,16 +163,18 @@ def _uint8_images(tensors: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _write_request(path: Path, data: GroupedDataset, model: Classifier,
-                   device: torch.device | str, positions: np.ndarray, split: str) -> Path:
-    """The request CSV at ``path`` and its PNGs in ``<stem>_overlays/`` beside it."""
+def _request_rows(path: Path, data: GroupedDataset, model: Classifier,
+                  device: torch.device | str, positions: np.ndarray, split: str
+                  ) -> list[dict[str, Any]]:
+    """Rows of the request CSV at ``path`` for positions of ``split``; their overlay PNGs are
+    written to ``<stem>_overlays/`` beside it."""
     view = data.view(split)
     folder = path.with_name(f"{path.stem}_overlays")
     written = write_overlays(folder, data, model, device, positions, split)
-    rows = [{"id": str(view.ids[p]), "position": int(p), "label_class": int(view.y[p]),
-             "image_path": str(image), "overlay_path": str(overlay)}
+    return [{"id": str(view.ids[p]), "split": split, "position": int(p),
+             "label_class": int(view.y[p]), "image_path": str(image),
+             "overlay_path": str(overlay)}
             for p, (image, overlay) in zip(positions, written, strict=True)]
-    return write_annotation_request(path, rows)
 
 
 def write_overlays(folder: Path, data: GroupedDataset, model: Classifier,
@@ -208,6 +210,39 @@ def _pool_digest(pool: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pool, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+def _pooled_attention(data: GroupedDataset, model: Classifier, cache: StageCache,
+                      device: torch.device | str, model_key: str, s: dict[str, Any],
+                      split: str, pool: np.ndarray | None) -> dict[str, Any]:
+    """The cached attention of ``split``, restricted to ``pool`` (sorted; default: all)."""
+    view = data.view(split)
+    pool = (np.arange(len(view), dtype=np.int64) if pool is None
+            else np.sort(np.asarray(pool, dtype=np.int64)))
+    att, inputs = attention_stage(data, model, cache, device, model_key, s["batch_size"],
+                                  split)
+    return {"pool": pool, "y": np.asarray(view.y)[pool], "v": att["v"].numpy()[pool],
+            "v_bar": att["v_bar"].numpy()[pool], "aiou": att["aiou"].numpy()[pool],
+            "has_masks": bool(att["has_masks"]), "inputs": inputs}
+
+
+def _embed_and_sample(v: np.ndarray, y: np.ndarray, s: dict[str, Any]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(2-D embedding of the pool, the pool indices to annotate): fixed by ``seed`` alone."""
+    e = embed_per_class(v, y, s["embedding"], s["seed"])
+    return e, sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
+
+
+def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier,
+                 cache: StageCache, device: torch.device | str, model_key: str,
+                 path: Path, split: str = "train", pool: np.ndarray | None = None
+                 ) -> list[dict[str, Any]]:
+    """The rows a person must answer for this sampling (overlays written beside ``path``):
+    what :func:`curated_subset` reads back for the same settings, split and pool."""
+    s = slim_settings(config, data.n_classes)
+    pooled = _pooled_attention(data, model, cache, device, model_key, s, split, pool)
+    _, sampled = _embed_and_sample(pooled["v"], pooled["y"], s)
+    return _request_rows(path, data, model, device, pooled["pool"][sampled], split)
+
+
 def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifier,
                    cache: StageCache, device: torch.device | str,
                    model_key: str | None = None, split: str = "train",
@@ -226,29 +261,18 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     (``simulated-aiou``, ``simulated-group`` or ``csv``), ``simulated`` and a few diagnostics.
     """
     view = data.view(split)
-    pool = (np.arange(len(view), dtype=np.int64) if pool is None
-            else np.sort(np.asarray(pool, dtype=np.int64)))
     s = slim_settings(config, data.n_classes)
     key = model_key if model_key is not None else model_fingerprint(model)
-    att, att_inputs = attention_stage(data, model, cache, device, key, s["batch_size"], split)
-    has_masks = bool(att["has_masks"])
+    pooled = _pooled_attention(data, model, cache, device, key, s, split, pool)
+    pool, y, v, v_bar, aiou = (pooled[k] for k in ("pool", "y", "v", "v_bar", "aiou"))
+    has_masks = pooled["has_masks"]
     if s["annotator"] == "csv":
         annotator = "csv"
     else:
         annotator = "simulated-aiou" if has_masks else "simulated-group"
-    y = np.asarray(view.y)[pool]
-    v = att["v"].numpy()[pool]
-    v_bar = att["v_bar"].numpy()[pool]
-    aiou = att["aiou"].numpy()[pool]
-
-    def embed_and_sample() -> tuple[np.ndarray, np.ndarray]:
-        """(embedding of the pool, sampled pool indices): fixed by ``seed`` alone."""
-        e = embed_per_class(v, y, s["embedding"], s["seed"])
-        sampled = sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
-        return e, sampled
 
     inputs: dict[str, Any] = {
-        "gradcam": att_inputs,
+        "gradcam": pooled["inputs"],
         "pool": None if len(pool) == len(view) else _pool_digest(pool),
         **{k: s[k] for k in ("budget_per_class", "neighbours", "gamma", "alpha",
                              "keep_quantile", "curated_size", "k_range", "embedding", "seed",
@@ -259,8 +283,9 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     csv_path = Path(s["annotations"]) if annotator == "csv" else None
     if csv_path is not None:
         if not csv_path.is_file():
-            _, sampled = embed_and_sample()
-            _write_request(csv_path, data, model, device, pool[sampled], split)
+            _, sampled = _embed_and_sample(v, y, s)
+            write_annotation_request(csv_path, _request_rows(csv_path, data, model, device,
+                                                             pool[sampled], split))
             raise AnnotationError(
                 f"annotation file {csv_path} did not exist: wrote an annotation request there "
                 f"for {len(sampled)} images (overlays in {csv_path.stem}_overlays/ beside it). "
@@ -269,11 +294,11 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
         inputs["annotations_sha256"] = _file_digest(csv_path)
 
     def compute() -> dict[str, Any]:
-        e, sampled = embed_and_sample()
+        e, sampled = _embed_and_sample(v, y, s)
         if annotator == "csv":
             assert csv_path is not None
             ids = [str(view.ids[p]) for p in pool[sampled]]
-            answers = read_annotations(csv_path, ids)
+            answers = read_annotations(csv_path, ids, split)
             labels = np.array([answers[i] for i in ids], dtype=np.int64)
         elif annotator == "simulated-aiou":
             labels = simulated_annotator(aiou[sampled], s["aiou_threshold"])
