@@ -153,7 +153,10 @@ def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -
         assert curation["split"] == "val"
         assert np.isin(curation["positions"].numpy(), fit_half).all()
         assert np.isin(curation["annotated_positions"].numpy(), fit_half).all()
-    # The retrains re-curate with their own seeds but show the annotator the same images.
+    # The retrains re-curate with their own seeds but show the annotator the same images,
+    # from one embedding of the fitted half.
+    assert trial.cache_events["cache/computed/curation"] == 2
+    assert trial.cache_events["cache/computed/space"] == 1
     a, b = trial.curations
     assert np.array_equal(a["annotated_positions"], b["annotated_positions"])
     assert not np.array_equal(np.sort(a["positions"]), np.sort(b["positions"]))

@@ -329,9 +329,10 @@ def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> 
     StageCache.reset_events()
     second = curated_subset({"slim": {"curated_size": 40}}, data, model, shared_cache, "cpu",
                             "ref-a")
-    # Only the curation is redone for another curated_size; GradCAM comes from the cache.
+    # Only the curation is redone for another curated_size; GradCAM and the 2-D embeddings
+    # come from the cache.
     assert dict(StageCache.computed) == {"curation": 1}
-    assert dict(StageCache.reused) == {"gradcam": 1}
+    assert dict(StageCache.reused) == {"gradcam": 1, "space": 1}
     n_train = len(data.view("train"))
     for out, size in ((first, 60), (second, 40)):
         pos = out["positions"]

@@ -168,9 +168,10 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
                      seeds=[0], epochs=6, method="slim")
     runs = _children(spec.tracking_uri, "slimll")
     computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
-                for stage in ("reference", "gradcam", "features", "curation")}
+                for stage in ("reference", "gradcam", "features", "space", "curation")}
     # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1; seeds reuse all.
-    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "curation": 2}, computed
+    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
+                        "curation": 2}, computed
     for r in runs:
         m = r.data.metrics
         assert m["slim/grid_size"] == 6 and m["slim/annotated"] == 10

@@ -1,9 +1,11 @@
 """SLIM's data side end to end: attention -> space -> sample -> annotate -> spread -> curate.
 
-Two cached stages. "gradcam" (GradCAM over one split, reduced to the attention vectors and
+Three cached stages. "gradcam" (GradCAM over one split, reduced to the attention vectors and
 AIOU) depends only on the data, the split and the reference model, so a sweep over SLIM's knobs
-computes it once. "curation" adds every knob that changes the subset (and, for human
-annotations, the content of the filled-in CSV, so editing the file invalidates it).
+computes it once. "space" (the two 2-D embeddings of the pool, E and E-bar) adds the embedding
+method and seed: UMAP on CelebA's training split takes minutes, and no curation knob changes
+it. "curation" adds every knob that changes the subset (and, for human annotations, the
+content of the filled-in CSV, so editing the file invalidates it).
 
 The split is ``train`` for full retraining and ``val`` for last-layer retraining, where only a
 ``pool`` of validation positions (half of the split; the other half selects the model) may be
@@ -48,7 +50,8 @@ __all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
            "model_fingerprint", "request_rows", "slim_settings", "write_overlays"]
 
 GRADCAM_VERSION = 1
-CURATION_VERSION = 2
+SPACE_VERSION = 1
+CURATION_VERSION = 3
 ANNOTATORS = ("simulated", "csv")
 
 SLIM_DEFAULTS: dict[str, Any] = {
@@ -221,14 +224,29 @@ def _pooled_attention(data: GroupedDataset, model: Classifier, cache: StageCache
                                   split)
     return {"pool": pool, "y": np.asarray(view.y)[pool], "v": att["v"].numpy()[pool],
             "v_bar": att["v_bar"].numpy()[pool], "aiou": att["aiou"].numpy()[pool],
-            "has_masks": bool(att["has_masks"]), "inputs": inputs}
+            "has_masks": bool(att["has_masks"]),
+            "inputs": {"gradcam": inputs,
+                       "pool": None if len(pool) == len(view) else _pool_digest(pool)}}
 
 
-def _embed_and_sample(v: np.ndarray, y: np.ndarray, s: dict[str, Any]
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(2-D embedding of the pool, the pool indices to annotate): fixed by ``seed`` alone."""
-    e = embed_per_class(v, y, s["embedding"], s["seed"])
-    return e, sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
+def _space(cache: StageCache, pooled: dict[str, Any], s: dict[str, Any]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(E, E-bar): the pool's attention and background vectors embedded in 2-D per class,
+    cached: curations that differ in any other knob share them."""
+    inputs = {**pooled["inputs"], "embedding": s["embedding"], "seed": s["seed"]}
+
+    def compute() -> dict[str, Any]:
+        return {name: torch.from_numpy(embed_per_class(pooled[key], pooled["y"],
+                                                       s["embedding"], s["seed"]))
+                for name, key in (("e", "v"), ("e_bar", "v_bar"))}
+
+    space = cache.get_or_compute("space", SPACE_VERSION, inputs, compute)
+    return space["e"].numpy(), space["e_bar"].numpy()
+
+
+def _sample(e: np.ndarray, y: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+    """The pool indices to show a person: fixed by the embedding, budget and ``seed``."""
+    return sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
 
 
 def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier,
@@ -239,7 +257,7 @@ def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier
     what :func:`curated_subset` reads back for the same settings, split and pool."""
     s = slim_settings(config, data.n_classes)
     pooled = _pooled_attention(data, model, cache, device, model_key, s, split, pool)
-    _, sampled = _embed_and_sample(pooled["v"], pooled["y"], s)
+    sampled = _sample(_space(cache, pooled, s)[0], pooled["y"], s)
     return _request_rows(path, data, model, device, pooled["pool"][sampled], split)
 
 
@@ -264,7 +282,7 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     s = slim_settings(config, data.n_classes)
     key = model_key if model_key is not None else model_fingerprint(model)
     pooled = _pooled_attention(data, model, cache, device, key, s, split, pool)
-    pool, y, v, v_bar, aiou = (pooled[k] for k in ("pool", "y", "v", "v_bar", "aiou"))
+    pool, y, aiou = pooled["pool"], pooled["y"], pooled["aiou"]
     has_masks = pooled["has_masks"]
     if s["annotator"] == "csv":
         annotator = "csv"
@@ -272,8 +290,7 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
         annotator = "simulated-aiou" if has_masks else "simulated-group"
 
     inputs: dict[str, Any] = {
-        "gradcam": pooled["inputs"],
-        "pool": None if len(pool) == len(view) else _pool_digest(pool),
+        **pooled["inputs"],
         **{k: s[k] for k in ("budget_per_class", "neighbours", "gamma", "alpha",
                              "keep_quantile", "curated_size", "k_range", "embedding", "seed",
                              "curation_seed", "cell_share")},
@@ -283,7 +300,7 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     csv_path = Path(s["annotations"]) if annotator == "csv" else None
     if csv_path is not None:
         if not csv_path.is_file():
-            _, sampled = _embed_and_sample(v, y, s)
+            sampled = _sample(_space(cache, pooled, s)[0], y, s)
             write_annotation_request(csv_path, _request_rows(csv_path, data, model, device,
                                                              pool[sampled], split))
             raise AnnotationError(
@@ -294,7 +311,8 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
         inputs["annotations_sha256"] = _file_digest(csv_path)
 
     def compute() -> dict[str, Any]:
-        e, sampled = _embed_and_sample(v, y, s)
+        e, e_bar = _space(cache, pooled, s)
+        sampled = _sample(e, y, s)
         if annotator == "csv":
             assert csv_path is not None
             ids = [str(view.ids[p]) for p in pool[sampled]]
@@ -308,7 +326,6 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
                                      majority_of=(train.y, train.a))
         prop = propagate(e, y, sampled, labels, s["gamma"], s["alpha"], s["keep_quantile"])
         kept = np.flatnonzero(prop.keep)
-        e_bar = embed_per_class(v_bar, y, s["embedding"], s["seed"])
         cur = curate(e, e_bar, y, kept, s["curated_size"], s["k_range"], s["curation_seed"],
                      s["cell_share"])
         return {
