@@ -36,13 +36,15 @@ from debias.slim.annotations import (
     ALLOWED_LABELS,
     COLUMNS,
     AnnotationError,
+    read_request_rows,
+    request_splits,
     write_annotation_request,
 )
 from debias.spec import Spec, with_params
 from debias.ui import HOST, free_port, stop_signals_as_interrupt
 
-__all__ = ["AnnotationServer", "AnnotationStore", "ensure_request", "run_annotate",
-           "start_annotation_server", "stop_annotation_server", "sweep_command"]
+__all__ = ["AnnotationServer", "AnnotationStore", "ensure_request", "missing_request_splits",
+           "run_annotate", "start_annotation_server", "stop_annotation_server", "sweep_command"]
 
 DEFAULT_PORT = 8765
 _REQUIRED = ("id", "label_class", "overlay_path", "annotation")
@@ -243,9 +245,26 @@ def stop_annotation_server(server: AnnotationServer) -> None:
         server.thread.join(timeout=10)
 
 
-def ensure_request(spec: Spec) -> Path:
-    """The sweep's request CSV, built first if it does not exist: for the first target, with
-    rows for every retrain mode the sweep can take (each row names its split)."""
+def _needed_splits(spec: Spec) -> dict[str, str]:
+    """{split: retrain mode} for every retrain mode the sweep can take."""
+    from debias.slim.modes import MODE_SPLITS
+
+    return {MODE_SPLITS[mode]: mode for mode in sorted(spec.values_of("slim.retrain"))}
+
+
+def missing_request_splits(spec: Spec) -> list[str]:
+    """Splits the sweep needs answers for that the annotation file has no rows of (all of
+    them while the file does not exist). Reads the CSV only: cheap enough for a dry run."""
+    path = Path(spec.config["slim"]["annotations"])
+    have = request_splits(path) if path.is_file() else set()
+    return [split for split in _needed_splits(spec) if split not in have]
+
+
+def ensure_request(spec: Spec) -> tuple[Path, int]:
+    """(the sweep's request CSV, how many rows were just written to it). Rows are built for
+    the first target and for every retrain mode the sweep can take whose split the file
+    lacks (each row names its split): a missing file is created, and a file from a sweep
+    that has since added a mode gets that mode's rows, the answers already in it kept."""
     if spec.method != "slim":
         raise AnnotationError(f"--annotate is SLIM's annotation step; sweep {spec.name!r} "
                               f"uses method {spec.method!r}")
@@ -259,17 +278,18 @@ def ensure_request(spec: Spec) -> Path:
               f"targets; the request is for the first, {spec.targets[0]!r} (annotate the others "
               "with --set targets=[T] --set slim.annotations=OTHER.csv)", file=sys.stderr)
     path = Path(slim["annotations"])
-    if path.is_file():
-        return path
+    missing = missing_request_splits(spec)
+    if not missing:
+        return path, 0
     import torch
 
     from debias.cache import StageCache
     from debias.data import load_grouped
-    from debias.methods.slim import annotation_request_rows
+    from debias.slim.modes import annotation_request_rows
 
     target = spec.targets[0]
     base = spec.trial_base(target)
-    modes = sorted(spec.values_of("slim.retrain"))  # full: training images; last_layer: val
+    modes = [_needed_splits(spec)[split] for split in missing]
     print(f"building the annotation request for target {target!r}, retrain mode(s) "
           f"{', '.join(modes)} (ERM reference model and GradCAM from the stage cache, computed "
           "first if absent) ...", flush=True)
@@ -278,7 +298,9 @@ def ensure_request(spec: Spec) -> Path:
     cache = StageCache(base["cache_dir"])
     rows = [row for mode in modes for row in annotation_request_rows(
         with_params(base, {"slim.retrain": mode}), data, cache, device, path)]
-    return write_annotation_request(path, rows)
+    kept = read_request_rows(path) if path.is_file() else []
+    write_annotation_request(path, [*kept, *rows])
+    return path, len(rows)
 
 
 def sweep_command(sweep: str, overrides: Sequence[str], csv_path: Path) -> str:
@@ -313,7 +335,7 @@ def run_annotate(spec: Spec, sweep: str, overrides: Sequence[str],
     from debias.data import DatasetError
 
     try:
-        csv_path = ensure_request(spec)
+        csv_path, _ = ensure_request(spec)
         chosen = free_port(DEFAULT_PORT if port is None else port)
         if port and chosen != port:
             print(f"error: port {port} on {HOST} is in use; pick another with --port",

@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from debias.data import DATASETS, check_pair, dataset_attributes
-from debias.slim.dfr import DFR_C_GRID, DFR_CLASS_WEIGHTS
 
 __all__ = [
     "METHOD_PARAMS",
@@ -236,10 +235,12 @@ METHOD_PARAMS: dict[str, dict[str, Field]] = {
         "annotations": Field(_text, searchable=False),
         "aiou_threshold": Field(_float(0, 1), 0.3, numeric="float"),
         "seed": Field(_int(0), 0, searchable=False),
-        # last_layer mode (DFR): logistic regressions per grid point, averaged.
+        # last_layer mode: L1 logistic regressions per grid point, averaged over retrains;
+        # DFR's grid of C and of class-weight ratios.
         "retrains": Field(_int(1, 1000), 5, numeric="int"),
-        "c_grid": Field(_float_list(0, lo_open=True), list(DFR_C_GRID), searchable=False),
-        "class_weight_ratios": Field(_float_list(0, lo_open=True), list(DFR_CLASS_WEIGHTS),
+        "c_grid": Field(_float_list(0, lo_open=True), [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01],
+                        searchable=False),
+        "class_weight_ratios": Field(_float_list(0, lo_open=True), [1.0, 2.0, 3.0, 10.0],
                                      searchable=False),
     },
 }
@@ -375,7 +376,7 @@ class Spec:
         return bias[target] if isinstance(bias, dict) else bias
 
     def values_of(self, path: str) -> set[Any]:
-        """Every value a choice key takes in this sweep: its searched values, else the file's."""
+        """See :func:`_choices`."""
         return _choices(self.config, self.space, path)
 
     def trial_base(self, target: str) -> dict[str, Any]:
@@ -687,9 +688,10 @@ def _choices(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) ->
     return {cfg[section].get(leaf)}
 
 
-#: SLIM knobs that change *which images* are shown to the annotator. (``slim.retrain`` also
-#: does, but the request covers every mode the sweep can take: rows carry their split.)
-_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding")
+#: Knobs that change *which images* SLIM shows the annotator (the architecture through the
+#: reference model's GradCAM). ``slim.retrain`` also does, but the request covers every mode
+#: the sweep can take: its rows carry their split.
+_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "backbone.arch")
 
 
 def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
@@ -701,6 +703,12 @@ def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
         problems.append("scheduler: got ASHA; expected null when slim.retrain can be "
                         "'last_layer' (its steps are points of the C x class-weight grid, not "
                         "epochs, so stopping early would skip grid points, not epochs)")
+    if _choices(cfg, space, "slim.retrain") == {"last_layer"}:
+        idle = [d.path for d in space if d.path.startswith("train.")]
+        if idle:
+            problems.append(f"search.space: {', '.join(idle)} searched with slim.retrain "
+                            "'last_layer'; expected no train.* keys (last-layer retraining is a "
+                            "grid of logistic regressions: SGD's knobs would not change a thing)")
     if cfg["slim"].get("annotator") == "csv":
         searched = [d.path for d in space if d.path in _SAMPLING_KEYS]
         if searched:

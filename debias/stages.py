@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset, make_torch_dataset
+from debias.data.grouped import SPLITS
 from debias.models import Classifier, build_classifier
 
-__all__ = ["SPLITS", "backbone_identity", "extract_features", "features_key", "frozen_features",
+__all__ = ["backbone_identity", "extract_features", "features_key", "frozen_features",
            "reference_config", "reference_inputs", "reference_key", "reference_model"]
 
-SPLITS = ("train", "val", "test")
 REFERENCE_VERSION = 1
 FEATURES_VERSION = 1
 
@@ -130,10 +130,15 @@ def features_key(config: dict[str, Any], data: GroupedDataset, source: str) -> s
 
 
 def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                    device: torch.device, source: str) -> dict[str, Any]:
-    """L2-normalised features for every split, from a frozen pretrained backbone
-    (`source='backbone'`) or from the ERM reference model (`source='reference'`)."""
+                    device: torch.device, source: str,
+                    splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+    """L2-normalised features of ``splits`` (default: every split, what ClusterFix shares),
+    from a frozen pretrained backbone (`source='backbone'`) or from the ERM reference model
+    (`source='reference'`). Last-layer retraining asks for validation and test only: on
+    CelebA the training split alone is 160k forward passes."""
     inputs = features_inputs(config, data, source)
+    if tuple(splits) != SPLITS:
+        inputs["splits"] = list(splits)
 
     def compute() -> dict[str, Any]:
         if source == "backbone":
@@ -142,7 +147,7 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
             model = model.to(device).eval()
         else:
             model = reference_model(config, data, cache, device)
-        feats = {s: extract_features(model, data, s, device) for s in SPLITS}
+        feats = {s: extract_features(model, data, s, device) for s in splits}
         return {s: torch.nn.functional.normalize(f, dim=1) for s, f in feats.items()}
 
     return cache.get_or_compute("features", FEATURES_VERSION, inputs, compute)

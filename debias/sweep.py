@@ -128,28 +128,34 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def _check_annotations(spec: Spec, dry_run: bool = False) -> None:
-    """SLIM with human annotations: the filled-in CSV must exist before trials start. If it
-    does not, build the request here, once (reference model and GradCAM go to the stage cache
-    the trials then reuse), and stop with what to do next. A dry run only says so: building
-    the request trains the reference model."""
+    """SLIM with human annotations: the file must hold rows for every retrain mode the sweep
+    can take before trials start. Where it lacks some (or does not exist), build them here,
+    once (reference model and GradCAM go to the stage cache the trials then reuse), and stop
+    with what to do next. A dry run only says so: building rows trains the reference model."""
     slim = spec.config.get("slim") or {}
     if spec.method != "slim" or slim.get("annotator") != "csv":
         return
-    path = Path(slim["annotations"])
-    if path.is_file():
-        return
-    if dry_run:
-        print(f"note: slim.annotations {path} does not exist yet; the first real run (or "
-              "--annotate) writes the annotation request there and stops before any trial.")
-        return
-    from debias.annotate import ensure_request
+    from debias.annotate import ensure_request, missing_request_splits
 
-    ensure_request(spec)
+    path = Path(slim["annotations"])
+    if dry_run:
+        missing = missing_request_splits(spec)
+        if missing:
+            print(f"note: slim.annotations {path} has no rows yet for split(s) "
+                  f"{', '.join(missing)}; the first real run (or --annotate) writes them there "
+                  "and stops before any trial.")
+        return
+    existed = path.is_file()
+    _, added = ensure_request(spec)
+    if not added:
+        return
+    what = (f"{added} rows for another retrain mode were added to {path}" if existed else
+            f"{path} did not exist, so the annotation request was written there")
     raise SweepError(
-        f"slim.annotations: {path} did not exist, so the annotation request was written there "
-        f"(GradCAM overlays in {path.stem}_overlays/ beside it). Answer it in the browser with "
-        f"`python launch.py {spec.source} --annotate`, or fill its 'annotation' column by hand "
-        "(1 = attention on the core object, 0 = not, -1 = unsure); then run the sweep again.")
+        f"slim.annotations: {what} (GradCAM overlays in {path.stem}_overlays/ beside it). "
+        f"Answer it in the browser with `python launch.py {spec.source} --annotate`, or fill "
+        "its 'annotation' column by hand (1 = attention on the core object, 0 = not, -1 = "
+        "unsure); then run the sweep again.")
 
 
 def preflight(spec: Spec, dry_run: bool = False) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 import torch
@@ -22,7 +23,7 @@ from debias.engine import Trainer
 from debias.slim.last_layer import LastLayerTrial
 from debias.spec import with_params
 
-__all__ = ["STATE_FILE", "build_trial", "limit_threads", "train_trial"]
+__all__ = ["STATE_FILE", "Trial", "build_trial", "limit_threads", "train_trial"]
 
 STATE_FILE = "state.pt"
 
@@ -35,7 +36,19 @@ def limit_threads(cpus: float) -> int:
     return n
 
 
-def build_trial(config: dict[str, Any], device: str | None = None) -> Trainer | LastLayerTrial:
+class Trial(Protocol):
+    """What the trainable needs of a trial: steps to run, and a checkpoint to resume from."""
+
+    epoch: int
+
+    def epochs(self) -> Iterator[dict[str, Any]]: ...
+
+    def save(self, path: Path) -> None: ...
+
+    def load(self, path: Path) -> None: ...
+
+
+def build_trial(config: dict[str, Any], device: str | None = None) -> Trial:
     """The trial a config asks for: SGD epochs (every method and SLIM's ``full`` mode), or
     SLIM's DFR-style last-layer grid, which has no epochs to train."""
     if config["method"] == "slim" and config["slim"]["retrain"] == "last_layer":

@@ -233,5 +233,5 @@ def stop_signals_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: set outside Python; default then
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)

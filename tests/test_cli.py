@@ -52,7 +52,8 @@ def test_dry_run_of_a_sweep_awaiting_annotations_builds_no_request(
                        slim={"annotator": "csv", "annotations": str(csv_path)})
     assert main([str(write_sweep(tmp_path, sweep)), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"slim.annotations {csv_path} does not exist yet" in out and "dry run" in out
+    assert f"slim.annotations {csv_path} has no rows yet for split(s) train" in out
+    assert "dry run" in out
     assert not csv_path.exists() and not (tmp_path / "results").exists()
 
 

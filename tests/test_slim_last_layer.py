@@ -244,6 +244,12 @@ def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> No
                                         r"slim.annotator 'csv'"):
         validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
                       search={"space": {"slim.budget_per_class": {"int": [5, 10]}}}))
+    with pytest.raises(SpecError, match=r"backbone.arch searched with slim.annotator 'csv'"):
+        validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
+                      search={"space": {"backbone.arch": {"choice": ["small_cnn", "resnet18"]}}}))
+    with pytest.raises(SpecError, match=r"train.lr searched with slim.retrain 'last_layer'"):
+        validate(_raw(slim={"retrain": "last_layer"},
+                      search={"space": {"train.lr": {"float": [0.01, 0.1]}}}))
     # Retraining knobs are free to vary with a person's annotations, the mode included (the
     # request then covers both splits).
     validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
@@ -253,10 +259,9 @@ def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> No
 
 def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A sweep searching the retrain mode with a person annotating: the request written
-    before any trial lists training images (full) and images of the fitted half of
-    validation (last layer), each row naming its split; filled in, each mode's curation
-    reads its own rows (not a simulated annotator)."""
+    """A person annotated for full retraining; the sweep then searches the retrain mode too.
+    Before any trial, the file gets rows for the fitted half of validation, the answers
+    already given kept; filled in, each mode's curation reads its own rows."""
     import csv
 
     from debias.cli import main
@@ -268,25 +273,40 @@ def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
     slim = {**SLIM, "retrain": "full", "annotator": "csv", "annotations": str(csv_path)}
     sweep = tiny_sweep(tmp_path, method="slim", targets=["Odd"], reference={"epochs": 1},
                        slim=slim, search={"algorithm": "grid", "space": {
-                           "slim.retrain": {"choice": ["full", "last_layer"]}}})
-    path = write_sweep(tmp_path, sweep)
-    assert main([str(path)]) == 1
+                           "slim.retrain": {"choice": ["full"]}}})
+
+    def rows() -> list[dict[str, str]]:
+        with csv_path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def answer(split: str) -> None:
+        filled = [{**r, "annotation": "1" if r["split"] == split else r["annotation"]}
+                  for r in rows()]
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(filled[0]))
+            writer.writeheader()
+            writer.writerows(filled)
+
+    assert main([str(write_sweep(tmp_path, sweep))]) == 1
     assert "annotation request was written there" in capsys.readouterr().err
-    rows = list(csv.DictReader(csv_path.open()))
-    by_split = {s: {r["id"] for r in rows if r["split"] == s} for s in ("train", "val")}
-    assert len(rows) == 20 and {s: len(ids) for s, ids in by_split.items()} == {
-        "train": 10, "val": 10}  # 5 per class for each mode
+    assert [r["split"] for r in rows()] == ["train"] * 10  # 5 per class
+    answer("train")
+
+    sweep["search"]["space"]["slim.retrain"] = {"choice": ["full", "last_layer"]}
+    path = write_sweep(tmp_path, sweep)
+    assert main([str(path), "--dry-run"]) == 0
+    assert "no rows yet for split(s) val" in capsys.readouterr().out
+    assert main([str(path)]) == 1
+    assert "10 rows for another retrain mode were added" in capsys.readouterr().err
+    by_split = {s: [r for r in rows() if r["split"] == s] for s in ("train", "val")}
+    assert [len(v) for v in by_split.values()] == [10, 10]
+    assert {r["annotation"] for r in by_split["train"]} == {"1"}  # kept
+    assert {r["annotation"] for r in by_split["val"]} == {""}
     data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
     fit_half, _ = split_halves(data.view("val").y, seed=0)
-    assert by_split["val"] <= {str(i) for i in data.view("val").ids[fit_half]}
-    assert by_split["train"] <= {str(i) for i in data.view("train").ids}
+    assert {r["id"] for r in by_split["val"]} <= {str(i) for i in data.view("val").ids[fit_half]}
+    answer("val")
 
-    for r in rows:
-        r["annotation"] = "1"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     base = load_spec(path).trial_base("Odd")
     last = build_trial(with_params(base, {"seed": 0, "slim.retrain": "last_layer"}), "cpu")
     assert all(c["annotator"] == "csv" and not c["simulated"] for c in last.curations)

@@ -247,6 +247,10 @@ def test_one_file_answers_each_split_on_its_own(tmp_path: Path) -> None:
     assert read_annotations(path, ["c"], split="val") == {"c": -1}
     with pytest.raises(AnnotationError, match=r"line 2: unknown id 'a'"):
         read_annotations(path, ["c"])  # without a split, every row must be requested
+    path.write_text(path.read_text().replace("c,val,", "c,vall,"))
+    with pytest.raises(AnnotationError, match=r"line 4: split 'vall'; allowed values are "
+                                              r"train, val, test"):
+        read_annotations(path, ["a", "b"], split="train")
 
 
 @pytest.mark.parametrize(("edit", "pattern"), [
@@ -362,20 +366,22 @@ def test_pipeline_without_masks_uses_group_annotator(trained, tmp_path: Path) ->
     assert len(out["positions"]) == 30
 
 
-def test_pipeline_csv_writes_request_then_reads_it(trained, shared_cache, tmp_path: Path,
-                                                   ) -> None:
-    from debias.slim.pipeline import curated_subset
+def test_pipeline_csv_request_then_answers(trained, shared_cache, tmp_path: Path) -> None:
+    from debias.slim.pipeline import curated_subset, request_rows
 
     data, model = trained
     path = tmp_path / "people" / "answers.csv"
     config = {"slim": {"annotator": "csv", "annotations": str(path), "budget_per_class": 3,
                        "curated_size": 20}}
     cache = shared_cache
-    with pytest.raises(AnnotationError, match=r"answers\.csv did not exist.*Fill in"):
+    with pytest.raises(AnnotationError, match=r"answers\.csv does not exist: build the "
+                                              r"request with .*--annotate"):
         curated_subset(config, data, model, cache, "cpu", "ref-a")
+    write_annotation_request(path, request_rows(config, data, model, cache, "cpu", "ref-a",
+                                                path))
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 6 and all(r["annotation"] == "" for r in rows)
+    assert len(rows) == 6 and all(r["annotation"] == "" and r["split"] == "train" for r in rows)
     assert all(Path(r["overlay_path"]).is_file() and Path(r["image_path"]).is_file()
                for r in rows)
     _fill(path, ["1", "0", "-1", "1", "0", "1"])

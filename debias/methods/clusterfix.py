@@ -15,9 +15,10 @@ import torch
 from sklearn.cluster import KMeans
 from torch.nn import functional as F
 
+from debias.data.grouped import SPLITS
 from debias.methods.base import Method
 from debias.models import Classifier
-from debias.stages import SPLITS, features_key, frozen_features
+from debias.stages import features_key, frozen_features
 
 __all__ = ["ClusterFix", "ClusterWeights", "cluster_purity", "kmeans_per_class"]
 

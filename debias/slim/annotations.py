@@ -21,8 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from debias.data.grouped import SPLITS
+
 __all__ = ["ALLOWED_LABELS", "COLUMNS", "AnnotationError", "group_annotator",
-           "read_annotations", "simulated_annotator", "write_annotation_request"]
+           "read_annotations", "read_request_rows", "request_splits", "simulated_annotator",
+           "write_annotation_request"]
 
 COLUMNS: tuple[str, ...] = ("id", "split", "position", "label_class", "image_path",
                             "overlay_path", "annotation")
@@ -96,8 +99,13 @@ def read_annotations(path: str | Path, expected_ids: Iterable[str],
         for_split = split is not None and "split" in header
         for row in reader:
             line = reader.line_num
-            if for_split and (row.get("split") or "").strip() != split:
-                continue
+            if for_split:
+                row_split = (row.get("split") or "").strip()
+                if row_split not in SPLITS:
+                    raise AnnotationError(f"{path}, line {line}: split {row_split!r}; allowed "
+                                          f"values are {', '.join(SPLITS)}")
+                if row_split != split:
+                    continue
             sample_id = (row.get("id") or "").strip()
             if sample_id not in expected_set:
                 raise AnnotationError(f"{path}, line {line}: unknown id {sample_id!r}; only the "
@@ -114,6 +122,27 @@ def read_annotations(path: str | Path, expected_ids: Iterable[str],
         raise AnnotationError(f"{path}: {len(absent)} requested id(s) have no row: {shown}; "
                               f"keep every requested row and annotate it with {_ALLOWED_TEXT}")
     return labels
+
+
+def request_splits(path: str | Path) -> set[str]:
+    """The splits a request CSV has rows for. A file without a ``split`` column predates it,
+    when every request was of training images."""
+    with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        reader.fieldnames = header
+        if "split" not in header:
+            return {"train"}
+        return {(row.get("split") or "").strip() for row in reader}
+
+
+def read_request_rows(path: str | Path) -> list[dict[str, str]]:
+    """Every row of a request CSV, answers included, as written (``split`` filled in as
+    ``train`` for files that predate the column), so rows can be added without losing any."""
+    with Path(path).open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        reader.fieldnames = [h.strip() for h in (reader.fieldnames or [])]
+        return [{**row, "split": (row.get("split") or "train").strip()} for row in reader]
 
 
 def simulated_annotator(aiou_values: np.ndarray, threshold: float) -> np.ndarray:

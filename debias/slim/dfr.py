@@ -8,24 +8,29 @@ Why these pieces:
   model selection (and the grid over C and class weights) is scored on.
 - Each grid point is fitted ``retrains`` times, on curated subsets drawn with different
   curation seeds, and the coefficients are averaged: DFR's variance reduction.
-- The head is folded back to raw features (standardisation included), so it is one linear
-  layer on the reference trunk: the checkpoint is an ordinary classifier head.
+- The head is folded back through the standardisation, so it is one linear layer on the
+  features it was given (here the reference trunk's L2-normalised features, the stage
+  ClusterFix shares; DFR uses raw embeddings): the checkpoint is a plain weight and bias.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn import __version__ as SKLEARN_VERSION
 from sklearn.linear_model import LogisticRegression
 
-__all__ = ["DFR_CLASS_WEIGHTS", "DFR_C_GRID", "LinearHead", "class_weight_options",
-           "fit_averaged_head", "split_halves", "standardiser"]
+__all__ = ["LinearHead", "class_weight_options", "fit_averaged_head", "split_halves",
+           "standardiser"]
 
-#: DFR's grid of inverse regularisation strengths and class-weight ratios.
-DFR_C_GRID: tuple[float, ...] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-DFR_CLASS_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 3.0, 10.0)
+#: How an L1 penalty is asked for: ``penalty`` is deprecated from scikit-learn 1.8 (which
+#: needs Python 3.11) in favour of ``l1_ratio``; older releases only know ``penalty``.
+_L1 = ({"l1_ratio": 1.0}
+       if tuple(map(int, re.findall(r"\d+", SKLEARN_VERSION)[:2])) >= (1, 8)
+       else {"penalty": "l1"})
 
 
 def split_halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +85,8 @@ def _fit_one(x: np.ndarray, y: np.ndarray, c: float, class_weight: dict[int, flo
              n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) as n_classes logits on the given (standardised) features."""
     solver = "liblinear" if n_classes == 2 else "saga"  # liblinear is binary-only
-    model = LogisticRegression(C=c, l1_ratio=1.0, solver=solver, class_weight=class_weight,
-                               random_state=seed, max_iter=1000 if n_classes == 2 else 5000)
+    model = LogisticRegression(C=c, solver=solver, class_weight=class_weight, random_state=seed,
+                               max_iter=1000 if n_classes == 2 else 5000, **_L1)
     model.fit(x, y)
     coef, intercept = model.coef_, model.intercept_
     if n_classes == 2:  # one decision function -> two logits, (-f/2, f/2): softmax = sigmoid(f)

@@ -21,19 +21,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import log_softmax
 
 from debias.cache import StageCache
 from debias.data import GroupedDataset, load_grouped
 from debias.engine import Selection
-from debias.methods.slim import (
-    curation_for,
-    curation_metrics,
-    gradcam_examples,
-    validation_halves,
-)
 from debias.metrics import group_metrics
 from debias.seeding import derive_seed
 from debias.slim.dfr import LinearHead, class_weight_options, fit_averaged_head, standardiser
+from debias.slim.modes import (
+    curation_for,
+    curation_metrics,
+    gradcam_examples,
+    reference_for,
+    validation_halves,
+)
 from debias.stages import frozen_features
 
 __all__ = ["LastLayerTrial"]
@@ -53,12 +55,12 @@ class LastLayerTrial:
         n_classes = self.data.n_classes
 
         before = StageCache.events()
-        curations = []
-        for r in range(params["retrains"]):
-            reference, ref_key, curation = curation_for(config, self.data, self.cache,
-                                                        self.device, retrain_index=r)
-            curations.append(curation)
-        features = frozen_features(config, self.data, self.cache, self.device, "reference")
+        reference, ref_key = reference_for(config, self.data, self.cache, self.device)
+        curations = [curation_for(config, self.data, self.cache, self.device, retrain_index=r,
+                                  reference=(reference, ref_key))[2]
+                     for r in range(params["retrains"])]
+        features = frozen_features(config, self.data, self.cache, self.device, "reference",
+                                   splits=("val", "test"))
         overlays = gradcam_examples(config, self.data, reference, self.device, ref_key,
                                     curations[0])
         # What this trial computed vs reused of the shared stages, reported with every step.
@@ -106,6 +108,9 @@ class LastLayerTrial:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["reference_key"] != self.reference_key:
+            raise ValueError(f"checkpoint of a head on reference model {state['reference_key']}"
+                             f", but this trial's reference model is {self.reference_key}")
         self.epoch = int(state["epoch"])
         self.selection.load_state_dict(state["selection"])
         head = state["head"]
@@ -153,9 +158,7 @@ class LastLayerTrial:
         """Mean cross-entropy of the averaged head on the subsets it was fitted on."""
         x = np.concatenate([s[0] for s in self.subsets])
         y = np.concatenate([s[1] for s in self.subsets])
-        logits = head.logits(x)
-        logits -= logits.max(axis=1, keepdims=True)
-        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        log_p = log_softmax(head.logits(x), axis=1)
         return float(-log_p[np.arange(len(y)), y].mean())
 
     def evaluate(self, split: str, head: LinearHead) -> dict[str, float]:

@@ -38,7 +38,6 @@ from debias.slim.annotations import (
     group_annotator,
     read_annotations,
     simulated_annotator,
-    write_annotation_request,
 )
 from debias.slim.attention import compute_attention, gradcam_images, overlay_png
 from debias.slim.curation import CELL_SHARES, curate
@@ -300,14 +299,10 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     csv_path = Path(s["annotations"]) if annotator == "csv" else None
     if csv_path is not None:
         if not csv_path.is_file():
-            sampled = _sample(_space(cache, pooled, s)[0], y, s)
-            write_annotation_request(csv_path, _request_rows(csv_path, data, model, device,
-                                                             pool[sampled], split))
             raise AnnotationError(
-                f"annotation file {csv_path} did not exist: wrote an annotation request there "
-                f"for {len(sampled)} images (overlays in {csv_path.stem}_overlays/ beside it). "
-                "Fill in its 'annotation' column with 1 (attention on the core object), "
-                "0 (not) or -1 (unsure), then run again.")
+                f"annotation file {csv_path} does not exist: build the request with `python "
+                "launch.py SWEEP.yaml --annotate` (or by running the sweep, which writes it "
+                "before any trial starts), then answer it")
         inputs["annotations_sha256"] = _file_digest(csv_path)
 
     def compute() -> dict[str, Any]:
