@@ -7,8 +7,10 @@ import os
 import platform
 import shlex
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,6 +35,19 @@ def command(script: str) -> str:
 
 def stamp() -> str:
     return datetime.now().isoformat(timespec="minutes")
+
+
+def timed_trial(config: dict[str, Any]) -> tuple[float, float]:
+    """(wall time of one in-process trial, of which building it: where the shared stages are
+    computed or loaded)."""
+    from debias.trainable import build_trial
+
+    start = time.perf_counter()
+    trial = build_trial(config, device="cpu")
+    prep = time.perf_counter() - start
+    for _ in trial.epochs():
+        pass
+    return time.perf_counter() - start, prep
 
 
 def publish(text: str, out: Path | None) -> None:

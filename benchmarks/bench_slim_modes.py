@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import command, machine, publish, stamp
+from bench_common import command, machine, publish, stamp, timed_trial
 
 from debias.spec import validate, with_params
-from debias.trainable import build_trial
 
 SLIM = {"budget_per_class": 15, "keep_quantile": 0.0, "cell_share": "uniform"}
 
@@ -43,16 +41,6 @@ def _config(storage: Path, retrain: str, epochs: int, ref_epochs: int, size: int
     return with_params(spec.trial_base("Odd"), params)
 
 
-def run_trial(config: dict[str, Any]) -> tuple[float, float]:
-    """(wall time of the whole trial, of which building it: the shared stages)."""
-    start = time.perf_counter()
-    trial = build_trial(config, device="cpu")
-    prep = time.perf_counter() - start
-    for _ in trial.epochs():
-        pass
-    return time.perf_counter() - start, prep
-
-
 def knob_sweep(root: Path, shared: bool, retrains: list[int], args: argparse.Namespace
                ) -> tuple[float, float]:
     total = prep = 0.0
@@ -61,7 +49,7 @@ def knob_sweep(root: Path, shared: bool, retrains: list[int], args: argparse.Nam
                          **{"slim.retrains": r})
         if not shared:
             config["cache_dir"] = str(root / f"trial{i}")
-        t, p = run_trial(config)
+        t, p = timed_trial(config)
         total, prep = total + t, prep + p
     return total, prep
 
@@ -80,9 +68,9 @@ def main() -> None:
         cached, cached_prep = knob_sweep(Path(a), True, retrains, args)
         fresh, fresh_prep = knob_sweep(Path(b), False, retrains, args)
         # Warm cache for both modes (the full-mode stages are computed by a first, untimed trial).
-        run_trial(_config(Path(a), "full", 1, args.ref_epochs, args.size))
-        full, _ = run_trial(_config(Path(a), "full", args.epochs, args.ref_epochs, args.size))
-        last, _ = run_trial(_config(Path(a), "last_layer", args.epochs, args.ref_epochs,
+        timed_trial(_config(Path(a), "full", 1, args.ref_epochs, args.size))
+        full, _ = timed_trial(_config(Path(a), "full", args.epochs, args.ref_epochs, args.size))
+        last, _ = timed_trial(_config(Path(a), "last_layer", args.epochs, args.ref_epochs,
                                     args.size, **{"slim.retrains": 5}))
     lines = [
         f"### SLIM: retrain modes and the stage cache ({len(retrains)}-trial knob sweep)",

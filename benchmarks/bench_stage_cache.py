@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from bench_common import command, machine, publish, stamp
+from bench_common import command, machine, publish, stamp, timed_trial
 
-from debias.engine import Trainer
 from debias.spec import validate, with_params
 
 
@@ -37,12 +35,8 @@ def sweep(ks: list[int], cache_root: Path, shared: bool, epochs: int, ref_epochs
         config = with_params(spec.trial_base("Odd"), {"clusterfix.k": k})
         if not shared:
             config["cache_dir"] = str(cache_root / f"trial{i}")
-        start = time.perf_counter()
-        trainer = Trainer(config, device="cpu")
-        prep += time.perf_counter() - start
-        for _ in trainer.epochs():
-            pass
-        total += time.perf_counter() - start
+        t, p = timed_trial(config)
+        total, prep = total + t, prep + p
     return total, prep
 
 

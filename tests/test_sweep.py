@@ -42,6 +42,12 @@ def test_two_target_sweep_logs_the_design_runs_and_reports(
         run_sweep(spec)
 
 
+def _computed(runs: list, stages: tuple[str, ...]) -> dict[str, float]:
+    """How many times the sweep's trials computed each shared stage (summed over runs)."""
+    return {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
+            for stage in stages}
+
+
 def _children(uri: str, name: str) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -138,8 +144,7 @@ def test_slim_sweep_shares_gradcam_and_logs_overlays(ray_local, tmp_path: Path) 
     check_sweep_runs(spec.tracking_uri, "slimmy", {"Odd": "Background"}, n_search=2,
                      seeds=[0], epochs=2, method="slim")
     runs = _children(spec.tracking_uri, "slimmy")
-    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
-                for stage in ("reference", "gradcam", "curation")}
+    computed = _computed(runs, ("reference", "gradcam", "curation"))
     assert computed == {"reference": 1, "gradcam": 1, "curation": 1}, computed
     client = MlflowClient(tracking_uri=spec.tracking_uri)
     for r in runs:
@@ -167,8 +172,7 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
     check_sweep_runs(spec.tracking_uri, "slimll", {"Odd": "Background"}, n_search=2,
                      seeds=[0], epochs=6, method="slim")
     runs = _children(spec.tracking_uri, "slimll")
-    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
-                for stage in ("reference", "gradcam", "features", "space", "curation")}
+    computed = _computed(runs, ("reference", "gradcam", "features", "space", "curation"))
     # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1; seeds reuse all.
     assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
                         "curation": 2}, computed

@@ -124,18 +124,6 @@ def read_annotations(path: str | Path, expected_ids: Iterable[str],
     return labels
 
 
-def request_splits(path: str | Path) -> set[str]:
-    """The splits a request CSV has rows for. A file without a ``split`` column predates it,
-    when every request was of training images."""
-    with Path(path).open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        if "split" not in header:
-            return {"train"}
-        return {(row.get("split") or "").strip() for row in reader}
-
-
 def read_request_rows(path: str | Path) -> list[dict[str, str]]:
     """Every row of a request CSV, answers included, as written (``split`` filled in as
     ``train`` for files that predate the column), so rows can be added without losing any."""
@@ -143,6 +131,11 @@ def read_request_rows(path: str | Path) -> list[dict[str, str]]:
         reader = csv.DictReader(handle)
         reader.fieldnames = [h.strip() for h in (reader.fieldnames or [])]
         return [{**row, "split": (row.get("split") or "train").strip()} for row in reader]
+
+
+def request_splits(path: str | Path) -> set[str]:
+    """The splits a request CSV has rows for."""
+    return {row["split"] for row in read_request_rows(path)}
 
 
 def simulated_annotator(aiou_values: np.ndarray, threshold: float) -> np.ndarray:

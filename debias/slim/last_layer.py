@@ -74,6 +74,8 @@ class LastLayerTrial:
         self.mean, self.std = standardiser(val_x[fit_half])
         self.subsets = [(val_x[np.sort(c["positions"].numpy())],
                          val.y[np.sort(c["positions"].numpy())]) for c in curations]
+        self.fitted = (np.concatenate([x for x, _ in self.subsets]),
+                       np.concatenate([y for _, y in self.subsets]))
         self.features = {"val": val_x[self.held_out],
                          "test": features["test"].numpy().astype(np.float64)}
         self.positions = {"val": self.held_out, "test": np.arange(len(self.data.view("test")))}
@@ -156,8 +158,7 @@ class LastLayerTrial:
 
     def _log_loss(self, head: LinearHead) -> float:
         """Mean cross-entropy of the averaged head on the subsets it was fitted on."""
-        x = np.concatenate([s[0] for s in self.subsets])
-        y = np.concatenate([s[1] for s in self.subsets])
+        x, y = self.fitted
         log_p = log_softmax(head.logits(x), axis=1)
         return float(-log_p[np.arange(len(y)), y].mean())
 

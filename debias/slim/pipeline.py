@@ -165,20 +165,6 @@ def _uint8_images(tensors: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _request_rows(path: Path, data: GroupedDataset, model: Classifier,
-                  device: torch.device | str, positions: np.ndarray, split: str
-                  ) -> list[dict[str, Any]]:
-    """Rows of the request CSV at ``path`` for positions of ``split``; their overlay PNGs are
-    written to ``<stem>_overlays/`` beside it."""
-    view = data.view(split)
-    folder = path.with_name(f"{path.stem}_overlays")
-    written = write_overlays(folder, data, model, device, positions, split)
-    return [{"id": str(view.ids[p]), "split": split, "position": int(p),
-             "label_class": int(view.y[p]), "image_path": str(image),
-             "overlay_path": str(overlay)}
-            for p, (image, overlay) in zip(positions, written, strict=True)]
-
-
 def write_overlays(folder: Path, data: GroupedDataset, model: Classifier,
                    device: torch.device | str, positions: np.ndarray,
                    split: str = "train") -> list[tuple[Path, Path]]:
@@ -256,8 +242,14 @@ def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier
     what :func:`curated_subset` reads back for the same settings, split and pool."""
     s = slim_settings(config, data.n_classes)
     pooled = _pooled_attention(data, model, cache, device, model_key, s, split, pool)
-    sampled = _sample(_space(cache, pooled, s)[0], pooled["y"], s)
-    return _request_rows(path, data, model, device, pooled["pool"][sampled], split)
+    positions = pooled["pool"][_sample(_space(cache, pooled, s)[0], pooled["y"], s)]
+    view = data.view(split)
+    written = write_overlays(path.with_name(f"{path.stem}_overlays"), data, model, device,
+                             positions, split)
+    return [{"id": str(view.ids[p]), "split": split, "position": int(p),
+             "label_class": int(view.y[p]), "image_path": str(image),
+             "overlay_path": str(overlay)}
+            for p, (image, overlay) in zip(positions, written, strict=True)]
 
 
 def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifier,
