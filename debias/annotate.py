@@ -19,11 +19,10 @@ from its own host name (no cross-site form posts, no DNS rebinding).
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from debias.files import atomic_write_text
 from debias.slim.annotations import (
     ALLOWED_LABELS,
     COLUMNS,
@@ -99,19 +99,11 @@ class AnnotationStore:
                 raise
 
     def _write(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=self.header, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buffer.getvalue())
 
     def overlay(self, index: int) -> Path | None:
         """The overlay PNG of row ``index`` if it lies inside the request's overlay folder

@@ -6,29 +6,28 @@ version, and stored under the sweep's `storage` so every trial on every node of 
 finds it. Values are dicts of tensors and plain Python, saved with `torch.save` and loaded
 with `weights_only=True`, so a cache file can never execute code.
 
-Concurrency: a file is written to a temporary name in the same folder and renamed into
-place (atomic on POSIX and NFS), so a reader sees either nothing or a whole file. Trials on
-one node also take an advisory `flock` on the key while computing, so the second waits and
-reuses the first's result; across nodes (where locks are unreliable on shared file systems)
-two racing trials may both compute, and the later rename simply replaces an identical file.
+Concurrency (both through :mod:`debias.files`): a file is written to a temporary name in the
+same folder and renamed into place (atomic on POSIX and NFS), so a reader sees either nothing
+or a whole file. Trials on one node also take an advisory `flock` on the key while
+computing, so the second waits and reuses the first's result; across nodes (where locks are
+unreliable on shared file systems) two racing trials may both compute, and the later rename
+simply replaces an identical file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from debias.files import atomic_torch_save, atomic_write_text, locked
 
 __all__ = ["StageCache", "stage_key"]
 
@@ -65,7 +64,7 @@ class StageCache:
             self._count(self.reused, stage)
             return value
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(path.with_suffix(".lock")):
+        with locked(path.with_suffix(".lock")):
             if (value := self._load(path)) is not None:  # another trial finished it meanwhile
                 self._count(self.reused, stage)
                 return value
@@ -106,33 +105,7 @@ class StageCache:
 
     @staticmethod
     def _store(path: Path, value: dict[str, Any], inputs: Mapping[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(value, tmp)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        atomic_torch_save(path, value)
         # A human-readable record of what the key stands for, for whoever inspects the cache.
-        meta = path.with_suffix(".json")
-        tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-        tmp_meta.write_text(json.dumps(inputs, sort_keys=True, indent=1, default=str))
-        os.replace(tmp_meta, meta)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock; where the file system refuses locks, run unlocked (the
-    atomic rename still keeps readers safe; the work may just be done twice)."""
-    try:
-        handle = open(path, "a+")  # noqa: SIM115 - held for the duration of the block
-    except OSError:
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()
+        atomic_write_text(path.with_suffix(".json"),
+                          json.dumps(inputs, sort_keys=True, indent=1, default=str))

@@ -39,21 +39,19 @@ image paths, S and :data:`VERSION`. It deliberately leaves out the target and bi
 that :meth:`GroupedDataset.identity` includes: the pixels do not depend on them, so a sweep
 over two CelebA targets decodes (and caches in RAM) the images once, not twice.
 
-Concurrency, as in :mod:`debias.cache`: the array is written into a temporary file in the
-same folder (``.<key>.<pid>.<random>.tmp``, never a name a reader opens) and renamed into
-place with ``os.replace``, so a reader sees nothing or a whole file; trials on one node hold
-an ``flock`` on ``<key>.lock`` while building, so the others wait and reuse it. A file that
-is present but unreadable or of the wrong shape (damaged disk, a different numpy) is rebuilt.
+Concurrency, as in :mod:`debias.cache` (both through :mod:`debias.files`): the array is
+written into a temporary file in the same folder (``.<key>.npy.<pid>.<random>.tmp``, never a
+name a reader opens) and renamed into place with ``os.replace``, so a reader sees nothing
+or a whole file; trials on one node hold an ``flock`` on ``<key>.lock`` while building, so
+the others wait and reuse it. A file that is present but unreadable or of the wrong shape
+(damaged disk, a different numpy) is rebuilt.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Sequence
@@ -66,9 +64,9 @@ from PIL import Image
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from debias.cache import _locked
 from debias.data.grouped import GroupedDataset, load_rgb
 from debias.data.transforms import normalize_uint8
+from debias.files import atomic_output, atomic_write_text, locked
 
 __all__ = ["SUBDIR", "VERSION", "DecodedGroupedDataset", "decoded_array", "decoded_path",
            "events", "reset_events", "stored_size"]
@@ -172,10 +170,7 @@ def _try_open(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 def _build(data: GroupedDataset, path: Path, shape: tuple[int, ...], inputs: dict[str, Any],
            progress: bool) -> None:
     assert data.image_paths is not None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:  # synced, then renamed into place when whole
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         bar = tqdm(data.image_paths, desc=f"decoding {data.name} to {shape[1]}px (once)",
                    unit="img", disable=not progress, mininterval=2.0)
@@ -183,16 +178,9 @@ def _build(data: GroupedDataset, path: Path, shape: tuple[int, ...], inputs: dic
             out[i] = decode_one(image_path, data.image_size)
         out.flush()
         del out
-        with open(tmp, "rb") as fh:  # the data is on disk before the name says it is done
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    meta = path.with_suffix(".json")  # what the key stands for, for whoever inspects it
-    tmp_meta = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps({**inputs, "shape": list(shape)}, indent=1, sort_keys=True))
-    os.replace(tmp_meta, meta)
+    # What the key stands for, for whoever inspects it.
+    atomic_write_text(path.with_suffix(".json"),
+                      json.dumps({**inputs, "shape": list(shape)}, indent=1, sort_keys=True))
 
 
 def decoded_array(data: GroupedDataset, cache_dir: str | Path, progress: bool = True
@@ -208,7 +196,7 @@ def decoded_array(data: GroupedDataset, cache_dir: str | Path, progress: bool = 
         _count("reused")
         return arr, path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_suffix(".lock")):
+    with locked(path.with_suffix(".lock")):
         if (arr := _try_open(path, shape)) is not None:  # another trial built it meanwhile
             _count("reused")
             return arr, path

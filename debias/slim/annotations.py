@@ -14,7 +14,7 @@ would answer, measured), and ``group_annotator`` for datasets without masks.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from debias.data.grouped import SPLITS
+from debias.files import atomic_write_text
 
 __all__ = ["ALLOWED_LABELS", "COLUMNS", "AnnotationError", "group_annotator",
            "read_annotations", "read_request_rows", "request_splits", "simulated_annotator",
@@ -38,19 +39,19 @@ class AnnotationError(ValueError):
 
 
 def write_annotation_request(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
-    """Write the CSV a person fills in; ``annotation`` is left empty unless a row gives one."""
+    """Write the CSV a person fills in; ``annotation`` is left empty unless a row gives one.
+    Written whole or not at all (:func:`debias.files.atomic_write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place when whole
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            missing = [c for c in COLUMNS if c != "annotation" and c not in row]
-            if missing:
-                raise ValueError(f"annotation request row lacks {missing}: {dict(row)}")
-            writer.writerow({c: "" if row.get(c) is None else row.get(c, "") for c in COLUMNS})
-    os.replace(tmp, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        missing = [c for c in COLUMNS if c != "annotation" and c not in row]
+        if missing:
+            raise ValueError(f"annotation request row lacks {missing}: {dict(row)}")
+        writer.writerow({c: "" if row.get(c) is None else row.get(c, "") for c in COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 

@@ -10,9 +10,6 @@ two modes cannot drift apart in how they key the cache or what they log.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset
+from debias.files import atomic_dir
 from debias.models import Classifier
 from debias.seeding import derive_seed
 from debias.slim.dfr import split_halves
@@ -118,13 +116,8 @@ def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Cl
                                                "positions": annotated.tolist()})
     folder = Path(config["cache_dir"]) / "gradcam_examples" / digest
     if not folder.is_dir():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        write_overlays(staging, data, reference, device, annotated, split)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another trial renamed its identical folder first
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(folder) as staging:  # another trial's identical folder may win
+            write_overlays(staging, data, reference, device, annotated, split)
     return folder
 
 
