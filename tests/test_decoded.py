@@ -18,7 +18,7 @@ from PIL import Image
 from debias.data import clear_cache, load_grouped, make_torch_dataset
 from debias.data import decoded as dec
 from debias.data.celeba import ATTRIBUTES
-from debias.data.grouped import OnDiskGroupedDataset
+from debias.data.torch_data import OnDiskGroupedDataset
 
 # Portrait like CelebA, landscape like Waterbirds, and odd sizes, so both axes and both
 # parities of the centre-crop rounding are exercised.

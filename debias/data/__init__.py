@@ -8,13 +8,8 @@ from types import ModuleType
 from typing import Any
 
 from debias.data import celeba, synthetic, waterbirds
-from debias.data.grouped import (
-    SPLITS,
-    DatasetError,
-    GroupedDataset,
-    SplitView,
-    make_torch_dataset,
-)
+from debias.data.grouped import SPLITS, DatasetError, GroupedDataset, SplitView
+from debias.data.torch_data import make_torch_dataset
 
 __all__ = [
     "DATASETS",

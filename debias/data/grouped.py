@@ -1,23 +1,22 @@
-"""The one table every dataset is reduced to, and the torch Dataset that serves it.
+"""The one table every dataset is reduced to.
 
 Every dataset (synthetic, Waterbirds, CelebA) is turned into a :class:`GroupedDataset` first so
-that training, evaluation and caching code never needs to know where the data came from.
+that training, evaluation and caching code never needs to know where the data came from. The
+table is a leaf: the torch datasets that serve it (:mod:`debias.data.torch_data`, including
+the decoded-image cache of :mod:`debias.data.decoded`) build on it, never the other way round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
-
-from debias.data.transforms import eval_transform, normalize_uint8, train_transform
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
@@ -25,6 +24,10 @@ SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
 
 class DatasetError(Exception):
     """Missing or malformed data; the message says what, where it looked, and where to get it."""
+
+
+class BiasLabelsHidden(LookupError):
+    """A method read bias labels it declared it does not use (see ``without_bias``)."""
 
 
 def _split_code(split: str) -> int:
@@ -42,13 +45,26 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class SplitView:
-    """One split of one (target, bias) view; arrays are aligned with each other."""
+    """One split of one (target, bias) view; arrays are aligned with each other.
+
+    ``bias`` is None where the table hides this split's bias labels: reading ``a`` (or
+    ``group``) then raises :class:`BiasLabelsHidden` instead of handing a method labels it
+    promised not to use.
+    """
 
     split: str
     ids: np.ndarray
     y: np.ndarray
-    a: np.ndarray
+    bias: np.ndarray | None
     index: np.ndarray
+
+    @property
+    def a(self) -> np.ndarray:
+        if self.bias is None:
+            raise BiasLabelsHidden(
+                f"the {self.split} split's bias labels are hidden from this method: it "
+                "declares (Method.bias_labels) that it does not use them")
+        return self.bias
 
     @property
     def group(self) -> np.ndarray:
@@ -81,6 +97,8 @@ class GroupedDataset:
     n_classes: int = 2
     n_bias: int = 2
     source: str = ""
+    #: Splits whose bias labels this table hides (see :meth:`without_bias`).
+    hidden_bias: frozenset[str] = frozenset()
     _views: ClassVar[dict[str, SplitView]]  # per-instance cache, set in __post_init__
 
     def __post_init__(self) -> None:
@@ -116,11 +134,23 @@ class GroupedDataset:
                 split=split,
                 ids=_readonly(self.ids[index]),
                 y=_readonly(self.y[index].astype(np.int64)),
-                a=_readonly(self.a[index].astype(np.int64)),
+                bias=(None if split in self.hidden_bias
+                      else _readonly(self.a[index].astype(np.int64))),
                 index=_readonly(index),
             )
             self._views[split] = cached
         return cached
+
+    def without_bias(self, *splits: str) -> GroupedDataset:
+        """The same table with the bias labels of ``splits`` hidden: what a method that uses
+        no bias labels for training is given. Identity (cache keys) is unchanged: the content
+        is the same, only what the reader may see differs."""
+        for split in splits:
+            _split_code(split)
+        hidden = self.hidden_bias | frozenset(splits)
+        if hidden == self.hidden_bias:
+            return self
+        return dataclasses.replace(self, hidden_bias=hidden)
 
     def group_counts(self, split: str) -> np.ndarray:
         """(n_classes, n_bias) sample counts (a fresh array, safe to modify)."""
@@ -144,26 +174,6 @@ class GroupedDataset:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-class InMemoryGroupedDataset(torch.utils.data.Dataset):
-    """In-memory split pre-converted once to a normalised float tensor, so batches are slices."""
-
-    def __init__(self, data: GroupedDataset, split: str) -> None:
-        assert data.images is not None
-        self.view = data.view(split)
-        self.tensor = normalize_uint8(data.images[self.view.index])
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        return self.tensor[position], int(position)
-
-    def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        idx = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        batch = self.tensor.index_select(0, idx)
-        return [(batch[i], int(p)) for i, p in enumerate(idx.tolist())]
-
-
 def load_rgb(path: Path) -> Image.Image:
     """One image as RGB; a missing or bad file raises DatasetError naming it, not a PIL error."""
     try:
@@ -176,43 +186,3 @@ def load_rgb(path: Path) -> Image.Image:
         raise DatasetError(
             f"image file {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
             "expected a readable JPEG/PNG. Re-download or re-extract the dataset.") from exc
-
-
-class OnDiskGroupedDataset(torch.utils.data.Dataset):
-    """Images read lazily with PIL; a bad file raises DatasetError naming it, not a PIL error."""
-
-    def __init__(self, data: GroupedDataset, split: str, train: bool) -> None:
-        assert data.image_paths is not None
-        self.view = data.view(split)
-        self.paths = tuple(data.image_paths[i] for i in self.view.index)
-        self.transform = train_transform(data.image_size) if train else eval_transform(
-            data.image_size)
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_rgb(self.paths[position])), int(position)
-
-    def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-        return [self[int(p)] for p in positions]
-
-
-def make_torch_dataset(data: GroupedDataset, split: str, train: bool,
-                       cache_dir: str | Path | None = None) -> torch.utils.data.Dataset:
-    """Items are (normalised float CxHxW tensor, position into ``data.view(split)`` arrays).
-
-    ``cache_dir`` only matters for on-disk datasets (Waterbirds, CelebA): given, every image
-    is decoded and resized once into ``<cache_dir>/decoded/<key>.npy`` (built once per node,
-    under a lock) and all trials read it memory-mapped, sharing the OS page cache, instead of
-    decoding each JPEG with PIL every epoch (see :mod:`debias.data.decoded`). None: decode
-    with PIL per item, as before. In-memory datasets (synthetic) ignore it.
-    """
-    _split_code(split)
-    if data.images is not None:
-        return InMemoryGroupedDataset(data, split)
-    if cache_dir is not None:
-        from debias.data.decoded import DecodedGroupedDataset  # imports this module
-
-        return DecodedGroupedDataset(data, split, train, cache_dir)
-    return OnDiskGroupedDataset(data, split, train)
