@@ -40,7 +40,7 @@ __all__ = ["MAX_BODY", "AnnotationServer", "start_annotation_server", "stop_anno
 #: The largest request body read, in bytes (an answer is about 60).
 MAX_BODY = 10_000
 _OVERLAY = re.compile(r"/overlay/([0-9]{1,9})")
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,100}")  # int() of more digits is slow
 
 
 class _Refused(Exception):

@@ -231,7 +231,8 @@ def test_a_malformed_answer_gets_a_4xx_with_a_reason(hostile, case: str) -> None
 
 @pytest.mark.parametrize(("length", "expected", "reason"), [
     ("-1", 400, b"non-negative integer"),
-    ("99999999999999999999999", 400, b"non-negative integer"),
+    ("99999999999999999999999", 413, b"at most 10000"),
+    ("9" * 101, 400, b"non-negative integer"),
     (str(MAX_BODY + 1), 413, b"at most 10000"),
     ("10" + "0" * 17, 413, b"at most 10000"),
     ("abc", 400, b"non-negative integer"),
