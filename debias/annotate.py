@@ -30,8 +30,8 @@ from debias.slim.annotations import (
 from debias.spec import Spec, with_params
 from debias.ui import HOST, free_port, stop_signals_as_interrupt
 
-__all__ = ["DEFAULT_PORT", "annotate_command", "ensure_request", "missing_request_splits",
-           "run_annotate", "sweep_command"]
+__all__ = ["DEFAULT_PORT", "annotate_command", "check_request", "ensure_request",
+           "missing_request_splits", "run_annotate", "sweep_command"]
 
 DEFAULT_PORT = 8765
 
@@ -40,7 +40,8 @@ def _needed_splits(spec: Spec) -> dict[str, str]:
     """{split: retrain mode} for every retrain mode the sweep can take."""
     from debias.slim.modes import MODE_SPLITS
 
-    return {MODE_SPLITS[mode]: mode for mode in sorted(spec.values_of("slim.retrain"))}
+    return {MODE_SPLITS[mode]: mode
+            for mode in sorted(spec.values_of("slim.retrain", "slim"))}
 
 
 def missing_request_splits(spec: Spec) -> list[str]:
@@ -56,7 +57,7 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     the first target and for every retrain mode the sweep can take whose split the file
     lacks (each row names its split): a missing file is created, and a file from a sweep
     that has since added a mode gets that mode's rows, the answers already in it kept."""
-    if spec.method != "slim":
+    if "slim" not in spec.methods:
         raise AnnotationError(f"--annotate is SLIM's annotation step; sweep {spec.name!r} "
                               f"uses method {spec.method!r}")
     slim = spec.config["slim"]
@@ -79,7 +80,7 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     from debias.slim.modes import annotation_request_rows
 
     target = spec.targets[0]
-    base = spec.trial_base(target)
+    base = spec.trial_base(target, "slim")
     modes = [_needed_splits(spec)[split] for split in missing]
     print(f"building the annotation request for target {target!r}, retrain mode(s) "
           f"{', '.join(modes)} (ERM reference model and GradCAM from the stage cache, computed "
@@ -87,11 +88,53 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     data = load_grouped(base["dataset"], target, base["bias"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = StageCache(base["cache_dir"])
+    knobs = spec.params_of("slim")
     rows = [row for mode in modes for row in annotation_request_rows(
-        with_params(base, {"slim.retrain": mode}), data, cache, device, path)]
+        with_params(base, {"slim.retrain": mode}), knobs, data, cache, device, path)]
     kept = read_request_rows(path) if path.is_file() else []
     write_annotation_request(path, [*kept, *rows])
     return path, len(rows)
+
+
+def check_request(spec: Spec, dry_run: bool = False) -> None:
+    """Before any trial of a SLIM sweep with a person annotating: the file must exist with
+    rows for every retrain mode the sweep can take, answered, readable by the reader the
+    trials use. Where rows are missing (or the file is), build them here, once (reference
+    model and GradCAM go to the stage cache the trials then reuse), and stop with what to
+    do next. A dry run only says so: building rows trains the reference model.
+
+    Raises :class:`~debias.methods.base.PreflightError` with the next step to take."""
+    from debias.methods.base import PreflightError
+    from debias.slim.annotations import check_annotation_file
+
+    path = Path(spec.config["slim"]["annotations"])
+    annotate = annotate_command(spec.source, spec.overrides)
+    missing: list[str] = []
+    try:
+        if dry_run:
+            missing = missing_request_splits(spec)
+            if missing:
+                print(f"note: slim.annotations {path} has no rows yet for split(s) "
+                      f"{', '.join(missing)}; the first real run (or --annotate) writes them "
+                      "there and stops before any trial.")
+        else:
+            existed = path.is_file()
+            _, added = ensure_request(spec)
+            if added:
+                what = (f"{added} rows for another retrain mode were added to {path}" if existed
+                        else f"{path} did not exist, so the annotation request was written "
+                             "there")
+                raise PreflightError(
+                    f"slim.annotations: {what} (GradCAM overlays in {path.stem}_overlays/ "
+                    f"beside it). Answer it in the browser with `{annotate}`, or fill its "
+                    "'annotation' column by hand (1 = attention on the core object, 0 = not, "
+                    "-1 = unsure); then run the sweep again.")
+        if path.exists():  # what a trial would read must read: checked before any trial
+            for split in _needed_splits(spec):
+                if split not in missing:
+                    check_annotation_file(path, split=split)
+    except AnnotationError as exc:
+        raise PreflightError(f"slim.annotations: {exc}") from None
 
 
 def _launch(sweep: str, overrides: Sequence[str], *more: str) -> str:

@@ -51,6 +51,9 @@ class StageCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        #: {stage: [keys]} this cache object served, in order: a trial tags its MLflow run
+        #: with them (``stage/<name>``), so anyone can see which runs shared what.
+        self.used: dict[str, list[str]] = {}
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / f"{key}.pt"
@@ -59,6 +62,9 @@ class StageCache:
                        compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Return the stored value for these inputs, computing and storing it if absent."""
         key = stage_key(stage, version, inputs)
+        keys = self.used.setdefault(stage, [])
+        if key not in keys:
+            keys.append(key)
         path = self.path(stage, key)
         if (value := self._load(path)) is not None:
             self._count(self.reused, stage)
@@ -73,6 +79,10 @@ class StageCache:
             self._store(path, value, inputs)
             self._count(self.computed, stage)
             return value
+
+    def stage_tags(self) -> dict[str, str]:
+        """``{"stage/<name>": "key[,key...]"}`` of every stage this cache object served."""
+        return {f"stage/{stage}": ",".join(keys) for stage, keys in self.used.items()}
 
     @classmethod
     def _count(cls, counter: Counter[str], stage: str) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from debias.jobs import REMOTE_WORKDIR_ENV
 from debias.spec import Spec, SpecError, load_spec
@@ -23,6 +24,16 @@ def _parser() -> argparse.ArgumentParser:
                     "in MLflow.")
     p.add_argument("sweep", nargs="?",
                    help="sweep file (YAML), e.g. sweeps/quickstart.yaml")
+    p.add_argument("--schema", action="store_true",
+                   help="print the sweep file's JSON Schema (every section, every method's) "
+                        "and exit; sweeps/sweep.schema.json is this output")
+    p.add_argument("--compare", nargs="+", metavar="NAME", default=None,
+                   help="the comparison table of sweeps already in the store (experiment "
+                        "names), one row per (target, method), paired against ERM; the store "
+                        "is the sweep file's if one is given, else --tracking-uri")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                   help="with --compare and no sweep file: the MLflow store (default: "
+                        "sqlite:///mlflow.db)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key with a YAML value, e.g. --set train.epochs=2 "
                         "(repeatable; validated like the file)")
@@ -70,8 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "http://127.0.0.1:8265)")
     if args.status is not None:
         return _status(args.status, args.address)
+    if args.schema:
+        from debias.schema import schema_json
+
+        print(schema_json(), end="")
+        return 0
+    if args.compare is not None and args.sweep is None:
+        return _compare(args.compare, args.tracking_uri, Path("debias_results"))
     if args.sweep is None:
-        parser.error("the sweep file is required (except with --status NAME)")
+        parser.error("the sweep file is required (except with --status NAME, --schema or "
+                     "--compare NAME ...)")
     if args.ui and args.annotate:
         parser.error("--ui and --annotate are separate commands; pass one")
     if args.port is not None and not (args.ui or args.annotate):
@@ -84,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.compare is not None:
+        return _compare(args.compare, spec.tracking_uri, spec.storage)
     if args.ui:
         return _ui(spec, args.port)
     if args.annotate:
@@ -147,38 +168,99 @@ def _annotate(spec: Spec, args: argparse.Namespace) -> int:
     return run_annotate(spec, args.sweep, args.overrides, args.port)
 
 
-def _report(spec: Spec, log_artifacts: bool) -> int:
+def _open_tracker(uri: str, name: str) -> Any:
+    """The tracker of an existing experiment, or None with the reason printed."""
     from mlflow.exceptions import MlflowException
 
-    from debias.report import collect, render_text, write_report
     from debias.sweep import check_tracking_server
     from debias.tracking import Tracker, redact_uri
 
-    check_tracking_server(spec.tracking_uri)  # SweepError, caught by main()
+    check_tracking_server(uri)  # SweepError, caught by main()
     try:
-        tracker = Tracker(spec.tracking_uri, spec.name, create=False)
+        return Tracker(uri, name, create=False)
     except LookupError as exc:
         print(f"error: {exc}; run the sweep first", file=sys.stderr)
-        return 1
     except MlflowException as exc:
-        print(f"error: MLflow at {redact_uri(spec.tracking_uri)}: {exc}", file=sys.stderr)
+        print(f"error: MLflow at {redact_uri(uri)}: {exc}", file=sys.stderr)
+    return None
+
+
+def _report(spec: Spec, log_artifacts: bool) -> int:
+    from debias.plots import sweep_plots
+    from debias.report import collect, render_text, row_metrics, write_report
+
+    tracker = _open_tracker(spec.tracking_uri, spec.name)
+    if tracker is None:
         return 1
     rows = collect(tracker)
-    md, csv_path = write_report(rows, spec.storage / spec.name)
-    print(f"\nResults of sweep {spec.name!r} ({spec.method}), test metrics over seeds:\n")
+    notes = report_notes(spec)
+    folder = spec.storage / spec.name
+    md, csv_path = write_report(rows, folder, notes)
+    print(f"\nResults of sweep {spec.name!r} ({', '.join(spec.methods)}), test metrics over "
+          "seeds (mean ± 95% CI, Student t):\n")
     print(render_text(rows))
-    from debias.plots import sweep_plots
-
-    plots = sweep_plots(tracker, spec.storage / spec.name / "plots")
+    for note in notes:
+        print(f"  - {note}")
+    plots = sweep_plots(tracker, folder / "plots")
     print(f"\nwritten: {md}, {csv_path}")
     if plots:
         print(f"plots: {', '.join(str(p) for p in plots.values())}")
-    print(f"MLflow: mlflow ui --backend-store-uri {redact_uri(spec.tracking_uri)}")
+    print(f"MLflow: python launch.py {spec.source} --ui  (the runs table of this sweep)")
     if log_artifacts:
-        for parent in tracker.parent_runs().values():
-            target = parent.data.tags.get("target_attribute", "")
-            mine = [p for name, p in plots.items() if not name.startswith(
-                ("group_accuracy_", "cluster_purity_")) or name.endswith(f"_{target}")]
+        parents = {r.info.run_id: r for r in tracker.parent_runs().values()}
+        for row in rows:
+            tracker.log_metrics(row.parent_id, row_metrics(row))
+            name = parents[row.parent_id].info.run_name if row.parent_id in parents else ""
+            mine = [p for stem, p in plots.items() if not stem.startswith(
+                ("group_accuracy_", "cluster_purity_")) or stem.endswith(f"_{_stem(name)}")]
             for path in (md, csv_path, *mine):
-                tracker.log_artifact(parent.info.run_id, path)
+                tracker.log_artifact(row.parent_id, path)
+        if spec.is_study:
+            study = tracker.open_study({"sweep": spec.name, "methods": ",".join(spec.methods)})
+            for path in (md, csv_path, *(p for stem, p in plots.items() if stem == "test_wga")):
+                tracker.log_artifact(study, path)
+    return 0
+
+
+def _stem(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
+
+
+def report_notes(spec: Spec) -> list[str]:
+    """What a reader of the table must know: the selection rule, the seeds, each method's
+    caveats."""
+    from debias.spec import LABEL_FREE_METRICS
+
+    metric = spec.search["metric"]
+    rule = ("reads no bias labels" if metric in LABEL_FREE_METRICS
+            else "reads validation bias labels")
+    notes = [f"selection: {metric} ({spec.search['mode']}) {rule}; every method had "
+             f"{spec.search['num_samples']} search trial(s) per target where it has searched "
+             "keys",
+             f"search trials trained with seed {spec.search_seed}; the reported seeds "
+             f"{spec.seeds} are fresh runs of the best config (its shared stages re-run per "
+             "seed)"]
+    for method in spec.methods:
+        cls = spec.method_class(method)
+        notes += cls.report_notes(spec.params_of(method))
+    return notes
+
+
+def _compare(names: Sequence[str], uri: str, storage: Path) -> int:
+    from debias.report import collect, render_text, write_report
+
+    trackers = []
+    for name in names:
+        tracker = _open_tracker(uri, name)
+        if tracker is None:
+            return 1
+        trackers.append(tracker)
+    rows = collect(trackers)
+    folder = storage / "compare" / "+".join(names)
+    md, csv_path = write_report(rows, folder)
+    print(f"\nComparison of {', '.join(names)}, test metrics over seeds (mean ± 95% CI):\n")
+    print(render_text(rows))
+    print(f"\nwritten: {md}, {csv_path}")
     return 0

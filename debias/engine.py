@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from debias.cache import StageCache
 from debias.data import GroupedDataset, load_grouped, make_torch_dataset
-from debias.methods import METHODS, Method
+from debias.methods.base import BiasAudit, Method
 from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
 from debias.seeding import derive_seed, seed_everything
@@ -64,26 +64,40 @@ class Selection:
         self.score, self.epoch, self.test = state["score"], state["epoch"], dict(state["test"])
 
 
+def trial_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def method_for(method: type[Method], config: dict[str, Any], data: GroupedDataset,
+               cache: StageCache, device: torch.device) -> Method:
+    """The method of a trial, on a table that hides the training split's bias labels unless
+    the method declares it uses them; what it reports about them goes through the audit."""
+    uses = method.bias_labels(method.params_of(config))
+    seen = data if uses.train else data.without_bias("train")
+    return method(config, seen, cache, device, BiasAudit(data))
+
+
 class Trainer:
     """One trial: builds data, method and model from a resolved trial config, then yields the
     metrics of each epoch. Checkpoints are plain state_dicts (loadable with weights_only)."""
 
-    def __init__(self, config: dict[str, Any], device: str | None = None,
-                 data: GroupedDataset | None = None) -> None:
+    def __init__(self, config: dict[str, Any], method: type[Method],
+                 device: str | None = None, data: GroupedDataset | None = None) -> None:
         self.config = config
         self.seed = int(config["seed"])
         self.train_cfg = config["train"]
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = trial_device(device)
         self.data: GroupedDataset = data or load_grouped(config["dataset"], config["target"],
                                                          config["bias"])
         self.cache = StageCache(config["cache_dir"])
-        self.method: Method = METHODS[config["method"]](config, self.data, self.cache,
-                                                        self.device)
+        self.method = method_for(method, config, self.data, self.cache, self.device)
         before = StageCache.events()
         self.method.prepare()
         # What this trial computed vs reused of the shared stages, reported with every epoch.
         self.cache_events = {k: float(v - before.get(k, 0))
                              for k, v in StageCache.events().items()}
+        # Strings, not metrics: tagged on the MLflow run as stage/<name> = cache key.
+        self.stage_tags = self.cache.stage_tags()
 
         seed_everything(derive_seed(self.seed, "init"))
         backbone = config["backbone"]
@@ -104,15 +118,15 @@ class Trainer:
         sel = config["selection"]
         self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
         self.epoch = 0  # epochs completed
-        self.train_mix = self.data.group_counts("train")
+        # The training split's group mix weighs `weighted_acc`; a table that hides the
+        # training bias labels (a stage trained inside a method) reports without it.
+        self.train_mix = (None if "train" in self.data.hidden_bias
+                          else self.data.group_counts("train"))
 
-        positions = self.method.train_positions()
         # On-disk datasets are decoded once per node into a shared memory-mapped array in the
         # stage cache (debias/data/decoded.py); in-memory ones (synthetic) ignore cache_dir.
         cache_dir = config["cache_dir"]
-        train_set = make_torch_dataset(self.data, "train", train=True, cache_dir=cache_dir)
-        self.train_set = train_set if len(positions) == len(train_set) else Subset(
-            train_set, positions.tolist())
+        self.train_set = make_torch_dataset(self.data, "train", train=True, cache_dir=cache_dir)
         self.eval_sets = {s: make_torch_dataset(self.data, s, train=False, cache_dir=cache_dir)
                           for s in ("val", "test")}
 
@@ -166,9 +180,12 @@ class Trainer:
     def train_one_epoch(self) -> dict[str, float]:
         epoch = self.epoch
         seed_everything(derive_seed(self.seed, "epoch", epoch))
-        order = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        # The method decides which positions an epoch visits (a subset, draws with
+        # replacement for reweighting samplers); the order is a stream of its own.
+        rng = np.random.default_rng(derive_seed(self.seed, "order", epoch))
+        order = self.method.epoch_order(epoch, rng).tolist()
         loader = DataLoader(self.train_set, batch_size=self.train_cfg["batch_size"],
-                            shuffle=True, generator=order, drop_last=False,
+                            sampler=order, drop_last=False,
                             num_workers=self.train_cfg["num_workers"],
                             pin_memory=self.device.type == "cuda")
         self.model.train()
@@ -192,6 +209,7 @@ class Trainer:
         metrics: dict[str, float] = {"epoch": self.epoch, "train/loss": total / max(count, 1)}
         metrics.update(self.method.epoch_metrics())
         metrics.update(self.cache_events)
+        metrics.update(self.stage_tags)
         metrics.update(self.evaluate("val"))
         metrics.update(self.selection.record(metrics, self.epoch, lambda: self.evaluate("test")))
         return metrics

@@ -19,6 +19,10 @@ class GroupMetrics:
     group_acc: dict[tuple[int, int], float]
     group_count: dict[tuple[int, int], int]
     missing_groups: tuple[tuple[int, int], ...]
+    #: Accuracy per target class, and its minimum: selection without any bias label
+    #: (SubpopBench's worst-class rule).
+    class_acc: dict[int, float]
+    worst_class_acc: float
 
     def as_flat(self, prefix: str) -> dict[str, float]:
         """Flat name -> number mapping, the shape experiment trackers want."""
@@ -26,6 +30,7 @@ class GroupMetrics:
             f"{prefix}/avg_acc": self.avg_acc,
             f"{prefix}/worst_group_acc": self.worst_group_acc,
             f"{prefix}/unbiased_acc": self.unbiased_acc,
+            f"{prefix}/worst_class_acc": self.worst_class_acc,
         }
         if self.weighted_acc is not None:
             out[f"{prefix}/weighted_acc"] = self.weighted_acc
@@ -33,6 +38,8 @@ class GroupMetrics:
             out[f"{prefix}/group_acc/{y}_{a}"] = acc
         for (y, a), count in self.group_count.items():
             out[f"{prefix}/group_count/{y}_{a}"] = float(count)
+        for y, acc in self.class_acc.items():
+            out[f"{prefix}/class_acc/{y}"] = acc
         return out
 
 
@@ -109,8 +116,12 @@ def group_metrics(
         accs = np.array(list(group_acc.values()))
         weighted = float((weights * accs).sum() / weights.sum())
 
+    class_acc = {int(yi): float(correct[y_arr == yi].mean()) for yi in range(n_classes)
+                 if (y_arr == yi).any()}
     accs_present = list(group_acc.values())
     return GroupMetrics(
+        class_acc=class_acc,
+        worst_class_acc=float(min(class_acc.values())),
         avg_acc=float(correct.mean()),
         worst_group_acc=float(min(accs_present)),
         unbiased_acc=float(np.mean(accs_present)),
@@ -119,3 +130,14 @@ def group_metrics(
         group_count=group_count,
         missing_groups=tuple(missing),
     )
+
+
+def cluster_purity(clusters: np.ndarray, bias: np.ndarray, n_clusters: int,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster: size, and the share of its majority bias value (NaN for empty clusters).
+    A purity near 1 means the clusters found the hidden bias attribute."""
+    sizes = np.bincount(clusters, minlength=n_clusters)
+    purity = np.full(n_clusters, np.nan)
+    for c in np.flatnonzero(sizes):
+        purity[c] = np.bincount(bias[clusters == c]).max() / sizes[c]
+    return sizes, purity

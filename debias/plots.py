@@ -50,8 +50,6 @@ __all__ = [
 SELECTION_METRIC = "selected/score"
 TEST_WGA = "test/worst_group_acc"
 GROUP_ACC_PREFIX = "test/group_acc/"
-CLUSTER_SIZE_PREFIX = "clusterfix/cluster_size/"
-CLUSTER_PURITY_PREFIX = "clusterfix/cluster_purity/"
 PNG_DATA_KEY = "Description"
 #: A numeric hyperparameter whose values span more than this ratio gets a log axis.
 LOG_SPAN = 100.0
@@ -343,6 +341,12 @@ class TargetRuns:
     searched: tuple[str, ...]
     search: tuple[Any, ...]
     seeds: tuple[Any, ...]
+    #: The parent run's name: the target, or ``method/target`` in a study.
+    name: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name or self.target
 
 
 def _searched(parent: Any, search: Sequence[Any]) -> tuple[str, ...]:
@@ -361,14 +365,15 @@ def _searched(parent: Any, search: Sequence[Any]) -> tuple[str, ...]:
 def load_target_runs(tracker: Tracker) -> list[TargetRuns]:
     """Every target's FINISHED search and seeds runs (seeds sorted by seed), read once."""
     out = []
-    for target, parent in sorted(tracker.parent_runs().items()):
+    for name, parent in sorted(tracker.parent_runs().items()):
+        target = parent.data.tags.get("target_attribute", name)
         pid = parent.info.run_id
         search = [r for r in tracker.child_runs(pid, "search") if r.info.status == "FINISHED"]
         seeds = [r for r in tracker.child_runs(pid, "seeds") if r.info.status == "FINISHED"]
         seeds.sort(key=lambda r: int(r.data.tags.get("seed", 0)))
         tags = parent.data.tags
         out.append(TargetRuns(target, tags.get("method", "?"), tags.get("bias_attribute", "?"),
-                              _searched(parent, search), tuple(search), tuple(seeds)))
+                              _searched(parent, search), tuple(search), tuple(seeds), name))
     return out
 
 
@@ -398,13 +403,20 @@ def _group_accuracy(runs: Sequence[Any]) -> dict[Any, list[float]]:
     return out
 
 
-def _per_cluster(metrics: Mapping[str, float], prefix: str) -> dict[int, float]:
-    return {int(k[len(prefix):]): v for k, v in metrics.items()
-            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+#: A method's per-cluster metrics: ``<method>/cluster_size/<c>`` and ``.../cluster_purity/<c>``
+#: (any method that partitions the training set may log them; ClusterFix does).
+_CLUSTER_METRIC = re.compile(r"^(\w+)/cluster_(size|purity)/(\d+)$")
+
+
+def _per_cluster(metrics: Mapping[str, float], kind: str) -> dict[int, float]:
+    return {int(m.group(3)): v for k, v in metrics.items()
+            if (m := _CLUSTER_METRIC.match(k)) and m.group(2) == kind}
 
 
 def _clusters_per_class(run: Any) -> int | None:
-    k = run.data.params.get("clusterfix.k", "")
+    """k of a run that logs clusters, from its ``<method>.k`` param (if it has one)."""
+    owner = next((m.group(1) for k in run.data.metrics if (m := _CLUSTER_METRIC.match(k))), "")
+    k = run.data.params.get(f"{owner}.k", "")
     return int(k) if k.isdigit() and int(k) > 0 else None
 
 
@@ -434,17 +446,15 @@ def sweep_plots(tracker: Tracker, folder: Path | str) -> dict[str, Path]:
     for t in targets:
         groups = _group_accuracy(t.seeds)
         if groups:
-            emit(f"group_accuracy_{_safe_name(t.target)}", plot_group_accuracy, groups,
+            emit(f"group_accuracy_{_safe_name(t.key)}", plot_group_accuracy, groups,
                  title=f"{t.target} ({t.method}, bias {t.bias}): per-group test accuracy, "
                        f"best config, {len(t.seeds)} seed(s)")
-        first = next((r for r in t.seeds if any(
-            k.startswith(CLUSTER_PURITY_PREFIX) for k in r.data.metrics)), None)
-        if t.method == "clusterfix" and first is not None:
+        first = next((r for r in t.seeds if _per_cluster(r.data.metrics, "purity")), None)
+        if first is not None:
             metrics = first.data.metrics
-            emit(f"cluster_purity_{_safe_name(t.target)}", plot_cluster_purity,
-                 _per_cluster(metrics, CLUSTER_SIZE_PREFIX),
-                 _per_cluster(metrics, CLUSTER_PURITY_PREFIX),
-                 title=f"{t.target}: ClusterFix clusters vs {t.bias} "
+            emit(f"cluster_purity_{_safe_name(t.key)}", plot_cluster_purity,
+                 _per_cluster(metrics, "size"), _per_cluster(metrics, "purity"),
+                 title=f"{t.target}: {t.method} clusters vs {t.bias} "
                        f"(seed {first.data.tags.get('seed', '?')})",
                  clusters_per_class=_clusters_per_class(first))
     return written

@@ -1,86 +1,163 @@
-"""The per-target result table, read back from MLflow (the record of truth), never from
-in-memory state: `--report` on a finished or half-finished sweep prints the same table the
-sweep printed when it ended."""
+"""The result table, read back from MLflow (the record of truth), never from in-memory state:
+`--report` on a finished or half-finished sweep prints the same table the sweep printed when
+it ended, and `--compare` builds it from several sweeps' experiments.
+
+One row per (target, method): the seeds phase's test worst-group accuracy (WGA) and average
+accuracy as a mean with a 95% confidence interval over seeds (Student t), the paired
+difference in WGA against ERM on the same target and seeds (with its own 95% interval), and
+which bias labels the method read for training and which the selection rule read.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scipy.stats import t as student_t
+
+from debias.spec import LABEL_FREE_METRICS
 from debias.tracking import Tracker
 
-__all__ = ["TargetRow", "collect", "render_markdown", "render_text", "write_report"]
+__all__ = ["Row", "Stat", "collect", "paired_difference", "render_markdown", "render_text",
+           "write_report"]
+
+REFERENCE_METHOD = "erm"
 
 
 @dataclass(frozen=True)
 class Stat:
+    """Mean of per-seed values with the half-width of its 95% Student-t interval."""
+
     mean: float
     std: float
-    sem: float
+    ci95: float
     n: int
 
     @classmethod
-    def of(cls, values: list[float]) -> Stat:
+    def of(cls, values: Sequence[float]) -> Stat:
+        values = [float(v) for v in values if not math.isnan(float(v))]
         if not values:
             return cls(math.nan, math.nan, math.nan, 0)
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return cls(statistics.fmean(values), std, std / math.sqrt(len(values)), len(values))
+        if len(values) == 1:
+            return cls(values[0], 0.0, math.nan, 1)
+        std = statistics.stdev(values)
+        half = float(student_t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+        return cls(statistics.fmean(values), std, half, len(values))
 
     def __str__(self) -> str:
         if self.n == 0:
             return "n/a"
-        return f"{100 * self.mean:.1f} ± {100 * self.std:.1f} (se {100 * self.sem:.1f})"
+        if self.n == 1:
+            return f"{100 * self.mean:.1f} (1 seed)"
+        return f"{100 * self.mean:.1f} ± {100 * self.ci95:.1f}"
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float]) -> Stat:
+    """method - reference over the seeds both have (a paired comparison: the seed's data
+    order, initialisation and stages are shared, so their noise cancels)."""
+    seeds = sorted(set(values) & set(reference))
+    return Stat.of([values[s] - reference[s] for s in seeds])
 
 
 @dataclass(frozen=True)
-class TargetRow:
+class Row:
     target: str
     bias: str
     method: str
     status: str
+    sweep: str = ""
     best_params: dict[str, str] = field(default_factory=dict)
     val_score: float = math.nan
     seeds: tuple[int, ...] = ()
+    wga_by_seed: dict[int, float] = field(default_factory=dict)
     test_wga: Stat = field(default_factory=lambda: Stat.of([]))
     test_avg: Stat = field(default_factory=lambda: Stat.of([]))
+    delta_wga: Stat = field(default_factory=lambda: Stat.of([]))
+    bias_labels: str = "?"
+    selection: str = "?"
+    parent_id: str = ""
+
+    @property
+    def selection_reads_bias(self) -> bool:
+        return self.selection not in LABEL_FREE_METRICS
 
 
-def collect(tracker: Tracker) -> list[TargetRow]:
+def _rows_of(tracker: Tracker) -> list[Row]:
     rows = []
-    for target, parent in sorted(tracker.parent_runs().items()):
+    for name, parent in sorted(tracker.parent_runs().items()):
         tags, params = parent.data.tags, parent.data.params
         runs = [r for r in tracker.child_runs(parent.info.run_id, "seeds")
                 if r.info.status == "FINISHED"]
         runs.sort(key=lambda r: int(r.data.tags.get("seed", 0)))
-        wga = [r.data.metrics["test/worst_group_acc"] for r in runs
-               if "test/worst_group_acc" in r.data.metrics]
+        wga = {int(r.data.tags["seed"]): r.data.metrics["test/worst_group_acc"] for r in runs
+               if "test/worst_group_acc" in r.data.metrics}
         avg = [r.data.metrics["test/avg_acc"] for r in runs if "test/avg_acc" in r.data.metrics]
         best = {k[len("best."):]: v for k, v in params.items()
                 if k.startswith("best.") and k != "best.score"}
-        rows.append(TargetRow(
-            target=target, bias=tags.get("bias_attribute", "?"), method=tags.get("method", "?"),
-            status=parent.info.status, best_params=best,
+        rows.append(Row(
+            target=tags.get("target_attribute", name), bias=tags.get("bias_attribute", "?"),
+            method=tags.get("method", "?"), status=parent.info.status,
+            sweep=tracker.experiment, best_params=best,
             val_score=float(params.get("best.score", "nan")),
-            seeds=tuple(int(r.data.tags.get("seed", -1)) for r in runs),
-            test_wga=Stat.of(wga), test_avg=Stat.of(avg)))
+            seeds=tuple(sorted(wga)), wga_by_seed=wga,
+            test_wga=Stat.of(list(wga.values())), test_avg=Stat.of(avg),
+            bias_labels=tags.get("bias_labels", "?"),
+            selection=tags.get("selection_metric", "?"), parent_id=parent.info.run_id))
     return rows
 
 
-HEADER = ("target", "bias", "method", "seeds", "val selection", "test WGA % (mean ± std)",
-          "test avg acc %", "best config")
+def collect(trackers: Tracker | Iterable[Tracker]) -> list[Row]:
+    """Rows of one sweep, or of several (``--compare``), with each method's paired WGA
+    difference against ERM on the same target (the ERM row of any of the sweeps)."""
+    if isinstance(trackers, Tracker):
+        trackers = [trackers]
+    rows = [row for tracker in trackers for row in _rows_of(tracker)]
+    erm = {r.target: r for r in rows if r.method == REFERENCE_METHOD}
+    out = []
+    for r in rows:
+        ref = erm.get(r.target)
+        delta = (paired_difference(r.wga_by_seed, ref.wga_by_seed)
+                 if ref is not None and r is not ref else Stat.of([]))
+        out.append(Row(**{**r.__dict__, "delta_wga": delta}))
+    order = {m: i for i, m in enumerate(_method_order(out))}
+    out.sort(key=lambda r: (r.target, order[r.method], r.sweep))
+    return out
 
 
-def _cells(row: TargetRow) -> tuple[str, ...]:
+def _method_order(rows: Sequence[Row]) -> list[str]:
+    from debias.methods import BUILTIN
+
+    names = list(BUILTIN)
+    return names + sorted({r.method for r in rows} - set(names))
+
+
+HEADER = ("target", "bias", "method", "seeds", "val selection", "test WGA % (95% CI)",
+          "test avg acc % (95% CI)", "Δ WGA vs ERM (95% CI)", "bias labels: train / select",
+          "best config")
+
+
+def _delta(stat: Stat) -> str:
+    if stat.n == 0:
+        return "—"
+    sign = "+" if stat.mean >= 0 else "−"
+    if stat.n == 1:
+        return f"{sign}{100 * abs(stat.mean):.1f} (1 seed)"
+    return f"{sign}{100 * abs(stat.mean):.1f} ± {100 * stat.ci95:.1f}"
+
+
+def _cells(row: Row) -> tuple[str, ...]:
     config = ", ".join(f"{k}={v}" for k, v in sorted(row.best_params.items())) or "(file values)"
     score = "n/a" if math.isnan(row.val_score) else f"{100 * row.val_score:.1f}"
+    select = f"val ({row.selection})" if row.selection_reads_bias else f"none ({row.selection})"
     return (row.target, row.bias, row.method, str(row.test_wga.n), score, str(row.test_wga),
-            str(row.test_avg), config)
+            str(row.test_avg), _delta(row.delta_wga), f"{row.bias_labels} / {select}", config)
 
 
-def render_text(rows: list[TargetRow]) -> str:
+def render_text(rows: list[Row]) -> str:
     table = [HEADER, *(_cells(r) for r in rows)]
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -89,25 +166,47 @@ def render_text(rows: list[TargetRow]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(rows: list[TargetRow]) -> str:
+def render_markdown(rows: list[Row], notes: Sequence[str] = ()) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
 
 
-def write_report(rows: list[TargetRow], folder: Path) -> tuple[Path, Path]:
+CSV_HEADER = ("sweep", "target", "bias", "method", "n_seeds", "seeds", "val_selection",
+              "test_wga_mean", "test_wga_std", "test_wga_ci95", "test_avg_mean", "test_avg_std",
+              "test_avg_ci95", "delta_wga_vs_erm_mean", "delta_wga_vs_erm_ci95",
+              "delta_wga_vs_erm_n", "bias_labels_train", "selection_metric",
+              "selection_reads_bias_labels", "best_config")
+
+
+def write_report(rows: list[Row], folder: Path, notes: Sequence[str] = ()) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     md, csv_path = folder / "report.md", folder / "report.csv"
-    md.write_text(render_markdown(rows))
+    md.write_text(render_markdown(rows, notes))
     with csv_path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["target", "bias", "method", "n_seeds", "seeds", "val_selection",
-                         "test_wga_mean", "test_wga_std", "test_wga_sem", "test_avg_mean",
-                         "test_avg_std", "test_avg_sem", "best_config"])
+        writer.writerow(CSV_HEADER)
         for r in rows:
-            writer.writerow([r.target, r.bias, r.method, r.test_wga.n,
+            writer.writerow([r.sweep, r.target, r.bias, r.method, r.test_wga.n,
                              " ".join(map(str, r.seeds)), r.val_score,
-                             r.test_wga.mean, r.test_wga.std, r.test_wga.sem,
-                             r.test_avg.mean, r.test_avg.std, r.test_avg.sem,
+                             r.test_wga.mean, r.test_wga.std, r.test_wga.ci95,
+                             r.test_avg.mean, r.test_avg.std, r.test_avg.ci95,
+                             r.delta_wga.mean, r.delta_wga.ci95, r.delta_wga.n,
+                             r.bias_labels, r.selection, r.selection_reads_bias,
                              "; ".join(f"{k}={v}" for k, v in sorted(r.best_params.items()))])
     return md, csv_path
+
+
+def row_metrics(row: Row) -> dict[str, float]:
+    """A row's numbers as ``report/*`` metrics for its parent run (compare methods in the
+    MLflow runs table without opening a run)."""
+    out = {"report/test_wga_mean": row.test_wga.mean, "report/test_wga_ci95": row.test_wga.ci95,
+           "report/test_avg_mean": row.test_avg.mean, "report/test_avg_ci95": row.test_avg.ci95,
+           "report/n_seeds": float(row.test_wga.n)}
+    if row.delta_wga.n:
+        out["report/delta_wga_vs_erm"] = row.delta_wga.mean
+        out["report/delta_wga_vs_erm_ci95"] = row.delta_wga.ci95
+    return {k: v for k, v in out.items() if not math.isnan(v)}

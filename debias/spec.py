@@ -1,5 +1,10 @@
 """The sweep-file schema, and the only place that validates it.
 
+Every section is a typed model (:mod:`debias.params`); a method's own section is declared in
+the method's module (its ``Params``) and found through the one registry
+(:mod:`debias.methods`). The same models generate the JSON Schema editors use
+(``launch.py --schema``, ``sweeps/sweep.schema.json``).
+
 Everything downstream (the planner, the trainable, the tracker) receives a validated
 :class:`Spec` and never re-checks user input. Validation collects *every* problem in the file
 and raises one :class:`SpecError` whose lines each name the key path, the bad value and what
@@ -9,22 +14,43 @@ is allowed, so a user fixes a file in one round trip and nothing starts on an in
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import field_validator
 
 from debias.data import DATASETS, check_pair, dataset_attributes
+from debias.methods import Method, MethodLoadError, known_methods, resolve_method
+from debias.methods.base import SweepContext
+from debias.models import ARCHS
+from debias.params import (
+    Choice,
+    Flag,
+    Float,
+    Int,
+    Number,
+    SearchDomain,
+    Section,
+    Text,
+    check_section,
+    check_value,
+    choice_values,
+    did_you_mean,
+    field_kind,
+    searchable,
+    show,
+)
 
 __all__ = [
-    "METHOD_PARAMS",
+    "SELECTION_METRICS",
     "SearchDomain",
     "Spec",
     "SpecError",
@@ -45,294 +71,166 @@ class SpecError(ValueError):
         super().__init__(f"{source} is invalid ({len(problems)} problem(s)):\n{lines}")
 
 
-class Invalid(Exception):
-    """Raised by a field checker; the text says what *is* allowed."""
+# --------------------------------------------------------------------------- the sections
 
 
-def _show(value: Any) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+class Train(Section):
+    """SGD (or Adam) of the trial's model; every method that trains by epochs reads it."""
 
-
-# --------------------------------------------------------------------------- field checkers
-
-
-@dataclass(frozen=True)
-class Field:
-    """One leaf of the schema: how to check it, its default, and whether search may vary it."""
-
-    check: Callable[[Any], Any]
-    default: Any = None
-    required: bool = False
-    searchable: bool = True
-    numeric: str | None = None  # "int" | "float" for leaves a range domain may address
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        bounds = _bounds(lo, hi)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise Invalid(f"an integer{bounds}")
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise Invalid(f"an integer{bounds}")
-        return v
-
-    return check
-
-
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-           hi_open: bool = False) -> Callable[[Any], float]:
-    def check(v: Any) -> float:
-        what = f"a number{_bounds(lo, hi, lo_open, hi_open)}"
-        if isinstance(v, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                raise Invalid(what) from None
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise Invalid(what)
-        v = float(v)
-        if lo is not None and (v < lo or (lo_open and v == lo)):
-            raise Invalid(what)
-        if hi is not None and (v > hi or (hi_open and v == hi)):
-            raise Invalid(what)
-        return v
-
-    return check
-
-
-def _bounds(lo: float | None, hi: float | None, lo_open: bool = False,
-            hi_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    if lo is not None:
-        return f" {'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        return f" {'<' if hi_open else '<='} {hi}"
-    return ""
-
-
-def _choice(*values: Any) -> Callable[[Any], Any]:
-    def check(v: Any) -> Any:
-        if v not in values or isinstance(v, bool) != isinstance(values[0], bool):
-            close = difflib.get_close_matches(str(v), [str(x) for x in values], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise Invalid(f"one of {', '.join(map(str, values))}{hint}")
-        return v
-
-    return check
-
-
-def _float_list(lo: float, lo_open: bool = False) -> Callable[[Any], list[float]]:
-    item = _float(lo, None, lo_open=lo_open)
-
-    def check(v: Any) -> list[float]:
-        what = f"a non-empty list of distinct numbers{_bounds(lo, None, lo_open)}"
-        if not isinstance(v, list) or not v:
-            raise Invalid(what)
-        try:
-            out = [item(x) for x in v]
-        except Invalid:
-            raise Invalid(what) from None
-        if len(set(out)) != len(out):
-            raise Invalid(what)
-        return out
-
-    return check
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise Invalid("true or false")
-    return v
-
-
-def _name(v: Any) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-        raise Invalid("a name of letters, digits, '_', '.', '-' (it names the MLflow experiment)")
-    return v
-
-
-def _text(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise Invalid("a non-empty string")
-    return v
-
-
-def _weights(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise Invalid("'imagenet', 'none' or a path to a state_dict file")
-    return v
-
-
-def _seeds(v: Any) -> list[int]:
-    if not isinstance(v, list) or not v:
-        raise Invalid("a non-empty list of integers, e.g. [0, 1, 2]")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
-        raise Invalid("a non-empty list of integers >= 0")
-    if len(set(v)) != len(v):
-        raise Invalid("a list of distinct seeds")
-    return list(v)
-
-
-def _targets(v: Any) -> list[str]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not v or not all(isinstance(t, str) and t for t in v):
-        raise Invalid("a non-empty list of attribute names")
-    if len(set(v)) != len(v):
-        raise Invalid("a list of distinct attribute names")
-    return list(v)
-
-
-# --------------------------------------------------------------------------- the schema
-
-TRAIN = {
-    "epochs": Field(_int(1, 10_000), 10, numeric="int"),
-    "batch_size": Field(_int(1, 65_536), 64, numeric="int"),
-    "eval_batch_size": Field(_int(1, 65_536), 256, searchable=False),
-    "optimizer": Field(_choice("sgd", "adam", "adamw"), "sgd"),
-    "lr": Field(_float(0, 10, lo_open=True), 1e-2, numeric="float"),
-    "weight_decay": Field(_float(0, 10), 1e-4, numeric="float"),
-    "momentum": Field(_float(0, 1, hi_open=True), 0.9, numeric="float"),
-    "scheduler": Field(_choice("none", "cosine"), "none"),
-    "num_workers": Field(_int(0, 64), 0, searchable=False),
+    epochs: int = Int(10, 1, 10_000)
+    batch_size: int = Int(64, 1, 65_536)
+    eval_batch_size: int = Int(256, 1, 65_536, searchable=False)
+    optimizer: Literal["sgd", "adam", "adamw"] = Choice("sgd")
+    lr: Number = Float(1e-2, 0, 10, lo_open=True)
+    weight_decay: Number = Float(1e-4, 0, 10)
+    momentum: Number = Float(0.9, 0, 1, hi_open=True)
+    scheduler: Literal["none", "cosine"] = Choice("none")
+    num_workers: int = Int(0, 0, 64, searchable=False)
     # GPU path: bf16 autocast (CUDA only; ignored on CPU), channels_last tensors, torch.compile.
-    "amp": Field(_bool, False, searchable=False),
-    "channels_last": Field(_bool, False, searchable=False),
-    "compile": Field(_bool, False, searchable=False),
-}
+    amp: bool = Flag(False)
+    channels_last: bool = Flag(False)
+    compile: bool = Flag(False)
 
-BACKBONE = {
-    "arch": Field(_choice("small_cnn", "resnet18", "resnet34", "resnet50"), "small_cnn"),
-    "weights": Field(_weights, "none", searchable=False),  # paths are checked up front
-}
 
-#: Per-method hyperparameters with their defaults (the original papers' values where they
-#: exist). Methods read their section from the resolved trial config; they never re-validate.
-METHOD_PARAMS: dict[str, dict[str, Field]] = {
-    "erm": {},
-    "clusterfix": {
-        "k": Field(_int(1, 1024), 8, numeric="int"),
-        "beta": Field(_float(0, 100), 0.5, numeric="float"),
-        "momentum": Field(_float(0, 1), 0.3, numeric="float"),
-        "cluster_loss": Field(_choice("pseudo", "both"), "pseudo"),
-        "ema": Field(_choice("sample", "cluster"), "sample"),
-        "features": Field(_choice("auto", "backbone", "reference"), "auto"),
-        "kmeans_seed": Field(_int(0), 0, searchable=False),
-    },
-    "slim": {
-        "retrain": Field(_choice("full", "last_layer"), "full"),
-        "budget_per_class": Field(_int(1, 100_000), 15, numeric="int"),
-        "neighbours": Field(_int(1, 1000), 5, numeric="int"),
-        "gamma": Field(_float(0, 1e6, lo_open=True), 10.0, numeric="float"),
-        "keep_quantile": Field(_float(0, 1, hi_open=True), 0.5, numeric="float"),
-        "curated_size": Field(_int(2, 10_000_000), 120, numeric="int"),
-        "k_max": Field(_int(2, 50), 5, numeric="int"),
-        "cell_share": Field(_choice("spread", "uniform"), "spread"),
-        "embedding": Field(_choice("pca", "umap"), "pca"),
-        "annotator": Field(_choice("simulated", "csv"), "simulated", searchable=False),
-        "annotations": Field(_text, searchable=False),
-        "aiou_threshold": Field(_float(0, 1), 0.3, numeric="float"),
-        "seed": Field(_int(0), 0, searchable=False),
-        # last_layer mode: L1 logistic regressions per grid point, averaged over retrains;
-        # DFR's grid of C and of class-weight ratios.
-        "retrains": Field(_int(1, 1000), 5, numeric="int"),
-        "c_grid": Field(_float_list(0, lo_open=True), [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01],
-                        searchable=False),
-        "class_weight_ratios": Field(_float_list(0, lo_open=True), [1.0, 2.0, 3.0, 10.0],
-                                     searchable=False),
-    },
-}
+class Backbone(Section):
+    arch: Literal[ARCHS] = Choice("small_cnn")
+    weights: str = Text("none", expected="'imagenet', 'none' or a path to a state_dict file",
+                        doc="checked up front: a path must exist")
 
-#: The ERM reference model that ClusterFix (where no pretrained backbone exists) and SLIM
-#: start from. Fixed per sweep, never searched, so every trial shares one cached model.
-REFERENCE = {
-    "epochs": Field(_int(1, 10_000), 10, searchable=False),
-    "batch_size": Field(_int(1, 65_536), 64, searchable=False),
-    "optimizer": Field(_choice("sgd", "adam", "adamw"), "sgd", searchable=False),
-    "lr": Field(_float(0, 10, lo_open=True), 0.05, searchable=False),
-    "weight_decay": Field(_float(0, 10), 5e-4, searchable=False),
-    "momentum": Field(_float(0, 1, hi_open=True), 0.9, searchable=False),
-    "scheduler": Field(_choice("none", "cosine"), "none", searchable=False),
-    "seed": Field(_int(0), 0, searchable=False),
-}
 
-#: Selection metrics every method reports on validation.
+class Reference(Section):
+    """The ERM reference model ClusterFix (where no pretrained backbone exists), SLIM, JTT
+    and DFR start from. Fixed per sweep and never searched, so every trial of a seed shares
+    one cached model; its seed is the trial's, so reported seeds re-train it."""
+
+    epochs: int = Int(10, 1, 10_000, searchable=False)
+    batch_size: int = Int(64, 1, 65_536, searchable=False)
+    optimizer: Literal["sgd", "adam", "adamw"] = Choice("sgd", searchable=False)
+    lr: Number = Float(0.05, 0, 10, lo_open=True, searchable=False)
+    weight_decay: Number = Float(5e-4, 0, 10, searchable=False)
+    momentum: Number = Float(0.9, 0, 1, hi_open=True, searchable=False)
+    scheduler: Literal["none", "cosine"] = Choice("none", searchable=False)
+
+
+class Dataset(Section):
+    name: Literal[DATASETS] = Choice(..., searchable=False)
+    root: str | None = Text(None, doc="real datasets: the folder holding its files")
+    image_size: int | None = Int(None, 8, 1024, searchable=False)
+    spurious_correlation: Number = Float(
+        0.95, 0.5, 1.0, searchable=False,
+        doc="synthetic: P(background matches the target) in train; val/test balanced")
+    seed: int = Int(0, 0, searchable=False, doc="synthetic: draws another dataset")
+
+
+SYNTHETIC_ONLY = ("spurious_correlation", "seed")
+DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224}
+
+
+class Search(Section):
+    algorithm: Literal["optuna", "random", "grid"] = Choice("optuna")
+    metric: str = Text("val/worst_group_acc", expected="a selection metric")
+    mode: Literal["max", "min"] = Choice("max")
+    num_samples: int = Int(1, 1, 100_000, doc="search trials per target (and per method)")
+    max_concurrent: int | None = Int(None, 1, 100_000)
+    seed: int = Int(0, 0, doc="the sampler's seed")
+    trial_seed: int = Int(
+        1000, 0, doc="the seed every search trial trains with; never one of `seeds`, so the "
+                     "reported seeds are fresh runs, not the search's own trials")
+    space: dict[str, Any] | None = None
+
+
+class Asha(Section):
+    grace_period: int = Int(1, 1)
+    reduction_factor: Number = Float(3.0, 1, lo_open=True)
+
+
+class Resources(Section):
+    cpu: Number = Float(1.0, 0, lo_open=True)
+    gpu: Number = Float(0.0, 0)
+
+
+class Tracking(Section):
+    uri: str = Text("sqlite:///mlflow.db", expected="a tracking URI (sqlite:///file.db, "
+                                                    "http://host:port, ...)")
+
+
+class Debug(Section):
+    """Fault injection, to check on a real cluster that a crashed trial resumes."""
+
+    fail_once_at_epoch: int | None = Int(None, 1, searchable=False)
+    #: Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
+    #: attempt: a persistent bug, to check that it is recorded and the others carry on.
+    fail_seed: int | None = Int(None, 0, searchable=False)
+
+
+class TopLevel(Section):
+    name: str = Text(..., expected="a name of letters, digits, '_', '.', '-' (it names the "
+                                   "MLflow experiment)")
+    targets: list[str] = Text(..., expected="a non-empty list of distinct attribute names")
+    seeds: list[int] = Text([0], expected="a non-empty list of integers >= 0, all distinct "
+                                          "(e.g. [0, 1, 2])")
+    storage: str = Text("debias_results")
+    max_failures: int = Int(2, 0, 100, searchable=False)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError("bad name")
+        return v
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t for t in v) \
+                or len(set(v)) != len(v):
+            raise ValueError("bad targets")
+        return v
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if not isinstance(v, list) or not v or len(set(map(str, v))) != len(v) or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+            raise ValueError("bad seeds")
+        return v
+
+
+#: Sections every sweep has (besides the methods' own), in file order.
+SECTIONS: dict[str, type[Section]] = {
+    "dataset": Dataset, "backbone": Backbone, "train": Train, "reference": Reference,
+    "search": Search, "resources": Resources, "tracking": Tracking, "debug": Debug,
+}
+#: Sections whose keys a search may vary, for every method of a sweep.
+SHARED_SEARCHABLE = {"train": Train, "backbone": Backbone}
+
+#: Selection metrics every method reports on validation. The last needs no bias labels.
 SELECTION_METRICS = (
     "val/worst_group_acc",
     "val/avg_acc",
     "val/unbiased_acc",
     "val/weighted_acc",
+    "val/worst_class_acc",
 )
-#: Selection metrics only some methods report (they need no bias labels).
-METHOD_SELECTION_METRICS = {"clusterfix": ("val/worst_pseudo_group_acc",)}
+#: Metrics that select without reading any bias label (of validation or elsewhere).
+LABEL_FREE_METRICS = ("val/avg_acc", "val/worst_class_acc", "val/worst_pseudo_group_acc")
 
-DATASET_KEYS = {
-    "name": Field(_choice(*DATASETS), required=True, searchable=False),
-    "root": Field(_text, searchable=False),
-    "image_size": Field(_int(8, 1024), searchable=False),
-    "spurious_correlation": Field(_float(0.5, 1.0), 0.95, searchable=False),
-    "seed": Field(_int(0), 0, searchable=False),
-}
-SYNTHETIC_ONLY = ("spurious_correlation", "seed")
-DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224}
 
-SEARCH = {
-    "algorithm": Field(_choice("optuna", "random", "grid"), "optuna"),
-    "metric": Field(_text, "val/worst_group_acc"),
-    "mode": Field(_choice("max", "min"), "max"),
-    "num_samples": Field(_int(1, 100_000), 1),
-    "max_concurrent": Field(_int(1, 100_000)),
-    "seed": Field(_int(0), 0),
-}
-
-ASHA = {
-    "grace_period": Field(_int(1), 1),
-    "reduction_factor": Field(_float(1, lo_open=True), 3.0),
-}
-
-RESOURCES = {
-    "cpu": Field(_float(0, lo_open=True), 1.0),
-    "gpu": Field(_float(0), 0.0),
-}
-
-#: Fault injection, to check on a real cluster that a crashed trial resumes from its checkpoint.
-DEBUG = {
-    "fail_once_at_epoch": Field(_int(1), searchable=False),
-    # Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
-    # attempt: a persistent bug, to check that it is recorded and the others carry on.
-    "fail_seed": Field(_int(0), searchable=False),
-}
-
-TOP_LEVEL = (
-    "name", "method", "dataset", "targets", "bias_attribute", "seeds", "backbone", "train",
-    *METHOD_PARAMS, "reference", "search", "scheduler", "resources", "tracking", "storage",
-    "max_failures", "debug",
-)
-
-SEARCHABLE_SECTIONS = ("train", "backbone", *METHOD_PARAMS)
+def builtin_sections() -> dict[str, type[Method]]:
+    """{section name: method} of every method the registry knows by name."""
+    out = {}
+    for name in known_methods():
+        try:
+            cls = resolve_method(name)
+        except MethodLoadError:
+            continue  # a broken plugin must not stop sweeps that do not use it
+        if cls.section:
+            out[cls.section] = cls
+    return out
 
 
 # --------------------------------------------------------------------------- the result
-
-
-@dataclass(frozen=True)
-class SearchDomain:
-    """One searched key: the dotted path and its distribution, independent of Ray or Optuna."""
-
-    path: str
-    kind: str  # "float" | "int" | "choice"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    values: tuple[Any, ...] = ()
-    #: Sampled only when every named key took one of the listed values (Optuna only), e.g.
-    #: SGD's momentum only when optimizer is "sgd"; otherwise the file's own value is used.
-    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-
-    def active(self, chosen: Mapping[str, Any]) -> bool:
-        return all(key in chosen and chosen[key] in values for key, values in self.when)
 
 
 @dataclass(frozen=True)
@@ -342,14 +240,27 @@ class Spec:
     config: dict[str, Any]
     space: tuple[SearchDomain, ...] = field(default_factory=tuple)
     source: str = "<memory>"
+    #: The ``--set KEY=VALUE`` overrides applied to the file, so commands printed for the
+    #: user (``--annotate``, ``--resume``) reproduce them.
+    overrides: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return self.config["name"]
 
     @property
+    def methods(self) -> list[str]:
+        """The methods of the sweep: one, or a study's (``methods: [...]``), in order."""
+        return list(self.config["methods"])
+
+    @property
     def method(self) -> str:
-        return self.config["method"]
+        """The sweep's method; a study names all of its methods joined with '+'."""
+        return "+".join(self.methods)
+
+    @property
+    def is_study(self) -> bool:
+        return self.config.get("study", False)
 
     @property
     def targets(self) -> list[str]:
@@ -364,6 +275,10 @@ class Spec:
         return self.config["search"]
 
     @property
+    def search_seed(self) -> int:
+        return self.config["search"]["trial_seed"]
+
+    @property
     def storage(self) -> Path:
         return Path(self.config["storage"])
 
@@ -375,27 +290,65 @@ class Spec:
         bias = self.config["bias_attribute"]
         return bias[target] if isinstance(bias, dict) else bias
 
-    def values_of(self, path: str) -> set[Any]:
-        """See :func:`_choices`."""
-        return _choices(self.config, self.space, path)
+    def method_class(self, method: str | None = None) -> type[Method]:
+        return resolve_method(method or self.methods[0])
 
-    def trial_base(self, target: str) -> dict[str, Any]:
-        """The trial config before the search's values are applied: all a trainable needs."""
+    def params_of(self, method: str | None = None) -> Section:
+        return self.method_class(method).params_of(self.config)
+
+    def space_for(self, method: str | None = None) -> tuple[SearchDomain, ...]:
+        """The search domains that apply to one method: the shared ``train.*`` and
+        ``backbone.*`` keys (``train.*`` only where the method trains by SGD) and the
+        method's own section."""
+        cls = self.method_class(method)
+        train = any(cls.uses_train_knobs(p) for p in self.param_variants(method))
+        keep = {"backbone", *(("train",) if train else ()), *((cls.section,) if cls.section
+                                                             else ())}
+        return tuple(d for d in self.space if d.path.partition(".")[0] in keep)
+
+    def param_variants(self, method: str | None = None) -> list[Section]:
+        """The method's params under each value of its searched choice keys (for rules such
+        as 'ASHA needs epochs' that depend on a choice, e.g. slim.retrain)."""
+        cls = self.method_class(method)
+        base = (self.config.get(cls.section) or {}) if cls.section else {}
+        variants = [dict(base)]
+        for d in self.space:
+            sec, _, leaf = d.path.partition(".")
+            if cls.section and sec == cls.section and d.kind == "choice":
+                variants = [{**v, leaf: value} for v in variants for value in d.values]
+        return [cls.Params.model_validate(v) for v in variants]
+
+    def values_of(self, path: str, method: str | None = None) -> set[Any]:
+        """Every value a key can take in this sweep: its searched values, else the file's."""
+        return self.context(method).values_of(path)
+
+    def context(self, method: str | None = None, cwd: Path | None = None) -> SweepContext:
+        return SweepContext(self.config, self.space_for(method), self.params_of(method),
+                            cwd=cwd or Path.cwd())
+
+    def trial_base(self, target: str, method: str | None = None) -> dict[str, Any]:
+        """The trial config before the search's values are applied: all a trainable needs.
+        Its seed is the search's trial seed; the seeds phase replaces it."""
         c = self.config
-        return copy.deepcopy({
-            "method": c["method"],
+        method = method or self.methods[0]
+        cls = resolve_method(method)
+        base = {
+            "method": method,
             "dataset": c["dataset"],
             "target": target,
             "bias": self.bias_for(target),
-            "seed": c["seeds"][0],
+            "seed": self.search_seed,
+            "search_seed": self.search_seed,
             "backbone": c["backbone"],
             "train": c["train"],
-            c["method"]: c[c["method"]],
             "reference": c["reference"],
             "selection": {"metric": c["search"]["metric"], "mode": c["search"]["mode"]},
             "cache_dir": str(Path(c["storage"]) / "cache"),
             "debug": c["debug"],
-        })
+        }
+        if cls.section:
+            base[cls.section] = c[cls.section]
+        return copy.deepcopy(base)
 
 
 def with_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
@@ -479,12 +432,18 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), cwd: Path | None 
     if not isinstance(raw, dict):
         raise SpecError([f"the file must be a mapping of keys (name, method, dataset, ...), "
                          f"got {type(raw).__name__}"], source=str(path))
+    overrides = tuple(overrides)
     for key, value in parse_overrides(overrides):
         _set_path(raw, key, value)
-    return validate(raw, source=str(path), cwd=cwd)
+    spec = validate(raw, source=str(path), cwd=cwd)
+    return dataclasses.replace(spec, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- validation
+
+FIXED_TOP_LEVEL = ("name", "method", "methods", "dataset", "targets", "bias_attribute",
+                   "seeds", "backbone", "train", "reference", "search", "scheduler",
+                   "resources", "tracking", "storage", "max_failures", "debug")
 
 
 def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | None = None) -> Spec:
@@ -494,80 +453,104 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     raw = _expand_env(copy.deepcopy(dict(raw)))
 
     def bad(path: str, value: Any, expected: str) -> None:
-        problems.append(f"{path}: got {_show(value)}; expected {expected}")
+        problems.append(f"{path}: got {show(value)}; expected {expected}")
 
+    methods = _check_methods(raw, problems, bad)
+    # A method that did not load owns a section nobody can check: say so once, not per key.
+    unloaded = not methods
+    method_sections = {**builtin_sections(), **{m.section: m for m in methods if m.section}}
+    top_level = (*FIXED_TOP_LEVEL, *method_sections)
     for key in raw:
-        if key not in TOP_LEVEL:
-            close = difflib.get_close_matches(str(key), TOP_LEVEL, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{key}: unknown key{hint}; allowed: {', '.join(TOP_LEVEL)}")
+        if key not in top_level and not unloaded:
+            problems.append(f"{key}: unknown key{did_you_mean(key, top_level)}; allowed: "
+                            f"{', '.join(top_level)}")
 
-    def section(name: str, fields: Mapping[str, Field], value: Any) -> dict[str, Any]:
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            bad(name, value, f"a mapping with keys {', '.join(fields) or '(none)'}")
-            value = {}
-        out = {}
-        for key in value:
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                allowed = ", ".join(fields) or "no keys"
-                problems.append(f"{name}.{key}: unknown key{hint}; allowed: {allowed}")
-        for key, f in fields.items():
-            if key in value and value[key] is not None:
-                try:
-                    out[key] = f.check(value[key])
-                except Invalid as exc:
-                    bad(f"{name}.{key}", value[key], str(exc))
-            elif f.required:
-                problems.append(f"{name}.{key}: missing; it is required")
-            elif f.default is not None:
-                out[key] = copy.deepcopy(f.default)
-        return out
-
-    cfg: dict[str, Any] = {}
-    scalar = {
-        "name": Field(_name, required=True),
-        "method": Field(_choice(*METHOD_PARAMS), "erm"),
-        "targets": Field(_targets, required=True),
-        "seeds": Field(_seeds, [0]),
-        "storage": Field(_text, "debias_results"),
-        "max_failures": Field(_int(0, 100), 2),
-    }
-    cfg.update(section("<top>", scalar, {k: raw.get(k) for k in scalar}))
-    problems[:] = [p.replace("<top>.", "") for p in problems]
-
-    cfg["dataset"] = section("dataset", DATASET_KEYS, raw.get("dataset"))
+    cfg: dict[str, Any] = {"methods": [m_name for m_name, _ in _method_names(raw)]
+                           if methods else [], "study": "methods" in raw}
+    top = check_section(TopLevel, {k: raw[k] for k in TopLevel.model_fields if k in raw},
+                        "", problems)
+    cfg.update(top.model_dump())
     if "dataset" not in raw:
         problems.append("dataset: missing; it is required (e.g. dataset: {name: synthetic})")
+    for name, model in SECTIONS.items():
+        cfg[name] = check_section(model, raw.get(name), name, problems).model_dump()
+    cfg["search"].pop("space", None)
     _check_dataset(cfg["dataset"], problems, cwd)
-
-    cfg["backbone"] = section("backbone", BACKBONE, raw.get("backbone"))
-    cfg["train"] = section("train", TRAIN, raw.get("train"))
-    for method, fields in METHOD_PARAMS.items():
-        cfg[method] = section(method, fields, raw.get(method))
-    cfg["reference"] = section("reference", REFERENCE, raw.get("reference"))
-    cfg["search"] = section("search", {**SEARCH, "space": Field(lambda v: v)}, raw.get("search"))
-    cfg["resources"] = section("resources", RESOURCES, raw.get("resources"))
-    cfg["tracking"] = section("tracking", {"uri": Field(_text, "sqlite:///mlflow.db")},
-                              raw.get("tracking"))
-    cfg["debug"] = section("debug", DEBUG, raw.get("debug"))
-    cfg["scheduler"] = _check_scheduler(raw.get("scheduler"), section, bad)
+    for section, cls in method_sections.items():
+        if section in raw or cls in methods:
+            cfg[section] = check_section(cls.Params, raw.get(section), section,
+                                         problems).model_dump()
+    cfg["scheduler"] = _check_scheduler(raw.get("scheduler"), problems, bad)
 
     _check_targets(cfg, raw, problems, bad)
     _check_weights(cfg, problems, cwd)
-    _check_method(cfg, problems, cwd)
-    _check_metric(cfg, bad)
-    space = _check_space(cfg, cfg["search"].pop("space", None) or {}, problems, bad)
-    _check_slim_space(cfg, space, problems)
+    _check_seeds(cfg, problems, bad)
+    raw_space = ((raw.get("search") or {}) if isinstance(raw.get("search"), dict)
+                 else {}).get("space") or {}
+    space = _check_space(cfg, raw_space, methods, problems, bad) if methods else ()
+    if methods and not problems:
+        _check_metric(cfg, methods, bad)
+        spec = Spec(config=cfg, space=space, source=source)
+        for cls in methods:
+            ctx = spec.context(cls_name(cfg, cls), cwd)
+            cls.check(ctx)
+            problems.extend(ctx.problems)
+        _check_idle_train_keys(spec, problems)
+        _check_asha(spec, problems)
 
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     cfg["storage"] = str(_absolute(cfg["storage"], cwd))
     cfg["tracking"]["uri"] = _absolute_tracking_uri(cfg["tracking"]["uri"], cwd)
     return Spec(config=cfg, space=space, source=source)
+
+
+def cls_name(cfg: dict[str, Any], cls: type[Method]) -> str:
+    """The ``method:`` value (name or module path) a class was loaded from."""
+    for name in cfg["methods"]:
+        if resolve_method(name) is cls:
+            return name
+    return cls.name
+
+
+def _method_names(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(value, key path) of every method the file names."""
+    if "methods" in raw:
+        value = raw["methods"]
+        if isinstance(value, list):
+            return [(str(v), f"methods[{i}]") for i, v in enumerate(value)]
+        return []
+    return [(str(raw.get("method", "erm")), "method")]
+
+
+def _check_methods(raw: Mapping[str, Any], problems: list[str], bad: Any) -> list[type[Method]]:
+    """The method classes a file names (``method:`` or a study's ``methods:``), loaded."""
+    if "method" in raw and "methods" in raw:
+        problems.append("method, methods: both given; expected exactly one (`method: NAME` "
+                        "for one method, `methods: [NAME, ...]` for a study)")
+        return []
+    if "methods" in raw:
+        value = raw["methods"]
+        if not isinstance(value, list) or not value:
+            bad("methods", value, "a non-empty list of method names")
+            return []
+        if len(set(map(str, value))) != len(value):
+            bad("methods", value, "a list of distinct method names")
+            return []
+    out = []
+    for value, where in _method_names(raw):
+        if not isinstance(value, str):
+            bad(where, value, "a method name")
+            continue
+        try:
+            out.append(resolve_method(value))
+        except MethodLoadError as exc:
+            if ":" in value:
+                problems.append(f"{where}: {exc}")
+            else:
+                bad(where, value, f"one of {', '.join(known_methods())}"
+                    f"{did_you_mean(value, known_methods())}, or package.module:ClassName")
+    return out if len(out) == len(_method_names(raw)) else []
 
 
 def _absolute(value: str, cwd: Path) -> Path:
@@ -592,24 +575,25 @@ def _check_dataset(ds: dict[str, Any], problems: list[str], cwd: Path) -> None:
     else:
         for key in SYNTHETIC_ONLY:
             ds.pop(key, None)
-        if "root" not in ds:
+        if ds.get("root") is None:
+            ds.pop("root", None)
             problems.append(f"dataset.root: missing; the {name} dataset needs the folder that "
                             "holds its files (see README, 'Datasets')")
         else:
             ds["root"] = str(_absolute(ds["root"], cwd))
-    ds.setdefault("image_size", DEFAULT_IMAGE_SIZE[name])
+    if ds.get("image_size") is None:
+        ds["image_size"] = DEFAULT_IMAGE_SIZE[name]
 
 
 def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[str],
-                   bad: Callable[[str, Any, str], None]) -> None:
+                   bad: Any) -> None:
     name = cfg["dataset"].get("name")
     targets = cfg.get("targets") or []
     known = dataset_attributes(name) if name in DATASETS else ()
     for i, t in enumerate(targets):
         if known and t not in known:
-            close = difflib.get_close_matches(t, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            bad(f"targets[{i}]", t, f"an attribute of {name}{hint}: {', '.join(known)}")
+            bad(f"targets[{i}]", t, f"an attribute of {name}{did_you_mean(t, known)}: "
+                f"{', '.join(known)}")
     bias = raw.get("bias_attribute")
     if bias is None:
         problems.append("bias_attribute: missing; it is required (the attribute that defines "
@@ -631,14 +615,21 @@ def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[s
     for t, b in pairs.items():
         path = f"bias_attribute.{t}" if isinstance(bias, dict) else "bias_attribute"
         if not isinstance(b, str) or (known and b not in known):
-            close = difflib.get_close_matches(str(b), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            bad(path, b, f"an attribute of {name}{hint}: {', '.join(known)}")
+            bad(path, b, f"an attribute of {name}{did_you_mean(b, known)}: {', '.join(known)}")
         elif b == t:
             bad(path, b, f"an attribute other than the target {t!r}")
         elif known and t in known and (reason := check_pair(name, t, b)):
             bad(path, b, reason)
     cfg["bias_attribute"] = bias
+
+
+def _check_seeds(cfg: dict[str, Any], problems: list[str], bad: Any) -> None:
+    """Reported seeds are fresh runs: never the seed the search's trials trained with."""
+    search_seed = cfg["search"]["trial_seed"]
+    if search_seed in (cfg.get("seeds") or []):
+        bad("seeds", cfg["seeds"], f"seeds other than search.trial_seed ({search_seed}): "
+            "the seeds phase re-runs the best config fresh, never the search's own trial; "
+            "change one of them")
 
 
 def _check_weights(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
@@ -656,110 +647,95 @@ def _check_weights(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
         cfg["backbone"]["weights"] = str(path)
 
 
-def _check_method(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
-    """Cross-key rules of the method sections (single keys are checked by their Field)."""
-    method = cfg.get("method")
-    if method == "clusterfix" and cfg["clusterfix"].get("features") == "backbone" and \
-            cfg["backbone"].get("weights") == "none":
-        problems.append("clusterfix.features: got 'backbone'; expected 'reference' or 'auto' "
-                        "when backbone.weights is 'none' (random features cannot cluster)")
-    if method == "slim":
-        slim = cfg["slim"]
-        import importlib.util
-
-        if slim.get("embedding") == "umap" and importlib.util.find_spec("umap") is None:
-            problems.append("slim.embedding: got 'umap'; expected 'pca' here, or install "
-                            "umap-learn first (pip install -e '.[umap]')")
-        if slim.get("annotator") == "csv":
-            if "annotations" not in slim:
-                problems.append("slim.annotations: missing; expected the path of the annotation "
-                                "CSV when slim.annotator is 'csv' (it is written for you to fill "
-                                "in if it does not exist)")
-            else:
-                slim["annotations"] = str(_absolute(slim["annotations"], cwd))
+def _check_metric(cfg: dict[str, Any], methods: list[type[Method]], bad: Any) -> None:
+    metric = cfg["search"]["metric"]
+    for cls in methods:
+        allowed = SELECTION_METRICS + cls.extra_selection_metrics
+        if metric not in allowed:
+            bad("search.metric", metric, f"one of {', '.join(allowed)} for method {cls.name}")
+            return
 
 
-def _choices(cfg: dict[str, Any], space: tuple[SearchDomain, ...], path: str) -> set[Any]:
-    """Every value a choice key can take in this sweep: its searched values, else the file's."""
-    for d in space:
-        if d.path == path:
-            return set(d.values)
-    section, _, leaf = path.partition(".")
-    return {cfg[section].get(leaf)}
-
-
-#: Knobs that change *which images* SLIM shows the annotator (the architecture through the
-#: reference model's GradCAM). ``slim.retrain`` also does, but the request covers every mode
-#: the sweep can take: its rows carry their split.
-_SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "backbone.arch")
-
-
-def _check_slim_space(cfg: dict[str, Any], space: tuple[SearchDomain, ...],
-                      problems: list[str]) -> None:
-    """Rules between SLIM's knobs and the search: they need the parsed space."""
-    if cfg.get("method") != "slim":
-        return
-    if cfg["scheduler"] and "last_layer" in _choices(cfg, space, "slim.retrain"):
-        problems.append("scheduler: got ASHA; expected null when slim.retrain can be "
-                        "'last_layer' (its steps are points of the C x class-weight grid, not "
-                        "epochs, so stopping early would skip grid points, not epochs)")
-    if _choices(cfg, space, "slim.retrain") == {"last_layer"}:
-        idle = [d.path for d in space if d.path.startswith("train.")]
-        if idle:
-            problems.append(f"search.space: {', '.join(idle)} searched with slim.retrain "
-                            "'last_layer'; expected no train.* keys (last-layer retraining is a "
-                            "grid of logistic regressions: SGD's knobs would not change a thing)")
-    if cfg["slim"].get("annotator") == "csv":
-        searched = [d.path for d in space if d.path in _SAMPLING_KEYS]
-        if searched:
-            problems.append(f"search.space: {', '.join(searched)} searched with slim.annotator "
-                            "'csv'; expected these fixed (each value samples other images, and "
-                            "one annotation file answers one sampling)")
-
-
-def _check_metric(cfg: dict[str, Any], bad: Callable[[str, Any, str], None]) -> None:
-    metric = cfg["search"].get("metric")
-    allowed = SELECTION_METRICS + METHOD_SELECTION_METRICS.get(cfg.get("method"), ())
-    if metric is not None and metric not in allowed:
-        bad("search.metric", metric, f"one of {', '.join(allowed)} for method "
-            f"{cfg.get('method')}")
-
-
-def _check_scheduler(value: Any, section: Callable[..., dict[str, Any]],
-                     bad: Callable[[str, Any, str], None]) -> dict[str, Any] | None:
+def _check_scheduler(value: Any, problems: list[str], bad: Any) -> dict[str, Any] | None:
     if value in (None, "none", {}):
         return None
     if not isinstance(value, dict) or set(value) != {"asha"}:
         bad("scheduler", value, "null or {asha: {grace_period: INT, reduction_factor: NUMBER}}")
         return None
-    return {"asha": section("scheduler.asha", ASHA, value["asha"])}
+    return {"asha": check_section(Asha, value["asha"], "scheduler.asha", problems).model_dump()}
 
 
-def _check_space(cfg: dict[str, Any], space: Any, problems: list[str],
-                 bad: Callable[[str, Any, str], None]) -> tuple[SearchDomain, ...]:
+def _check_asha(spec: Spec, problems: list[str]) -> None:
+    """ASHA stops trials at epoch milestones: it needs epochs, and enough of them."""
+    sched = spec.config["scheduler"]
+    if not sched:
+        return
+    grace = sched["asha"]["grace_period"]
+    for method in spec.methods:
+        cls = spec.method_class(method)
+        kinds = {cls.trial_kind(p) for p in spec.param_variants(method)}
+        if kinds != {"epochs"}:
+            problems.append(f"scheduler: got ASHA; expected null when {method} can run "
+                            "last-layer trials (their steps are points of the C x "
+                            "class-weight grid, not epochs, so stopping early would skip grid "
+                            "points, not epochs)")
+    epochs = next((d for d in spec.space if d.path == "train.epochs"), None)
+    fewest = spec.config["train"]["epochs"] if epochs is None else (
+        min(epochs.values) if epochs.kind == "choice" else epochs.low)
+    if epochs and grace > fewest:
+        problems.append(f"scheduler.asha.grace_period: got {grace}; expected at most the fewest "
+                        f"epochs a trial can have ({fewest})")
+    elif not epochs and grace > spec.config["train"]["epochs"]:
+        problems.append(f"scheduler.asha.grace_period: got {grace}; expected at most "
+                        f"train.epochs ({spec.config['train']['epochs']})")
+
+
+def _check_idle_train_keys(spec: Spec, problems: list[str]) -> None:
+    """A single-method sweep that searches ``train.*`` for a method without SGD epochs would
+    spend its budget on knobs that change nothing. (In a study the keys are shared: they
+    apply to the methods that train by SGD.)"""
+    if spec.is_study:
+        return
+    idle = [d.path for d in spec.space if d.path.startswith("train.")]
+    if idle and not any(d.path.startswith("train.") for d in spec.space_for(spec.methods[0])):
+        problems.append(f"search.space: {', '.join(idle)} searched, but method "
+                        f"{spec.methods[0]} trains no SGD epochs here (its trial is a grid of "
+                        "logistic regressions on frozen features); expected no train.* keys "
+                        "(SGD's knobs would not change a thing)")
+
+
+def _check_space(cfg: dict[str, Any], space: Any, methods: list[type[Method]],
+                 problems: list[str], bad: Any) -> tuple[SearchDomain, ...]:
     if not isinstance(space, dict):
         bad("search.space", space, "a mapping {dotted.key: {float|int: [lo, hi]} | {choice: [..]}}")
         return ()
-    sections = {"train": TRAIN, "backbone": BACKBONE, cfg.get("method"): METHOD_PARAMS.get(
-        cfg.get("method"), {})}
-    grid = cfg["search"].get("algorithm") == "grid"
-    domains = []
+    sections: dict[str, type[Section]] = dict(SHARED_SEARCHABLE)
+    for cls in methods:
+        if cls.section:
+            sections[cls.section] = cls.Params
+    other = {s: c for s, c in builtin_sections().items() if s not in sections}
+    algorithm = cfg["search"].get("algorithm")
+    grid = algorithm == "grid"
+    domains: list[SearchDomain] = []
     for key, dom in space.items():
         where = f"search.space.{key}"
         sec, _, leaf = str(key).partition(".")
-        fields = sections.get(sec) if sec in SEARCHABLE_SECTIONS else None
-        f = fields.get(leaf) if fields else None
-        if f is None or not f.searchable:
-            allowed = [f"{s}.{k}" for s, fs in sections.items() if s for k, fx in fs.items()
-                       if fx.searchable]
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{where}: not a searchable key{hint}; allowed: {', '.join(allowed)}")
+        model = sections.get(sec)
+        info = model.model_fields.get(leaf) if model else None
+        if info is None or not searchable(info):
+            if sec in other and leaf in other[sec].Params.model_fields:
+                problems.append(f"{where}: a key of method {other[sec].name}, which this "
+                                f"sweep does not run (methods: {', '.join(cfg['methods'])})")
+                continue
+            allowed = [f"{s}.{k}" for s, m in sections.items() for k, fi in m.model_fields.items()
+                       if searchable(fi)]
+            problems.append(f"{where}: not a searchable key{did_you_mean(key, allowed)}; "
+                            f"allowed: {', '.join(allowed)}")
             continue
         when = dom.pop("when", None) if isinstance(dom, dict) else None
-        parsed = _parse_domain(where, dom, f, grid, problems, bad)
+        parsed = _parse_domain(where, dom, model, leaf, grid, bad)
         if parsed:
-            conditions = _parse_when(where, when, domains, cfg["search"].get("algorithm"), bad)
+            conditions = _parse_when(where, when, domains, algorithm, bad)
             domains.append(SearchDomain(path=str(key), when=conditions, **parsed))
     if grid and not domains:
         problems.append("search.algorithm: got 'grid'; expected a search.space with at least "
@@ -768,7 +744,7 @@ def _check_space(cfg: dict[str, Any], space: Any, problems: list[str],
 
 
 def _parse_when(where: str, when: Any, earlier: list[SearchDomain], algorithm: Any,
-                bad: Callable[[str, Any, str], None]) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+                bad: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     """`when: {other.key: value | [values]}`: a condition on choice keys listed earlier."""
     if when is None:
         return ()
@@ -793,8 +769,8 @@ def _parse_when(where: str, when: Any, earlier: list[SearchDomain], algorithm: A
     return tuple(out)
 
 
-def _parse_domain(where: str, dom: Any, f: Field, grid: bool, problems: list[str],
-                  bad: Callable[[str, Any, str], None]) -> dict[str, Any] | None:
+def _parse_domain(where: str, dom: Any, model: type[Section], leaf: str, grid: bool,
+                  bad: Any) -> dict[str, Any] | None:
     form = "{float: [lo, hi]}, {int: [lo, hi]} (optionally log: true) or {choice: [v1, v2, ...]}"
     if not isinstance(dom, dict):
         bad(where, dom, form)
@@ -806,32 +782,36 @@ def _parse_domain(where: str, dom: Any, f: Field, grid: bool, problems: list[str
         return None
     kind = kinds[0]
     values = dom[kind]
+    info = model.model_fields[leaf]
     if kind == "choice":
         if not isinstance(values, list) or not values:
             bad(where, values, "a non-empty list of values for choice")
             return None
         checked = []
         for i, v in enumerate(values):
-            try:
-                checked.append(f.check(v))
-            except Invalid as exc:
-                bad(f"{where}.choice[{i}]", v, str(exc))
+            value, expected = check_value(model, leaf, v)
+            if expected is not None:
+                bad(f"{where}.choice[{i}]", v, expected)
+            else:
+                checked.append(value)
         return {"kind": "choice", "values": tuple(checked)}
     if grid:
         bad(where, dom, "{choice: [...]} (the grid algorithm enumerates choices only)")
         return None
-    if f.numeric is None or (kind == "float" and f.numeric == "int"):
-        bad(where, dom, f"{{choice: [...]}}{' or {int: [lo, hi]}' if f.numeric else ''} "
+    numeric = field_kind(info)
+    if numeric is None or choice_values(info) is not None or (kind == "float"
+                                                               and numeric == "int"):
+        bad(where, dom, f"{{choice: [...]}}{' or {int: [lo, hi]}' if numeric else ''} "
             "for this key")
         return None
     if not isinstance(values, list) or len(values) != 2:
         bad(f"{where}.{kind}", values, "a range [lo, hi]")
         return None
-    try:
-        lo, hi = (f.check(v) for v in values)
-    except Invalid as exc:
-        bad(f"{where}.{kind}", values, f"ends that are each {exc}")
+    ends = [check_value(model, leaf, v) for v in values]
+    if any(expected for _, expected in ends):
+        bad(f"{where}.{kind}", values, f"ends that are each {next(e for _, e in ends if e)}")
         return None
+    lo, hi = (v for v, _ in ends)
     log = dom.get("log", False)
     if not isinstance(log, bool):
         bad(f"{where}.log", log, "true or false")

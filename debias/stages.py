@@ -1,9 +1,11 @@
-"""Shared stages that ClusterFix and SLIM build on: the ERM reference model and frozen features.
+"""Shared stages that several methods build on: the ERM reference model and frozen features.
 
-Both are pure functions of (dataset view, backbone, stage settings), stored in the stage cache
-so the first trial that needs one computes it and every later trial, on any node, loads it.
-Trial-level knobs (the searched lr, k, momentum, the trial seed) are deliberately *not* part
-of their keys: a sweep over those knobs must share one reference model and one feature matrix.
+Both are pure functions of (dataset view, backbone, stage settings, seed), stored in the stage
+cache so the first trial that needs one computes it and every later trial, on any node, loads
+it. The searched trial knobs (lr, k, momentum) are deliberately *not* part of their keys: a
+sweep over those knobs shares one reference model and one feature matrix. The seed is: every
+search trial trains with the search's seed (so they share), while each reported seed re-trains
+its own reference model, so the spread over seeds includes the reference's randomness.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from tqdm.auto import tqdm
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.data.grouped import SPLITS
+from debias.engine import Trainer
+from debias.methods.erm import ERM
 from debias.models import Classifier, build_classifier
 
 __all__ = ["backbone_identity", "extract_features", "features_key", "frozen_features",
-           "reference_config", "reference_inputs", "reference_key", "reference_model"]
+           "predict", "reference_config", "reference_inputs", "reference_key",
+           "reference_model"]
 
 REFERENCE_VERSION = 1
 FEATURES_VERSION = 1
@@ -46,20 +51,24 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def reference_config(config: dict[str, Any]) -> dict[str, Any]:
+def reference_config(config: dict[str, Any], seed: int | None = None,
+                     epochs: int | None = None) -> dict[str, Any]:
     """The ERM trial config that trains the reference model: the sweep's dataset, target and
-    backbone with the fixed `reference` settings (never the searched `train` values)."""
-    ref = config["reference"]
-    train = {k: v for k, v in ref.items() if k != "seed"}
+    backbone with the fixed `reference` settings (never the searched `train` values), the
+    trial's seed unless ``seed`` says otherwise, and `reference.epochs` unless ``epochs`` does
+    (JTT's identification model is the same ERM stopped after T epochs)."""
+    ref = dict(config["reference"])
+    if epochs is not None:
+        ref["epochs"] = epochs
     return {
         "method": "erm",
         "dataset": config["dataset"],
         "target": config["target"],
         "bias": config["bias"],
-        "seed": ref["seed"],
+        "seed": config["seed"] if seed is None else seed,
         "backbone": config["backbone"],
-        "train": {**config["train"], **train},
-        "erm": {},
+        "train": {**config["train"], **ref},
+        "erm": {"balance": "none"},
         # Bias labels never select the reference model: it is the last epoch.
         "selection": {"metric": "val/avg_acc", "mode": "max"},
         "cache_dir": config["cache_dir"],
@@ -67,31 +76,31 @@ def reference_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def reference_inputs(config: dict[str, Any], data: GroupedDataset) -> dict[str, Any]:
+def reference_inputs(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+                     epochs: int | None = None) -> dict[str, Any]:
     """What determines the reference model: its cache key, and part of its dependants' keys."""
-    ref_cfg = reference_config(config)
+    ref_cfg = reference_config(config, seed, epochs)
     return {"data": data.identity(), "backbone": backbone_identity(ref_cfg["backbone"]),
             "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
 
 
-def reference_key(config: dict[str, Any], data: GroupedDataset) -> str:
+def reference_key(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+                  epochs: int | None = None) -> str:
     """The reference model's cache key: what its dependants (GradCAM, overlays) key on."""
-    return stage_key("reference", REFERENCE_VERSION, reference_inputs(config, data))
+    return stage_key("reference", REFERENCE_VERSION, reference_inputs(config, data, seed, epochs))
 
 
 def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                    device: torch.device) -> Classifier:
+                    device: torch.device, seed: int | None = None,
+                    epochs: int | None = None) -> Classifier:
     """The ERM model trained on the target (cached), in eval mode on `device`."""
-    from debias.engine import Trainer  # the engine imports methods, which import this module
-
-    ref_cfg = reference_config(config)
-    inputs = reference_inputs(config, data)
+    ref_cfg = reference_config(config, seed, epochs)
+    inputs = reference_inputs(config, data, seed, epochs)
 
     def train() -> dict[str, Any]:
-        trainer = Trainer(ref_cfg, device=str(device), data=data)
-        epochs = ref_cfg["train"]["epochs"]
-        for metrics in tqdm(trainer.epochs(), total=epochs, desc="reference model (ERM)",
-                            leave=False):
+        trainer = Trainer(ref_cfg, ERM, device=str(device), data=data)
+        for metrics in tqdm(trainer.epochs(), total=ref_cfg["train"]["epochs"],
+                            desc="reference model (ERM)", leave=False):
             del metrics
         return {"model": {k: v.cpu() for k, v in trainer.model.state_dict().items()}}
 
@@ -114,19 +123,35 @@ def extract_features(model: Classifier, data: GroupedDataset, split: str, device
     return out
 
 
-def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str
-                    ) -> dict[str, Any]:
+@torch.no_grad()
+def predict(model: Classifier, data: GroupedDataset, split: str, device: torch.device,
+            batch_size: int = 256) -> torch.Tensor:
+    """Predicted classes of one split with the eval transform, in split order (CPU)."""
+    model.eval()
+    dataset = make_torch_dataset(data, split, train=False)
+    out = torch.empty(len(dataset), dtype=torch.long)
+    for images, positions in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        out[positions] = model(images.to(device)).argmax(1).cpu()
+    return out
+
+
+def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,
+                    splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
     """What determines the frozen features of `source` ('backbone' or 'reference')."""
     if source == "backbone":
         identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
     else:
         identity = {"reference": reference_inputs(config, data)}
-    return {"data": data.identity(), "source": source, **identity}
+    inputs = {"data": data.identity(), "source": source, **identity}
+    if tuple(splits) != SPLITS:
+        inputs["splits"] = list(splits)
+    return inputs
 
 
-def features_key(config: dict[str, Any], data: GroupedDataset, source: str) -> str:
+def features_key(config: dict[str, Any], data: GroupedDataset, source: str,
+                 splits: tuple[str, ...] = SPLITS) -> str:
     """The features' cache key: what stages built on them (k-means) key on."""
-    return stage_key("features", FEATURES_VERSION, features_inputs(config, data, source))
+    return stage_key("features", FEATURES_VERSION, features_inputs(config, data, source, splits))
 
 
 def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
@@ -136,9 +161,7 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
     from a frozen pretrained backbone (`source='backbone'`) or from the ERM reference model
     (`source='reference'`). Last-layer retraining asks for validation and test only: on
     CelebA the training split alone is 160k forward passes."""
-    inputs = features_inputs(config, data, source)
-    if tuple(splits) != SPLITS:
-        inputs["splits"] = list(splits)
+    inputs = features_inputs(config, data, source, splits)
 
     def compute() -> dict[str, Any]:
         if source == "backbone":

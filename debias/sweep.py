@@ -22,12 +22,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from debias.data import DatasetError, load_grouped
-from debias.slim.dfr import class_weight_options
-from debias.spec import SearchDomain, Spec
+from debias.methods.base import PreflightError
+from debias.spec import LABEL_FREE_METRICS, SearchDomain, Spec
 from debias.tracking import MlflowTrialCallback, Tracker, redact_uri
 from debias.trainable import train_trial
 
-__all__ = ["SweepError", "describe_plan", "phase_path", "preflight", "run_sweep"]
+__all__ = ["Pipeline", "SweepError", "describe_plan", "phase_path", "pipelines", "preflight",
+           "run_sweep"]
 
 log = logging.getLogger("debias")
 TUNE_METRIC = "selected/score"
@@ -44,8 +45,25 @@ class PhaseResult:
     grid: tune.ResultGrid
 
 
-def phase_path(spec: Spec, target: str, phase: str) -> Path:
-    return spec.storage / spec.name / target / phase
+@dataclass(frozen=True)
+class Pipeline:
+    """One (method, target) of a sweep: a search phase, then the seeds phase on its best
+    config. Named after the target, or ``method/target`` in a study (its MLflow parent run
+    and its folder under the sweep's storage)."""
+
+    method: str
+    target: str
+    name: str
+
+
+def pipelines(spec: Spec) -> list[Pipeline]:
+    """Every pipeline of a sweep: per target, per method (targets outermost)."""
+    return [Pipeline(m, t, f"{m}/{t}" if spec.is_study else t)
+            for t in spec.targets for m in spec.methods]
+
+
+def phase_path(spec: Spec, pipeline: Pipeline, phase: str) -> Path:
+    return spec.storage / spec.name / pipeline.name / phase
 
 
 def _domain(d: SearchDomain, grid: bool) -> Any:
@@ -59,51 +77,46 @@ def _domain(d: SearchDomain, grid: bool) -> Any:
 
 def describe_plan(spec: Spec) -> str:
     s = spec.search
-    n_search = _num_search_trials(spec)
     lines = [
-        f"sweep {spec.name!r}: method {spec.method} on {spec.config['dataset']['name']} "
-        f"(from {spec.source})",
+        f"sweep {spec.name!r}: {'study of ' if spec.is_study else ''}method "
+        f"{', '.join(spec.methods)} on {spec.config['dataset']['name']} (from {spec.source})",
         f"  targets: {', '.join(f'{t} (bias {spec.bias_for(t)})' for t in spec.targets)}",
-        f"  search: {s['algorithm']}, {n_search} trial(s) per target, selecting by "
-        f"{s['metric']} ({s['mode']})",
+        f"  selection: {s['metric']} ({s['mode']}); " + (
+            "no bias labels" if s["metric"] in LABEL_FREE_METRICS
+            else "reads validation bias labels"),
     ]
-    for d in spec.space:
-        rng = (f"choice {list(d.values)}" if d.kind == "choice"
-               else f"{d.kind} [{d.low}, {d.high}]{' log' if d.log else ''}")
-        when = "; ".join(f"{k} in {list(v)}" for k, v in d.when)
-        lines.append(f"    {d.path}: {rng}" + (f" (only when {when})" if when else ""))
+    total = 0
+    for method in spec.methods:
+        n_search = num_search_trials(spec, method)
+        total += len(spec.targets) * (n_search + len(spec.seeds))
+        cls = spec.method_class(method)
+        uses = ", ".join(sorted({cls.bias_labels(p).describe() for p in
+                                 spec.param_variants(method)}))
+        lines.append(f"  {method}: {s['algorithm']} search, {n_search} trial(s) per target; "
+                     f"steps per trial: {cls.steps(spec.context(method))}; bias labels for "
+                     f"training: {uses}")
+        for d in spec.space_for(method):
+            lines.append(f"    {d.path}: {d.describe()}")
     if spec.config["scheduler"]:
         lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']}")
     lines += [
-        f"  seeds: {spec.seeds} ({len(spec.seeds)} re-runs of the best config per target)",
-        f"  trials in all: {len(spec.targets) * (n_search + len(spec.seeds))}",
+        f"  search trials train with seed {spec.search_seed} (search.trial_seed); reported "
+        f"seeds: {spec.seeds} ({len(spec.seeds)} fresh re-runs of the best config per target)",
+        f"  trials in all: {total}",
         f"  resources per trial: {spec.config['resources']}",
-        f"  steps per trial: {_steps_per_trial(spec)}",
         f"  storage: {spec.storage}",
         f"  tracking: {redact_uri(spec.tracking_uri)}",
     ]
     return "\n".join(lines)
 
 
-def _steps_per_trial(spec: Spec) -> str:
-    """SGD epochs, or the last-layer grid's points where SLIM retrains the last layer."""
-    epochs = f"{spec.config['train']['epochs']} epochs"
-    slim = spec.config.get("slim") or {}
-    searched = any(d.path == "slim.retrain" for d in spec.space)
-    if spec.method != "slim" or (slim["retrain"] != "last_layer" and not searched):
-        return epochs
-    # Every dataset here has binary targets: 2 classes for the class-weight options.
-    grid = len(slim["c_grid"]) * len(class_weight_options(slim["class_weight_ratios"], 2))
-    points = f"{grid} grid points (C x class weights) for slim.retrain last_layer"
-    return f"{epochs} for slim.retrain full, {points}" if searched else points
-
-
-def _num_search_trials(spec: Spec) -> int:
-    if not spec.space:
+def num_search_trials(spec: Spec, method: str) -> int:
+    space = spec.space_for(method)
+    if not space:
         return 1
     if spec.search["algorithm"] == "grid":
         n = 1
-        for d in spec.space:
+        for d in space:
             n *= len(d.values)
         return n
     return spec.search["num_samples"]
@@ -127,37 +140,6 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
                          "README, 'MLflow') or use the default sqlite:///mlflow.db.") from None
 
 
-def _check_annotations(spec: Spec, dry_run: bool = False) -> None:
-    """SLIM with human annotations: the file must hold rows for every retrain mode the sweep
-    can take before trials start. Where it lacks some (or does not exist), build them here,
-    once (reference model and GradCAM go to the stage cache the trials then reuse), and stop
-    with what to do next. A dry run only says so: building rows trains the reference model."""
-    slim = spec.config.get("slim") or {}
-    if spec.method != "slim" or slim.get("annotator") != "csv":
-        return
-    from debias.annotate import ensure_request, missing_request_splits
-
-    path = Path(slim["annotations"])
-    if dry_run:
-        missing = missing_request_splits(spec)
-        if missing:
-            print(f"note: slim.annotations {path} has no rows yet for split(s) "
-                  f"{', '.join(missing)}; the first real run (or --annotate) writes them there "
-                  "and stops before any trial.")
-        return
-    existed = path.is_file()
-    _, added = ensure_request(spec)
-    if not added:
-        return
-    what = (f"{added} rows for another retrain mode were added to {path}" if existed else
-            f"{path} did not exist, so the annotation request was written there")
-    raise SweepError(
-        f"slim.annotations: {what} (GradCAM overlays in {path.stem}_overlays/ beside it). "
-        f"Answer it in the browser with `python launch.py {spec.source} --annotate`, or fill "
-        "its 'annotation' column by hand (1 = attention on the core object, 0 = not, -1 = "
-        "unsure); then run the sweep again.")
-
-
 def preflight(spec: Spec, dry_run: bool = False) -> None:
     """Everything knowable before Ray starts: the tracking server answers, the data is there
     and every split can be scored, then (SLIM with a person annotating) the answers exist."""
@@ -176,7 +158,11 @@ def preflight(spec: Spec, dry_run: bool = False) -> None:
         if empty:
             log.warning("target %s: groups with no samples (skipped in worst-group accuracy): "
                         "%s", target, empty)
-    _check_annotations(spec, dry_run)
+    for method in spec.methods:
+        try:
+            spec.method_class(method).preflight(spec, dry_run)
+        except (PreflightError, DatasetError) as exc:
+            raise SweepError(str(exc)) from None
 
 
 def _cells(counts: Any) -> list[tuple[tuple[int, int], int]]:
@@ -188,7 +174,7 @@ def _check_state(spec: Spec, resume: bool) -> None:
     if resume:
         return
     where = ""
-    if any(phase_path(spec, t, "search").exists() for t in spec.targets):
+    if any(phase_path(spec, p, "search").exists() for p in pipelines(spec)):
         where = f"in {spec.storage / spec.name}"
     else:  # same name and store, other storage: the runs would mix in one experiment
         try:
@@ -274,51 +260,59 @@ def check_resources(resources: dict[str, float]) -> None:
 def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None,
               on_target_done: Callable[[str], None] | None = None) -> Tracker:
-    """Run (or resume) every target's search and seeds phases; returns the tracker."""
+    """Run (or resume) every pipeline's search and seeds phases; returns the tracker."""
     preflight(spec)
     _check_state(spec, resume)
     tracker = Tracker(spec.tracking_uri, spec.name)
     init_ray(address, num_cpus)
     check_resources(spec.config["resources"])
-    for target in spec.targets:
-        parent = tracker.open_parent(target, {
-            "sweep": spec.name, "method": spec.method,
-            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(target),
+    for pipe in pipelines(spec):
+        cls = spec.method_class(pipe.method)
+        uses = sorted({cls.bias_labels(p).describe() for p in spec.param_variants(pipe.method)})
+        metric = spec.search["metric"]
+        parent = tracker.open_parent(pipe.name, {
+            "sweep": spec.name, "method": pipe.method, "target_attribute": pipe.target,
+            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(
+                pipe.target),
+            "bias_labels": ",".join(uses), "selection_metric": metric,
+            "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower(),
         })
-        base = spec.trial_base(target)
-        search = _run_phase(spec, target, "search", base, tracker, parent)
+        base = spec.trial_base(pipe.target, pipe.method)
+        search = _run_phase(spec, pipe, "search", base, tracker, parent)
         seeds_space = {**search.best_params, "seed": tune.grid_search(spec.seeds)}
-        _run_phase(spec, target, "seeds", base, tracker, parent, param_space=seeds_space)
+        _run_phase(spec, pipe, "seeds", base, tracker, parent, param_space=seeds_space)
         best_run = tracker.find_child(parent, "search", search.grid.get_best_result(
             TUNE_METRIC, spec.search["mode"], scope="last").metrics["trial_id"])
         tracker.close_parent(parent, {**search.best_params, "score": search.best_score},
                              best_run.info.run_id if best_run else "")
         if on_target_done:
-            on_target_done(target)
+            on_target_done(pipe.name)
     return tracker
 
 
-def _reporter(spec: Spec, phase: str) -> tune.CLIReporter:
+def _reporter(spec: Spec, pipe: Pipeline, phase: str) -> tune.CLIReporter:
     columns = {"epoch": "epoch", "train/loss": "loss", "val/avg_acc": "val acc",
                "val/worst_group_acc": "val WGA", TUNE_METRIC: "selected"}
-    params = ["seed"] if phase == "seeds" else [d.path for d in spec.space]
+    params = ["seed"] if phase == "seeds" else [d.path for d in spec.space_for(pipe.method)]
     return tune.CLIReporter(metric_columns=columns, parameter_columns=params,
                             max_report_frequency=10, print_intermediate_tables=True)
 
 
-def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any, int]:
+def _search_setup(spec: Spec, pipe: Pipeline, base: dict[str, Any]
+                  ) -> tuple[dict[str, Any], Any, int]:
     s = spec.search
-    if not spec.space:
+    domains = spec.space_for(pipe.method)
+    if not domains:
         return {"seed": base["seed"]}, BasicVariantGenerator(), 1
     grid = s["algorithm"] == "grid"
-    space: dict[str, Any] = {d.path: _domain(d, grid) for d in spec.space}
+    space: dict[str, Any] = {d.path: _domain(d, grid) for d in domains}
     space["seed"] = base["seed"]
     if grid:
         return space, BasicVariantGenerator(random_state=s["seed"],
-                                            max_concurrent=s.get("max_concurrent", 0)), 1
+                                            max_concurrent=s.get("max_concurrent") or 0), 1
     if s["algorithm"] == "random":
         return space, BasicVariantGenerator(random_state=s["seed"],
-                                            max_concurrent=s.get("max_concurrent", 0)), \
+                                            max_concurrent=s.get("max_concurrent") or 0), \
             s["num_samples"]
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -326,8 +320,8 @@ def _search_setup(spec: Spec, base: dict[str, Any]) -> tuple[dict[str, Any], Any
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=s["seed"])
     searcher: Any
-    if any(d.when for d in spec.space):
-        searcher = OptunaSearch(space=DefineByRun(spec.space), metric=TUNE_METRIC,
+    if any(d.when for d in domains):
+        searcher = OptunaSearch(space=DefineByRun(domains), metric=TUNE_METRIC,
                                 mode=s["mode"], sampler=sampler)
         space = {"seed": base["seed"]}
     else:
@@ -358,9 +352,11 @@ class DefineByRun:
                 chosen[d.path] = trial.suggest_int(d.path, int(d.low), int(d.high), log=d.log)
 
 
-def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracker: Tracker,
-               parent: str, param_space: dict[str, Any] | None = None) -> PhaseResult:
-    path = phase_path(spec, target, phase)
+def _run_phase(spec: Spec, pipe: Pipeline, phase: str, base: dict[str, Any],
+               tracker: Tracker, parent: str, param_space: dict[str, Any] | None = None
+               ) -> PhaseResult:
+    path = phase_path(spec, pipe, phase)
+    target = pipe.name
     res = spec.config["resources"]
     trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
                                     {"cpu": res["cpu"], "gpu": res["gpu"]})
@@ -373,7 +369,7 @@ def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracke
                                    param_space=param_space)
     else:
         if param_space is None:
-            param_space, searcher, num_samples = _search_setup(spec, base)
+            param_space, searcher, num_samples = _search_setup(spec, pipe, base)
             scheduler = None
             if spec.config["scheduler"]:
                 asha = spec.config["scheduler"]["asha"]
@@ -395,7 +391,7 @@ def _run_phase(spec: Spec, target: str, phase: str, base: dict[str, Any], tracke
                 failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[callback],
-                progress_reporter=_reporter(spec, phase),
+                progress_reporter=_reporter(spec, pipe, phase),
                 verbose=1,
             ),
         )

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -35,6 +36,9 @@ IGNORED_PREFIXES = ("config/",)
 #: under `<name>/` (e.g. SLIM's GradCAM overlays), logged once, when the key first appears.
 ARTIFACT_PREFIX = "artifacts/"
 ROLE_TAG = "debias.role"
+#: A result key ``stage/<name>`` holding a string: the cache key of a shared stage the trial
+#: used, set as a tag on its run.
+STAGE_PREFIX = "stage/"
 
 
 def redact_uri(uri: str) -> str:
@@ -84,8 +88,10 @@ class Tracker:
                                        max_results=10_000)
 
     def parent_runs(self) -> dict[str, mlflow.entities.Run]:
+        """{pipeline name: parent run}: the target (one method), or ``method/target`` in a
+        study. The study's own parent (role ``study``) is not among them."""
         runs = self._search(f"tags.`{ROLE_TAG}` = 'parent'")
-        return {r.data.tags["target_attribute"]: r for r in runs}
+        return {r.info.run_name: r for r in runs}
 
     def child_runs(self, parent_id: str, phase: str | None = None) -> list[mlflow.entities.Run]:
         query = f"tags.`mlflow.parentRunId` = '{parent_id}'"
@@ -95,15 +101,33 @@ class Tracker:
 
     # ------------------------------------------------------------------ parents
 
-    def open_parent(self, target: str, tags: Mapping[str, str]) -> str:
-        """The target's parent run, reused on resume (set back to RUNNING)."""
-        existing = self.parent_runs().get(target)
+    def open_parent(self, name: str, tags: Mapping[str, str]) -> str:
+        """A pipeline's parent run (named ``target`` or ``method/target``), reused on resume
+        (set back to RUNNING)."""
+        existing = self.parent_runs().get(name)
         if existing is not None:
             self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=target, tags={
-            ROLE_TAG: "parent", "target_attribute": target, **tags})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={
+            ROLE_TAG: "parent", **tags})
         return run.info.run_id
+
+    def open_study(self, tags: Mapping[str, str]) -> str:
+        """The study-level parent run of a multi-method sweep (one per experiment), which
+        carries the comparison table and plot."""
+        found = self._search(f"tags.`{ROLE_TAG}` = 'study'")
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name="study", tags={
+            ROLE_TAG: "study", **tags})
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+        for chunk in _chunks(batch, 1000):
+            self.client.log_batch(run_id, metrics=chunk)
 
     def close_parent(self, run_id: str, best_params: Mapping[str, Any], best_run_id: str) -> None:
         params = [Param(f"best.{k}", str(v)) for k, v in sorted(best_params.items())]
@@ -136,6 +160,7 @@ class Tracker:
             "phase": phase,
             "ray_trial_id": trial_id,
             "seed": str(config["seed"]),
+            "method": str(config["method"]),
             "config_hash": config_hash(config),
             "target_attribute": config["target"],
             "bias_attribute": config["bias"],
@@ -219,12 +244,13 @@ class MlflowTrialCallback(tune.Callback):
         self._tracker: Tracker | None = None
         self.runs: dict[str, tuple[str, int]] = {}
         self.nodes: dict[str, list[str]] = {}
+        self.stages: dict[str, dict[str, str]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tracker": None, "runs": {}, "nodes": {}}
+        return {**self.__dict__, "_tracker": None, "runs": {}, "nodes": {}, "stages": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"nodes": {}, **state})
+        self.__dict__.update({"nodes": {}, "stages": {}, **state})
 
     @property
     def tracker(self) -> Tracker:
@@ -246,12 +272,21 @@ class MlflowTrialCallback(tune.Callback):
                         result: dict[str, Any], **info: Any) -> None:
         run_id, last = self._run(trial)
         self._note_node(trial.trial_id, run_id, result.get("node_id"))
+        self._note_stages(trial.trial_id, run_id, result)
         for key, value in result.items():
             if key.startswith(ARTIFACT_PREFIX) and isinstance(value, str) and Path(value).is_dir():
                 self.tracker.client.log_artifacts(run_id, value, key[len(ARTIFACT_PREFIX):])
         if int(result.get("epoch", 0)) > last:
             self.tracker.log_epoch(run_id, {**result, "method": self.base["method"]})
             self.runs[trial.trial_id] = (run_id, int(result["epoch"]))
+
+    def _note_stages(self, trial_id: str, run_id: str, result: Mapping[str, Any]) -> None:
+        """Tag ``stage/<name>`` = the cache key(s) of every shared stage the trial used."""
+        tags = {k: v for k, v in result.items() if k.startswith(STAGE_PREFIX)
+                and isinstance(v, str)}
+        if tags and self.stages.get(trial_id) != tags:
+            self.tracker.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.stages[trial_id] = tags
 
     def _note_node(self, trial_id: str, run_id: str, node: Any) -> None:
         """Tag the Ray node(s) a trial ran on (`ray_nodes`: more than one after a node loss)."""

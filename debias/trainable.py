@@ -3,7 +3,8 @@
 Where it runs (which node, how many CPUs, which GPU fraction) is decided outside, by the
 sweep planner; this function only limits torch's threads to the CPUs Ray gave it, so trials
 packed on one machine don't oversubscribe its cores, and resumes from its last checkpoint
-when Ray retries it after a crash.
+when Ray retries it after a crash. Which method it runs comes from the registry; what kind of
+trial (SGD epochs or a last-layer grid) from the method: no method is named here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,10 +21,11 @@ import torch
 from ray import tune
 
 from debias.engine import Trainer
-from debias.slim.last_layer import LastLayerTrial
+from debias.last_layer import LastLayerTrial
+from debias.methods import Method, resolve_method
 from debias.spec import with_params
 
-__all__ = ["STATE_FILE", "Trial", "build_trial", "limit_threads", "train_trial"]
+__all__ = ["STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial", "limit_threads", "train_trial"]
 
 STATE_FILE = "state.pt"
 
@@ -48,12 +50,15 @@ class Trial(Protocol):
     def load(self, path: Path) -> None: ...
 
 
+#: The kinds of trial a method may ask for (:meth:`Method.trial_kind`).
+TRIAL_KINDS: dict[str, Callable[..., Trial]] = {"epochs": Trainer, "last_layer": LastLayerTrial}
+
+
 def build_trial(config: dict[str, Any], device: str | None = None) -> Trial:
-    """The trial a config asks for: SGD epochs (every method and SLIM's ``full`` mode), or
-    SLIM's DFR-style last-layer grid, which has no epochs to train."""
-    if config["method"] == "slim" and config["slim"]["retrain"] == "last_layer":
-        return LastLayerTrial(config, device=device)
-    return Trainer(config, device=device)
+    """The trial a config asks for: its method, in the kind of trial the method runs."""
+    method: type[Method] = resolve_method(config["method"])
+    kind = method.trial_kind(method.params_of(config))
+    return TRIAL_KINDS[kind](config, method, device=device)
 
 
 def _assigned_cpus() -> float:

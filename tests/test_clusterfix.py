@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from debias.cache import StageCache
-from debias.engine import Trainer
-from debias.methods.clusterfix import ClusterWeights, cluster_purity, kmeans_per_class
+from debias.methods.clusterfix import ClusterWeights, kmeans_per_class
+from debias.metrics import cluster_purity
 from debias.spec import validate, with_params
+from debias.trainable import build_trial
 
 
 def _weights(**kw: object) -> ClusterWeights:
@@ -95,20 +96,27 @@ def test_a_second_trial_reuses_features_and_kmeans(tmp_path) -> None:
         "clusterfix": {"k": 2}, "storage": str(tmp_path)})
     base = spec.trial_base("Odd")
     StageCache.reset_events()
-    first = Trainer(with_params(base, {"clusterfix.momentum": 0.3}), device="cpu")
+    first = build_trial(with_params(base, {"clusterfix.momentum": 0.3}), "cpu")
     assert first.cache_events["cache/computed/features"] == 1
     assert first.cache_events["cache/computed/kmeans"] == 1
-    second = Trainer(with_params(base, {"clusterfix.momentum": 0.9, "seed": 1}), device="cpu")
+    # Another search trial (same search seed, another knob) shares every stage ...
+    second = build_trial(with_params(base, {"clusterfix.momentum": 0.9}), "cpu")
     assert second.cache_events.get("cache/computed/features", 0) == 0
     assert second.cache_events.get("cache/computed/kmeans", 0) == 0
     assert second.cache_events.get("cache/computed/reference", 0) == 0
     assert second.cache_events["cache/reused/kmeans"] == 1
     assert torch.equal(first.method.clusters["train"], second.method.clusters["train"])
     # A different k needs new k-means but still the same features.
-    third = Trainer(with_params(base, {"clusterfix.k": 3}), device="cpu")
+    third = build_trial(with_params(base, {"clusterfix.k": 3}), "cpu")
     assert third.cache_events["cache/computed/kmeans"] == 1
     assert third.cache_events.get("cache/computed/features", 0) == 0
     metrics = next(third.epochs())
     assert metrics["clusterfix/cluster_size/5"] > 0 and 0.5 <= metrics[
         "clusterfix/mean_purity"] <= 1.0
     assert "val/worst_pseudo_group_acc" in metrics
+    assert metrics["stage/kmeans"] != next(first.epochs())["stage/kmeans"]
+    # ... while a reported seed re-runs all of them: reference model, features, k-means.
+    fresh = build_trial(with_params(base, {"clusterfix.momentum": 0.3, "seed": 1}), "cpu")
+    for stage in ("reference", "features", "kmeans"):
+        assert fresh.cache_events[f"cache/computed/{stage}"] == 1, stage
+    assert fresh.stage_tags["stage/features"] != first.stage_tags["stage/features"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from debias.engine import Trainer
 from debias.models import build_classifier, build_trunk, cam_layer
 from debias.spec import validate, with_params
+from debias.trainable import build_trial
 from tests.conftest import tiny_sweep
 
 
@@ -24,7 +24,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _run(config: dict, epochs: int | None = None) -> list[dict[str, float]]:
     torch.set_num_threads(1)
-    trainer = Trainer(config, device="cpu")
+    trainer = build_trial(config, "cpu")
     out = []
     for metrics in trainer.epochs():
         out.append(metrics)
@@ -47,10 +47,10 @@ def test_same_seed_same_numbers_different_seed_different(base: dict) -> None:
 def test_resume_from_checkpoint_matches_uninterrupted_run(base: dict, tmp_path: Path) -> None:
     straight = _run(base)
     torch.set_num_threads(1)
-    trainer = Trainer(base, device="cpu")
+    trainer = build_trial(base, "cpu")
     first = next(trainer.epochs())
     trainer.save(tmp_path / "state.pt")
-    resumed = Trainer(base, device="cpu")
+    resumed = build_trial(base, "cpu")
     resumed.load(tmp_path / "state.pt")
     rest = list(resumed.epochs())
     assert [first, *rest] == straight

@@ -108,6 +108,10 @@ def test_accepts_tensors_and_flattens():
         "val/group_count/0_1": 1.0,
         "val/group_count/1_0": 1.0,
         "val/group_count/1_1": 1.0,
+        # Class 0 (rows 0 and 3) is all right, class 1 (rows 1 and 2) half: worst 0.5.
+        "val/class_acc/0": 1.0,
+        "val/class_acc/1": 0.5,
+        "val/worst_class_acc": 0.5,
     }
     assert all(isinstance(v, float) and math.isfinite(v) for v in flat.values())
     assert "test/weighted_acc" not in group_metrics(pred, y, a).as_flat("test")
@@ -136,3 +140,18 @@ def test_rejects_bad_input():
         group_metrics([0], [0], [0], train_group_mix=[[0, 1], [1, 1]])
     with pytest.raises(ValueError, match="integer"):
         group_metrics([0.5], [0], [0])
+
+
+def test_worst_class_accuracy_needs_no_bias_labels_hand_checked():
+    """Worst-class accuracy is the minimum over classes of per-class accuracy: it ignores how
+    a class splits into groups (SubpopBench's selection rule without bias labels)."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    a = np.array([0, 0, 0, 1, 1, 1, 1, 1, 0])
+    pred = np.array([0, 0, 0, 1, 1, 1, 1, 0, 0])  # class 0: 3/4; class 1: 3/5
+    m = group_metrics(pred, y, a)
+    assert m.class_acc == {0: 0.75, 1: 0.6}
+    assert m.worst_class_acc == pytest.approx(0.6)
+    # The groups tell another story: (0, 1) and (1, 0) are each entirely wrong.
+    assert m.worst_group_acc == 0.0
+    # Permuting the bias labels never changes it.
+    assert group_metrics(pred, y, a[::-1]).worst_class_acc == m.worst_class_acc

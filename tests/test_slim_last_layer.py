@@ -12,13 +12,13 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from debias.cache import StageCache
-from debias.slim.annotations import group_annotator
-from debias.slim.dfr import (
+from debias.linear_heads import (
     class_weight_options,
     fit_averaged_head,
     split_halves,
     standardiser,
 )
+from debias.slim.annotations import group_annotator
 from debias.spec import SpecError, validate, with_params
 from debias.trainable import build_trial
 
@@ -126,18 +126,19 @@ def first_run(store: Path) -> tuple[Any, list[dict[str, Any]]]:
 def test_one_step_per_grid_point_with_test_from_the_selected_point(first_run) -> None:
     trial, history = first_run
     assert [m["epoch"] for m in history] == list(range(1, GRID_SIZE + 1))
-    assert {(m["slim/C"], m["slim/class_weight/1"]) for m in history} == {
+    assert {(m["last_layer/C"], m["last_layer/class_weight/1"]) for m in history} == {
         (c, w) for c in (1.0, 0.1) for w in (1.0, 3.0)}
     scores = [m["val/worst_group_acc"] for m in history]
     best = int(np.argmax(scores))  # first of the ties, as selection only moves on improvement
     final = history[-1]
     assert final["selected/epoch"] == best + 1 and final["selected/score"] == scores[best]
     chosen = history[best]
-    head = fit_averaged_head(trial.subsets, chosen["slim/C"],
-                             {0: chosen["slim/class_weight/0"], 1: chosen["slim/class_weight/1"]},
+    head = fit_averaged_head(trial.subsets, chosen["last_layer/C"],
+                             {0: chosen["last_layer/class_weight/0"],
+                              1: chosen["last_layer/class_weight/1"]},
                              2, trial.mean, trial.std, seed=trial_seed(trial, best))
     assert final["test/worst_group_acc"] == trial.evaluate("test", head)["test/worst_group_acc"]
-    assert final["train/loss"] >= 0.0 and history[0]["slim/grid_size"] == GRID_SIZE
+    assert final["train/loss"] >= 0.0 and history[0]["last_layer/grid_size"] == GRID_SIZE
 
 
 def trial_seed(trial: Any, index: int) -> int:
@@ -149,7 +150,7 @@ def trial_seed(trial: Any, index: int) -> int:
 def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -> None:
     trial, history = first_run
     fit_half = np.setdiff1d(np.arange(len(trial.data.view("val"))), trial.held_out)
-    for curation in trial.curations:
+    for curation in trial.method.curations:
         assert curation["split"] == "val"
         assert np.isin(curation["positions"].numpy(), fit_half).all()
         assert np.isin(curation["annotated_positions"].numpy(), fit_half).all()
@@ -157,12 +158,12 @@ def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -
     # from one embedding of the fitted half.
     assert trial.cache_events["cache/computed/curation"] == 2
     assert trial.cache_events["cache/computed/space"] == 1
-    a, b = trial.curations
+    a, b = trial.method.curations
     assert np.array_equal(a["annotated_positions"], b["annotated_positions"])
     assert not np.array_equal(np.sort(a["positions"]), np.sort(b["positions"]))
     # val/* is scored on the held-out half only (the counts say so, and so do accuracies).
     counts = sum(v for k, v in history[0].items() if k.startswith("val/group_count/"))
-    assert counts == len(trial.held_out) == history[0]["slim/val_selection_size"]
+    assert counts == len(trial.held_out) == history[0]["last_layer/val_selection_size"]
     c, weights = trial.grid[0]
     head = fit_averaged_head(trial.subsets, c, weights, 2, trial.mean, trial.std,
                              seed=trial_seed(trial, 0))
@@ -200,13 +201,19 @@ def test_a_resumed_trial_ends_with_the_metrics_of_an_uninterrupted_one(store, fi
     assert _numbers(rest) == _numbers(history[3:])
 
 
-def test_another_trial_seed_recurates_the_same_annotated_images(store, first_run) -> None:
+def test_another_trial_seed_reruns_the_reference_the_sample_and_the_curation(
+        store, first_run) -> None:
+    """A reported seed re-runs everything random in SLIM's pipeline (with a simulated
+    annotator; a person's file is the exception, see the last test)."""
     trial, _ = first_run
+    StageCache.reset_events()
     other = build_trial(_config(store, seed=1), device="cpu")
-    assert np.array_equal(other.curations[0]["annotated_positions"],
-                          trial.curations[0]["annotated_positions"])
-    assert not np.array_equal(np.sort(other.curations[0]["positions"]),
-                              np.sort(trial.curations[0]["positions"]))
+    assert other.reference_key != trial.reference_key
+    assert other.cache_events["cache/computed/reference"] == 1
+    assert other.cache_events["cache/computed/gradcam"] == 1
+    assert not np.array_equal(other.held_out, trial.held_out)
+    assert not np.array_equal(other.method.curations[0]["annotated_positions"],
+                              trial.method.curations[0]["annotated_positions"])
 
 
 def _numbers(history: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -237,7 +244,7 @@ def test_last_layer_knobs_are_checked_with_what_is_allowed() -> None:
 
 
 def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> None:
-    with pytest.raises(SpecError, match=r"scheduler: got ASHA; expected null when slim\.retrain"):
+    with pytest.raises(SpecError, match=r"got ASHA; expected null when slim can run last-layer"):
         validate(_raw(slim={"retrain": "full"}, scheduler={"asha": {"grace_period": 1}},
                       search={"space": {"slim.retrain": {"choice": ["full", "last_layer"]}}}))
     with pytest.raises(SpecError, match=r"slim.budget_per_class searched with "
@@ -247,7 +254,7 @@ def test_asha_and_annotation_files_refuse_what_last_layer_mode_cannot_do() -> No
     with pytest.raises(SpecError, match=r"backbone.arch searched with slim.annotator 'csv'"):
         validate(_raw(slim={"annotator": "csv", "annotations": "a.csv"},
                       search={"space": {"backbone.arch": {"choice": ["small_cnn", "resnet18"]}}}))
-    with pytest.raises(SpecError, match=r"train.lr searched with slim.retrain 'last_layer'"):
+    with pytest.raises(SpecError, match=r"train.lr searched, but method slim trains no SGD"):
         validate(_raw(slim={"retrain": "last_layer"},
                       search={"space": {"train.lr": {"float": [0.01, 0.1]}}}))
     # Retraining knobs are free to vary with a person's annotations, the mode included (the
@@ -266,6 +273,7 @@ def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
 
     from debias.cli import main
     from debias.data import load_grouped
+    from debias.slim.modes import validation_halves
     from debias.spec import load_spec
     from tests.conftest import tiny_sweep, write_sweep
 
@@ -303,13 +311,14 @@ def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
     assert {r["annotation"] for r in by_split["train"]} == {"1"}  # kept
     assert {r["annotation"] for r in by_split["val"]} == {""}
     data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
-    fit_half, _ = split_halves(data.view("val").y, seed=0)
+    # A person annotates once: the sample (and so the halves) come from the search's seed.
+    fit_half, _ = validation_halves(data, load_spec(path).search_seed)
     assert {r["id"] for r in by_split["val"]} <= {str(i) for i in data.view("val").ids[fit_half]}
     answer("val")
 
     base = load_spec(path).trial_base("Odd")
     last = build_trial(with_params(base, {"seed": 0, "slim.retrain": "last_layer"}), "cpu")
-    assert all(c["annotator"] == "csv" and not c["simulated"] for c in last.curations)
+    assert all(c["annotator"] == "csv" and not c["simulated"] for c in last.method.curations)
     assert next(last.epochs())["slim/simulated_annotator"] == 0.0
     full = build_trial(with_params(base, {"seed": 0, "train.epochs": 1}), "cpu")
     assert full.method.curation["annotator"] == "csv" and full.method.curation["split"] == "train"

@@ -325,14 +325,15 @@ def shared_cache(tmp_path_factory) -> StageCache:
 
 
 def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> None:
+    from debias.methods.slim import SLIMParams
     from debias.slim.pipeline import curated_subset
 
     data, model = trained
-    first = curated_subset({"slim": {"curated_size": 60}}, data, model, shared_cache, "cpu",
-                           "ref-a")
+    first = curated_subset(SLIMParams(curated_size=60, budget_per_class=10), data, model,
+                           shared_cache, "cpu", "ref-a")
     StageCache.reset_events()
-    second = curated_subset({"slim": {"curated_size": 40}}, data, model, shared_cache, "cpu",
-                            "ref-a")
+    second = curated_subset(SLIMParams(curated_size=40, budget_per_class=10), data, model,
+                            shared_cache, "cpu", "ref-a")
     # Only the curation is redone for another curated_size; GradCAM and the 2-D embeddings
     # come from the cache.
     assert dict(StageCache.computed) == {"curation": 1}
@@ -349,30 +350,32 @@ def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> 
         assert size <= out["propagated_kept"] < n_train
     # Same knobs again: nothing recomputed.
     StageCache.reset_events()
-    again = curated_subset({"slim": {"curated_size": 60}}, data, model, shared_cache, "cpu",
-                           "ref-a")
+    again = curated_subset(SLIMParams(curated_size=60, budget_per_class=10), data, model,
+                           shared_cache, "cpu", "ref-a")
     assert torch.equal(again["positions"], first["positions"])
     assert StageCache.computed == {} and StageCache.reused["curation"] == 1
 
 
 def test_pipeline_without_masks_uses_group_annotator(trained, tmp_path: Path) -> None:
+    from debias.methods.slim import SLIMParams
     from debias.slim.pipeline import curated_subset
 
     data, model = trained
     no_masks = dataclasses.replace(data, masks=None, source=data.source + "|no-masks")
-    out = curated_subset({"slim": {"curated_size": 30}}, no_masks, model,
-                         StageCache(tmp_path), "cpu")
+    out = curated_subset(SLIMParams(curated_size=30), no_masks, model, StageCache(tmp_path),
+                         "cpu", oracle=lambda split: np.asarray(no_masks.view(split).a))
     assert math.isnan(out["aiou_mean"]) and out["annotator"] == "simulated-group"
     assert len(out["positions"]) == 30
 
 
 def test_pipeline_csv_request_then_answers(trained, shared_cache, tmp_path: Path) -> None:
+    from debias.methods.slim import SLIMParams
     from debias.slim.pipeline import curated_subset, request_rows
 
     data, model = trained
     path = tmp_path / "people" / "answers.csv"
-    config = {"slim": {"annotator": "csv", "annotations": str(path), "budget_per_class": 3,
-                       "curated_size": 20}}
+    config = SLIMParams(annotator="csv", annotations=str(path), budget_per_class=3,
+                        curated_size=20)
     cache = shared_cache
     with pytest.raises(AnnotationError, match=r"answers\.csv does not exist: build the "
                                               r"request with .*--annotate"):

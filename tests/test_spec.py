@@ -180,7 +180,8 @@ def test_trial_config_and_hash(tmp_path: Path) -> None:
     spec = validate(tiny_sweep(tmp_path), cwd=tmp_path)
     base = spec.trial_base("Loopy")
     assert base["target"] == "Loopy" and base["bias"] == "Background"
-    assert base["seed"] == 0
+    # Search trials train with the search's own seed, never one of the reported seeds.
+    assert base["seed"] == spec.search_seed == 1000 and base["seed"] not in spec.seeds
     trial = with_params(base, {"train.lr": 0.02, "seed": 1})
     assert trial["train"]["lr"] == 0.02 and trial["seed"] == 1
     assert base["train"]["lr"] == 0.05  # the base is not mutated
@@ -224,3 +225,96 @@ def test_conditional_space_is_sampled_define_by_run() -> None:
             "algorithm": "random", "space": {
                 "train.optimizer": {"choice": ["sgd", "adam"]},
                 "train.momentum": {"float": [0.5, 0.9], "when": {"train.optimizer": "sgd"}}}}})
+
+
+def test_committed_json_schema_is_current_and_every_sweep_file_points_at_it() -> None:
+    """sweeps/sweep.schema.json is `launch.py --schema`'s output: regenerate it with
+    `python launch.py --schema > sweeps/sweep.schema.json` when a section changes."""
+    import json
+
+    import jsonschema
+    import yaml
+
+    from debias.schema import schema_json
+
+    repo = Path(__file__).resolve().parents[1]
+    committed = (repo / "sweeps" / "sweep.schema.json").read_text()
+    assert committed == schema_json(), "sweeps/sweep.schema.json is stale"
+    schema = json.loads(committed)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for path in sorted((repo / "sweeps").glob("*.yaml")):
+        assert path.read_text().splitlines()[0] == \
+            "# yaml-language-server: $schema=./sweep.schema.json", path.name
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(path.read_text()))]
+        assert not errors, (path.name, errors)
+    # The schema rejects what the validator rejects, key by key (a typo, a bad choice).
+    bad = {"name": "x", "dataset": {"name": "synthetic"}, "targets": ["Odd"],
+           "bias_attribute": "Background", "train": {"epoch": 3, "optimizer": "rmsprop"}}
+    messages = " ".join(e.message for e in validator.iter_errors(bad))
+    assert "epoch" in messages and "rmsprop" in messages
+
+
+METHOD_LOAD_CASES = [
+    ("no_such_module_xyz:Method", ["method", "cannot import module 'no_such_module_xyz'",
+                                   "PYTHONPATH"]),
+    ("debias.spec:NoSuchClass", ["method", "has no class 'NoSuchClass'"]),
+    ("debias.spec:Spec", ["method", "debias.spec.Spec is not a method"]),
+]
+
+
+@pytest.mark.parametrize(("value", "fragments"), METHOD_LOAD_CASES,
+                         ids=[v for v, _ in METHOD_LOAD_CASES])
+def test_a_method_that_cannot_be_loaded_is_one_clear_problem(tmp_path: Path, value: str,
+                                                             fragments: list[str]) -> None:
+    sweep = tiny_sweep(tmp_path, method=value)
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    assert len(err.value.problems) == 1, err.value.problems
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+STUDY_CASES = [
+    ({"method": "erm", "methods": ["erm", "jtt"]}, ["method, methods: both given"]),
+    ({"methods": ["erm", "groupdor"]}, ["methods[1]", "'groupdor'", "did you mean 'groupdro'"]),
+    ({"methods": ["erm", "jtt"], "search": {"space": {"clusterfix.k": {"int": [2, 4]}}}},
+     ["search.space.clusterfix.k", "method clusterfix, which this sweep does not run"]),
+    ({"methods": ["erm", "erm"]}, ["methods", "distinct"]),
+]
+
+
+@pytest.mark.parametrize(("over", "fragments"), STUDY_CASES,
+                         ids=[str(f[0])[:40] for _, f in STUDY_CASES])
+def test_bad_studies_are_refused_naming_the_key(tmp_path: Path, over: dict,
+                                                fragments: list[str]) -> None:
+    sweep = tiny_sweep(tmp_path)
+    sweep.pop("method")
+    sweep.update(over)
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_a_study_shares_train_keys_and_keeps_each_methods_own(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, search={"num_samples": 3, "space": {
+        "train.lr": {"float": [0.01, 0.1]}, "jtt.lambda_up": {"int": [2, 10]},
+        "dfr.retrains": {"int": [1, 4]}}})
+    sweep.pop("method")
+    sweep["methods"] = ["erm", "jtt", "dfr"]
+    spec = validate(sweep, cwd=tmp_path)
+    assert spec.is_study and spec.methods == ["erm", "jtt", "dfr"]
+    paths = {m: [d.path for d in spec.space_for(m)] for m in spec.methods}
+    assert paths == {"erm": ["train.lr"], "jtt": ["train.lr", "jtt.lambda_up"],
+                     "dfr": ["dfr.retrains"]}  # a last-layer fit has no SGD to tune
+    assert spec.trial_base("Odd", "jtt")["jtt"]["lambda_up"] == 5
+
+
+def test_seeds_never_include_the_search_seed(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"seeds: got \[0, 1000\]; expected seeds other than "
+                                        r"search\.trial_seed \(1000\)"):
+        validate(tiny_sweep(tmp_path, seeds=[0, 1000]), cwd=tmp_path)
+    spec = validate(tiny_sweep(tmp_path, seeds=[0, 1000],
+                               search={"trial_seed": 7}), cwd=tmp_path)
+    assert spec.search_seed == 7 and spec.trial_base("Odd")["seed"] == 7

@@ -100,9 +100,14 @@ def test_a_trial_that_keeps_failing_is_recorded_and_the_others_finish(
     assert "Odd" in out  # the report still comes, over the seeds that finished
 
 
+def _phase(runs: list, phase: str) -> list:
+    return [r for r in runs if r.data.tags["phase"] == phase]
+
+
 def test_clusterfix_sweep_over_k_extracts_features_once(ray_local, tmp_path: Path) -> None:
     """Trials of a k sweep share the reference model and the features through the stage
-    cache: across all trials of the sweep, each is computed exactly once."""
+    cache: across the search's trials (one search seed), each is computed exactly once; the
+    reported seed re-runs each of them once, its own (tagged stage/<name> on every run)."""
     sweep = tiny_sweep(
         tmp_path, name="cfix", method="clusterfix", targets=["Odd"], seeds=[0],
         reference={"epochs": 1}, clusterfix={"k": 2, "beta": 0.1},
@@ -112,9 +117,16 @@ def test_clusterfix_sweep_over_k_extracts_features_once(ray_local, tmp_path: Pat
     check_sweep_runs(spec.tracking_uri, "cfix", {"Odd": "Background"}, n_search=2, seeds=[0],
                      epochs=2, method="clusterfix")
     runs = _children(spec.tracking_uri, "cfix")
-    computed = {stage: sum(r.data.metrics.get(f"cache/computed/{stage}", 0) for r in runs)
-                for stage in ("reference", "features", "kmeans")}
+    stages = ("reference", "features", "kmeans")
+    computed = _computed(_phase(runs, "search"), stages)
     assert computed == {"reference": 1, "features": 1, "kmeans": 2}, computed
+    computed = _computed(_phase(runs, "seeds"), stages)
+    assert computed == {"reference": 1, "features": 1, "kmeans": 1}, computed
+    # Stage keys match within the search and differ for the reported seed.
+    search_keys = {r.data.tags["stage/kmeans"].split(",")[0] for r in _phase(runs, "search")}
+    assert len(search_keys) == 2  # one k-means per k, on one shared feature matrix
+    (seed_run,) = _phase(runs, "seeds")
+    assert seed_run.data.tags["stage/kmeans"] not in search_keys
     for r in runs:
         assert 0.5 <= r.data.metrics["clusterfix/mean_purity"] <= 1.0
         assert r.data.metrics["clusterfix/weight_max"] >= 1.0
@@ -144,8 +156,10 @@ def test_slim_sweep_shares_gradcam_and_logs_overlays(ray_local, tmp_path: Path) 
     check_sweep_runs(spec.tracking_uri, "slimmy", {"Odd": "Background"}, n_search=2,
                      seeds=[0], epochs=2, method="slim")
     runs = _children(spec.tracking_uri, "slimmy")
-    computed = _computed(runs, ("reference", "gradcam", "curation"))
-    assert computed == {"reference": 1, "gradcam": 1, "curation": 1}, computed
+    for phase in ("search", "seeds"):  # once for the search's seed, once for the seed's
+        computed = _computed(_phase(runs, phase), ("reference", "gradcam", "curation"))
+        assert computed == {"reference": 1, "gradcam": 1, "curation": 1}, (phase, computed)
+    assert len({r.data.tags["stage/curation"] for r in _phase(runs, "search")}) == 1
     client = MlflowClient(tracking_uri=spec.tracking_uri)
     for r in runs:
         assert r.data.metrics["slim/annotated"] == 10
@@ -172,12 +186,18 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
     check_sweep_runs(spec.tracking_uri, "slimll", {"Odd": "Background"}, n_search=2,
                      seeds=[0], epochs=6, method="slim")
     runs = _children(spec.tracking_uri, "slimll")
-    computed = _computed(runs, ("reference", "gradcam", "features", "space", "curation"))
-    # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1; seeds reuse all.
+    stages = ("reference", "gradcam", "features", "space", "curation")
+    computed = _computed(_phase(runs, "search"), stages)
+    # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1.
     assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
                         "curation": 2}, computed
+    # The reported seed re-runs every stage once, with as many curations as it retrains.
+    (seed_run,) = _phase(runs, "seeds")
+    computed = _computed([seed_run], stages)
+    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
+                        "curation": int(seed_run.data.params["slim.retrains"])}, computed
     for r in runs:
         m = r.data.metrics
-        assert m["slim/grid_size"] == 6 and m["slim/annotated"] == 10
-        assert m["slim/val_selection_size"] > 0 and "slim/C" in m
+        assert m["last_layer/grid_size"] == 6 and m["slim/annotated"] == 10
+        assert m["last_layer/val_selection_size"] > 0 and "last_layer/C" in m
         assert r.data.params["slim.retrain"] == "last_layer"

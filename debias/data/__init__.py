@@ -8,12 +8,19 @@ from types import ModuleType
 from typing import Any
 
 from debias.data import celeba, synthetic, waterbirds
-from debias.data.grouped import SPLITS, DatasetError, GroupedDataset, SplitView
+from debias.data.grouped import (
+    SPLITS,
+    BiasLabelsHidden,
+    DatasetError,
+    GroupedDataset,
+    SplitView,
+)
 from debias.data.torch_data import make_torch_dataset
 
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "BiasLabelsHidden",
     "DatasetError",
     "GroupedDataset",
     "SplitView",

@@ -1,14 +1,29 @@
-"""The one interface every debiasing method implements.
+"""The one interface every debiasing method implements, in one module per method.
 
-A method is four small decisions on top of a shared training loop: which shared stages it
-prepares (cached, so trials reuse them), which heads its model has, the loss of a batch, and
-what it reports per epoch. Everything else (data order, seeding, evaluation, checkpoints,
-reporting) lives in :mod:`debias.engine`, so ERM, ClusterFix and SLIM differ only where their
-papers differ.
+A method is a class with, next to its code:
+
+- ``Params``: its sweep-file section as a typed model (:mod:`debias.params`): defaults,
+  bounds, which keys a search may vary; ``section`` names the section it owns;
+- sweep-time hooks (class methods, called by the validator and the planner before anything
+  runs): cross-key rules (:meth:`Method.check`), what a step is (:meth:`Method.steps`),
+  what must exist before trials (:meth:`Method.preflight`), which bias labels it reads
+  (:meth:`Method.bias_labels`), which kind of trial runs it (:meth:`Method.trial_kind`);
+- trial-time hooks on an instance: the shared stages it prepares (cached, so trials reuse
+  them), its model's heads, the order and weighting of its training data, the loss of a
+  batch, and what it reports per epoch and per evaluation.
+
+Everything else (seeding, data loading, evaluation, model selection, checkpoints, Ray, MLflow)
+lives outside, so the engine and the trainable are handed a method and never branch on its
+name. Methods never see the training split's bias labels unless :meth:`Method.bias_labels`
+says they use them: the engine gives them a table with those labels hidden, and numbers that
+*describe* the hidden labels (cluster purity, say) go through :class:`BiasAudit`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,23 +31,172 @@ import torch
 
 from debias.cache import StageCache
 from debias.data import GroupedDataset
+from debias.linear_heads import split_halves
+from debias.metrics import cluster_purity
 from debias.models import Classifier
+from debias.params import SearchDomain, Section
+from debias.seeding import derive_seed
 
-__all__ = ["Method"]
+__all__ = ["BiasAudit", "BiasLabels", "Method", "NoParams", "PreflightError", "SweepContext"]
+
+
+class PreflightError(RuntimeError):
+    """What a method needs before its first trial is missing; the message says what to do."""
+
+
+class NoParams(Section):
+    """A method without knobs of its own."""
+
+
+@dataclass(frozen=True)
+class BiasLabels:
+    """Which bias (group) labels a method reads, beyond evaluation and model selection.
+
+    ``train``: the training split's (GroupDRO, SUBG/RWG: oracles). ``val``: validation's, to
+    *fit* something (DFR fits its last layer on a group-balanced half of validation).
+    Selection by a metric such as ``val/worst_group_acc`` also reads validation bias labels;
+    the report says so from the metric, separately.
+    """
+
+    train: bool = False
+    val: bool = False
+
+    def describe(self) -> str:
+        used = [name for name, on in (("train", self.train), ("val", self.val)) if on]
+        return "+".join(used) if used else "none"
+
+
+@dataclass
+class SweepContext:
+    """What a method's sweep-time hooks see: the resolved config (sections as dicts), the
+    search domains that apply to the method, and where to report problems."""
+
+    config: dict[str, Any]
+    space: tuple[SearchDomain, ...]
+    params: Section
+    problems: list[str] = field(default_factory=list)
+    #: What relative paths in the file resolve against.
+    cwd: Path = field(default_factory=Path.cwd)
+
+    def absolute(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.cwd / p).resolve()
+
+    def values_of(self, path: str) -> set[Any]:
+        """Every value a key can take in this sweep: its searched choices, else the file's."""
+        for d in self.space:
+            if d.path == path:
+                return set(d.values) if d.kind == "choice" else {None}
+        section, _, leaf = path.partition(".")
+        return {(self.config.get(section) or {}).get(leaf)}
+
+    def searched(self, prefix: str = "") -> list[str]:
+        return [d.path for d in self.space if d.path.startswith(prefix)]
+
+
+class BiasAudit:
+    """Reporting-only access to the true bias labels of a split.
+
+    A method that declares it uses no training bias labels is trained on a table where they
+    are hidden; what it reports *about* the hidden labels (how pure its clusters are, which
+    groups its curated subset holds) is computed here, never from labels it could train on.
+    """
+
+    def __init__(self, data: GroupedDataset) -> None:
+        self._data = data
+
+    def group_mix(self, split: str, positions: np.ndarray) -> dict[str, float]:
+        """Counts per group ``{y}_{a}`` of ``positions`` of ``split``."""
+        view = self._data.view(split)
+        n_bias = self._data.n_bias
+        groups = view.y[positions] * n_bias + view.a[positions]
+        counts = np.bincount(groups, minlength=self._data.n_classes * n_bias)
+        return {f"{g // n_bias}_{g % n_bias}": float(n) for g, n in enumerate(counts)}
+
+    def purity(self, partition: np.ndarray, n_parts: int, split: str = "train"
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Per part: size, and the share of its majority bias value (NaN where empty). A
+        purity near 1 means the partition found the hidden bias attribute."""
+        return cluster_purity(partition, self._data.view(split).a, n_parts)
+
+    def oracle(self, split: str) -> np.ndarray:
+        """The bias labels of a split, for a *simulated person* only (SLIM's group-based
+        stand-in annotator, tagged as simulated): never for training a method."""
+        return np.asarray(self._data.view(split).a)
 
 
 class Method:
     """Base class: ERM's behaviour, overridden piecewise by other methods."""
 
+    #: The registry name (``method: <name>`` in a sweep file).
     name: ClassVar[str]
+    #: The sweep-file section holding ``Params`` (None: the method has no section).
+    section: ClassVar[str | None] = None
+    Params: ClassVar[type[Section]] = NoParams
+    #: One line for ``--dry-run`` and the docs.
+    summary: ClassVar[str] = ""
+    #: Selection metrics this method adds to every method's (e.g. a worst pseudo-group
+    #: accuracy, which needs no bias labels).
+    extra_selection_metrics: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------------ sweep-time hooks
+
+    @classmethod
+    def params_of(cls, config: Mapping[str, Any]) -> Section:
+        """This method's typed parameters from a resolved (already validated) config."""
+        return cls.Params.model_validate(config.get(cls.section) or {} if cls.section else {})
+
+    @classmethod
+    def bias_labels(cls, params: Section) -> BiasLabels:
+        del params
+        return BiasLabels()
+
+    @classmethod
+    def trial_kind(cls, params: Section) -> str:
+        """``epochs`` (the shared SGD loop, :mod:`debias.engine`) or ``last_layer`` (a grid
+        of logistic regressions on frozen features, :mod:`debias.last_layer`)."""
+        del params
+        return "epochs"
+
+    @classmethod
+    def uses_train_knobs(cls, params: Section) -> bool:
+        """Whether ``train.*`` changes anything (a last-layer fit has no SGD)."""
+        return cls.trial_kind(params) == "epochs"
+
+    @classmethod
+    def check(cls, ctx: SweepContext) -> None:
+        """Rules between this method's knobs and the rest of the file; append to
+        ``ctx.problems`` (single keys are already checked by ``Params``)."""
+
+    @classmethod
+    def steps(cls, ctx: SweepContext) -> str:
+        """What one reported step of a trial is, for the plan printed by ``--dry-run``."""
+        return f"{ctx.config['train']['epochs']} epochs"
+
+    @classmethod
+    def preflight(cls, spec: Any, dry_run: bool) -> None:
+        """Work that must exist before any trial starts (SLIM: a person's answers); ``spec``
+        is the validated :class:`debias.spec.Spec`. Raise :class:`PreflightError` with what
+        to do next."""
+        del spec, dry_run
+
+    @classmethod
+    def report_notes(cls, params: Section) -> list[str]:
+        """Caveats the report prints beside this method's rows."""
+        del params
+        return []
+
+    # ------------------------------------------------------------------ trial-time hooks
 
     def __init__(self, config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                 device: torch.device) -> None:
+                 device: torch.device, audit: BiasAudit | None = None) -> None:
         self.config = config
-        self.params: dict[str, Any] = config.get(self.name, {})
+        self.params = self.params_of(config)
+        self.seed = int(config["seed"])
         self.data = data
         self.cache = cache
         self.device = device
+        self.audit = audit or BiasAudit(data)
 
     def prepare(self) -> None:
         """Compute or fetch the shared stages this method needs (no-op for ERM)."""
@@ -46,14 +210,20 @@ class Method:
         del model
 
     def train_positions(self) -> np.ndarray:
-        """Positions of the training split this trial trains on (SLIM narrows it)."""
+        """Positions of the training split this trial draws from (SLIM narrows it)."""
         return np.arange(len(self.data.view("train")))
+
+    def epoch_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        """The positions of one epoch, in order (default: a permutation of
+        :meth:`train_positions`). Samplers that reweight return draws with replacement."""
+        del epoch
+        return rng.permutation(self.train_positions())
 
     def loss(self, model: Classifier, images: torch.Tensor, positions: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(model(images), labels)
 
-    def epoch_metrics(self) -> dict[str, float]:
+    def epoch_metrics(self) -> dict[str, Any]:
         """Method-specific numbers for this epoch, named `{method}/...`."""
         return {}
 
@@ -68,3 +238,23 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         del state
+
+    # ------------------------------------------------------------------ last-layer trials
+
+    def fit_halves(self) -> tuple[np.ndarray, np.ndarray]:
+        """Last-layer methods: (fit, held-out) positions of validation, a random half of each
+        class each, drawn from the trial's seed (reported seeds re-draw them)."""
+        return split_halves(self.data.view("val").y, derive_seed(self.seed, "val-halves"))
+
+    def reference_seed(self) -> int:
+        """The seed of the reference model whose features a last-layer trial fits on."""
+        return self.seed
+
+    def fit_subsets(self, fit_half: np.ndarray) -> list[np.ndarray]:
+        """Last-layer methods: the validation positions (within ``fit_half``) each retrain
+        fits on; the last-layer trial averages one fit per array."""
+        raise NotImplementedError(f"{self.name} runs no last-layer trial")
+
+    def fit_report(self) -> dict[str, Any]:
+        """Last-layer methods: once-per-trial numbers about what was fitted."""
+        return {}

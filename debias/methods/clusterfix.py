@@ -8,7 +8,7 @@ from the model, so it can be checked on hand-made tensors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,13 +16,15 @@ from sklearn.cluster import KMeans
 from torch.nn import functional as F
 
 from debias.data.grouped import SPLITS
-from debias.methods.base import Method
+from debias.methods.base import Method, SweepContext
 from debias.models import Classifier
+from debias.params import Choice, Float, Int, Number, Section
+from debias.seeding import derive_seed
 from debias.stages import features_key, frozen_features
 
-__all__ = ["ClusterFix", "ClusterWeights", "cluster_purity", "kmeans_per_class"]
+__all__ = ["ClusterFix", "ClusterFixParams", "ClusterWeights", "kmeans_per_class"]
 
-KMEANS_VERSION = 2  # 2: keyed on the features stage key
+KMEANS_VERSION = 3  # 2: keyed on the features stage key; 3: seeded from the trial's seed
 
 
 def kmeans_per_class(features: dict[str, torch.Tensor], labels: dict[str, np.ndarray], k: int,
@@ -47,17 +49,6 @@ def kmeans_per_class(features: dict[str, torch.Tensor], labels: dict[str, np.nda
                 sims = features[s][rows] @ centroids.T
                 out[s][rows] = sims.argmax(1) + t * k
     return out
-
-
-def cluster_purity(clusters: np.ndarray, bias: np.ndarray, n_clusters: int,
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Per cluster: size, and the share of its majority bias value (NaN for empty clusters).
-    A purity near 1 means the clusters found the hidden bias attribute."""
-    sizes = np.bincount(clusters, minlength=n_clusters)
-    purity = np.full(n_clusters, np.nan)
-    for c in np.flatnonzero(sizes):
-        purity[c] = np.bincount(bias[clusters == c]).max() / sizes[c]
-    return sizes, purity
 
 
 class ClusterWeights:
@@ -138,30 +129,54 @@ class ClusterWeights:
             setattr(self, name, value.clone().double())
 
 
+class ClusterFixParams(Section):
+    k: int = Int(8, 1, 1024, doc="clusters per class")
+    beta: Number = Float(0.5, 0, 100, doc="weight of the pseudo-label loss ('head weight')")
+    momentum: Number = Float(0.3, 0, 1, doc="weight of the *new* value in the weights' EMA")
+    cluster_loss: Literal["pseudo", "both"] = Choice(
+        "pseudo", doc="pseudo: the original code; both: its README (beta*pseudo + target)")
+    ema: Literal["sample", "cluster"] = Choice("sample")
+    features: Literal["auto", "backbone", "reference"] = Choice(
+        "auto", doc="auto: the pretrained backbone, or the ERM reference model without one")
+
+
 class ClusterFix(Method):
     name = "clusterfix"
+    section = "clusterfix"
+    Params = ClusterFixParams
+    summary = "k-means pseudo-groups, multi-head model, cluster loss re-weighting (no bias labels)"
+    extra_selection_metrics = ("val/worst_pseudo_group_acc",)
+
+    @classmethod
+    def check(cls, ctx: SweepContext) -> None:
+        if "backbone" in ctx.values_of("clusterfix.features") and \
+                ctx.config["backbone"].get("weights") == "none":
+            ctx.problems.append(
+                "clusterfix.features: got 'backbone'; expected 'reference' or 'auto' when "
+                "backbone.weights is 'none' (random features cannot cluster)")
 
     def prepare(self) -> None:
         p, data = self.params, self.data
-        source = p["features"]
+        source = p.features
         if source == "auto":
             source = "reference" if self.config["backbone"]["weights"] == "none" else "backbone"
         self.feature_source = source
         # Keyed on the features' own key, not a hash of the (possibly huge) matrix; a trial
-        # whose k-means is cached never reads the features at all.
-        inputs = {"features": features_key(self.config, data, source), "k": p["k"],
-                  "seed": p["kmeans_seed"]}
+        # whose k-means is cached never reads the features at all. The seed is the trial's:
+        # search trials share one k-means, each reported seed draws its own.
+        feats_key = features_key(self.config, data, source)
+        inputs = {"features": feats_key, "k": p.k, "seed": derive_seed(self.seed, "kmeans")}
 
         def cluster() -> dict[str, torch.Tensor]:
             feats = frozen_features(self.config, data, self.cache, self.device, source)
             labels = {s: data.view(s).y for s in SPLITS}
-            return kmeans_per_class(feats, labels, p["k"], data.n_classes, p["kmeans_seed"])
+            return kmeans_per_class(feats, labels, p.k, data.n_classes, inputs["seed"])
 
-        self.k = p["k"]
+        self.k = p.k
         self.clusters = self.cache.get_or_compute("kmeans", KMEANS_VERSION, inputs, cluster)
         self.n_clusters = self.k * data.n_classes
-        self.weights = ClusterWeights(self.clusters["train"], self.n_clusters, p["momentum"],
-                                      p["cluster_loss"], p["beta"], p["ema"])
+        self.weights = ClusterWeights(self.clusters["train"], self.n_clusters, p.momentum,
+                                      p.cluster_loss, p.beta, p.ema)
         self._batch_weights: list[torch.Tensor] = []
         self._first_epoch = True
 
@@ -184,7 +199,7 @@ class ClusterFix(Method):
         self.weights.update_losses(positions, target_loss, pseudo_loss)
         w = self.weights.batch_weights(positions).to(target_loss.device)
         self._batch_weights.append(w.detach().cpu())
-        return (target_loss * w).mean() + self.params["beta"] * pseudo_loss.mean()
+        return (target_loss * w).mean() + self.params.beta * pseudo_loss.mean()
 
     def epoch_metrics(self) -> dict[str, float]:
         w = torch.cat(self._batch_weights) if self._batch_weights else torch.ones(1)
@@ -207,9 +222,9 @@ class ClusterFix(Method):
         return out
 
     def cluster_report(self) -> dict[str, float]:
-        """Sizes and bias purity of the train clusters: did the clusters find the bias?"""
-        train = self.data.view("train")
-        sizes, purity = cluster_purity(self.clusters["train"].numpy(), train.a, self.n_clusters)
+        """Sizes and bias purity of the train clusters: did the clusters find the bias?
+        (The purity is measured by the audit: the method itself never sees the labels.)"""
+        sizes, purity = self.audit.purity(self.clusters["train"].numpy(), self.n_clusters)
         out = {f"clusterfix/cluster_size/{c}": float(sizes[c]) for c in range(self.n_clusters)}
         out.update({f"clusterfix/cluster_purity/{c}": float(purity[c])
                     for c in range(self.n_clusters) if not np.isnan(purity[c])})
@@ -230,4 +245,3 @@ class ClusterFix(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights.load_state_dict(state["weights"])
         self._first_epoch = False
-

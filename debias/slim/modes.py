@@ -1,10 +1,18 @@
 """What each SLIM retrain mode samples, curates and reports, shared by its two trials.
 
-``full`` retraining (:class:`debias.methods.slim.SLIM`, SGD epochs) works on the training
-split; ``last_layer`` retraining (:class:`debias.slim.last_layer.LastLayerTrial`, a grid of
-logistic regressions) on the fitted half of validation. Both get their reference model,
-curation, annotation request, GradCAM examples and once-per-trial metrics from here, so the
-two modes cannot drift apart in how they key the cache or what they log.
+``full`` retraining (SGD epochs, :mod:`debias.engine`) works on the training split;
+``last_layer`` retraining (a grid of logistic regressions, :mod:`debias.last_layer`) on the
+fitted half of validation. Both get their reference model, curation, annotation request,
+GradCAM examples and once-per-trial metrics from here, so the two modes cannot drift apart in
+how they key the cache or what they log; the annotation page (``--annotate``) builds its
+request here too.
+
+Seeds. The reference model, the 2-D embedding, the sample shown to the annotator and the
+validation halves come from the *sampling seed*; the curation's own picks from a seed derived
+from the trial's. With a simulated annotator the sampling seed is the trial's seed, so each
+reported seed re-runs everything. With a person's annotation file (``annotator: csv``) it is
+the search's trial seed in every phase: a person annotates once, so the reported seeds vary
+the curation and the retraining only (the report says so).
 """
 
 from __future__ import annotations
@@ -19,41 +27,29 @@ import torch
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset
 from debias.files import atomic_dir
+from debias.linear_heads import split_halves
 from debias.models import Classifier
 from debias.seeding import derive_seed
-from debias.slim.dfr import split_halves
-from debias.slim.pipeline import curated_subset, request_rows, write_overlays
+from debias.slim.pipeline import SlimKnobs, curated_subset, request_rows, write_overlays
 from debias.stages import reference_key, reference_model
 
-__all__ = ["MODE_SPLITS", "annotation_request_rows", "curation_for", "curation_metrics",
-           "gradcam_examples", "reference_for", "validation_halves"]
-
-
-def _pipeline_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """The validated ``slim`` section in the pipeline's vocabulary."""
-    return {
-        "budget_per_class": params["budget_per_class"],
-        "neighbours": params["neighbours"],
-        "gamma": params["gamma"],
-        "keep_quantile": params["keep_quantile"],
-        "curated_size": params["curated_size"],
-        "cell_share": params["cell_share"],
-        "k_range": [2, params["k_max"]],
-        "embedding": params["embedding"],
-        "annotator": params["annotator"],
-        "annotations": params.get("annotations"),
-        "aiou_threshold": params["aiou_threshold"],
-        "seed": params["seed"],
-    }
-
-
-def validation_halves(data: GroupedDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, held-out) validation positions of last-layer mode, fixed by the SLIM seed."""
-    return split_halves(data.view("val").y, seed)
-
+__all__ = ["MODE_SPLITS", "annotation_request_rows", "curation", "curation_metrics",
+           "gradcam_examples", "reference_for", "sampling_seed", "validation_halves"]
 
 #: The split each retrain mode samples, annotates and curates in.
 MODE_SPLITS: dict[str, str] = {"full": "train", "last_layer": "val"}
+
+
+def sampling_seed(config: dict[str, Any]) -> int:
+    """The seed of what a person would see: the trial's, or with a person's file the
+    search's in every phase (see the module docstring)."""
+    s = config["slim"]
+    return int(config["search_seed"] if s["annotator"] == "csv" else config["seed"])
+
+
+def validation_halves(data: GroupedDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) validation positions of last-layer mode, fixed by the sampling seed."""
+    return split_halves(data.view("val").y, derive_seed(seed, "val-halves"))
 
 
 def _curation_split(config: dict[str, Any], data: GroupedDataset
@@ -62,7 +58,7 @@ def _curation_split(config: dict[str, Any], data: GroupedDataset
     half of validation for ``last_layer``."""
     split = MODE_SPLITS[config["slim"]["retrain"]]
     if split == "val":
-        fit_half, _ = validation_halves(data, config["slim"]["seed"])
+        fit_half, _ = validation_halves(data, sampling_seed(config))
         return split, fit_half
     return split, None
 
@@ -70,39 +66,31 @@ def _curation_split(config: dict[str, Any], data: GroupedDataset
 def reference_for(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
                   device: torch.device) -> tuple[Classifier, str]:
     """(the cached ERM reference model, its cache key): what SLIM's stages are keyed on."""
-    return reference_model(config, data, cache, device), reference_key(config, data)
+    seed = sampling_seed(config)
+    return (reference_model(config, data, cache, device, seed=seed),
+            reference_key(config, data, seed=seed))
 
 
-def curation_for(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                 device: torch.device, retrain_index: int = 0,
-                 reference: tuple[Classifier, str] | None = None
-                 ) -> tuple[Classifier, str, dict[str, Any]]:
-    """(reference model, its cache key, the curated subset) for the trial's retrain mode;
-    ``reference`` (from :func:`reference_for`) saves reloading it per retrain.
-
-    Which images are annotated depends on ``slim.seed`` only, never on the trial seed: a
-    person answers once per sweep. In last-layer mode the curation's own picks are the
-    trial's randomness: retrain r of trial seed s curates with a seed derived from (s, r).
-    """
-    params = config["slim"]
-    model, ref_key = reference or reference_for(config, data, cache, device)
-    settings = _pipeline_settings(params)
+def curation(config: dict[str, Any], knobs: SlimKnobs, data: GroupedDataset,
+             cache: StageCache, device: torch.device, reference: tuple[Classifier, str],
+             retrain_index: int = 0, oracle: Any = None) -> dict[str, Any]:
+    """The curated subset for the trial's retrain mode and retrain ``retrain_index``."""
+    model, ref_key = reference
     split, pool = _curation_split(config, data)
-    if split == "val":
-        settings["curation_seed"] = derive_seed(params["seed"], config["seed"], "curation",
-                                                retrain_index)
-    curation = curated_subset({"slim": settings}, data, model, cache, device,
-                              model_key=ref_key, split=split, pool=pool)
-    return model, ref_key, curation
+    seed = sampling_seed(config)
+    return curated_subset(knobs, data, model, cache, device, model_key=ref_key, split=split,
+                          pool=pool, seed=seed, oracle=oracle,
+                          curation_seed=derive_seed(config["seed"], "curation", retrain_index))
 
 
-def annotation_request_rows(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                            device: torch.device, path: Path) -> list[dict[str, Any]]:
-    """The request rows for the trial's retrain mode (overlays written beside ``path``)."""
+def annotation_request_rows(config: dict[str, Any], knobs: SlimKnobs, data: GroupedDataset,
+                            cache: StageCache, device: torch.device, path: Path
+                            ) -> list[dict[str, Any]]:
+    """The request rows for the config's retrain mode (overlays written beside ``path``)."""
     model, ref_key = reference_for(config, data, cache, device)
     split, pool = _curation_split(config, data)
-    return request_rows({"slim": _pipeline_settings(config["slim"])}, data, model, cache,
-                        device, ref_key, path, split, pool)
+    return request_rows(knobs, data, model, cache, device, ref_key, path, split, pool,
+                        seed=sampling_seed(config))
 
 
 def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Classifier,
@@ -121,11 +109,10 @@ def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Cl
     return folder
 
 
-def curation_metrics(curation: dict[str, Any], data: GroupedDataset, positions: np.ndarray,
-                     overlays: Path) -> dict[str, Any]:
-    """What the curation cost and produced, reported once per trial."""
-    view = data.view(curation["split"])
-    groups = np.bincount(view.group[positions], minlength=2 * data.n_classes)  # y * 2 + a
+def curation_metrics(curation: dict[str, Any], group_mix: dict[str, float],
+                     positions: np.ndarray, overlays: Path) -> dict[str, Any]:
+    """What the curation cost and produced, reported once per trial; ``group_mix`` is the
+    curated set's groups from the bias audit (reporting only)."""
     out: dict[str, Any] = {
         # A folder, not a number: the tracker logs its PNGs as the run's artifacts.
         "artifacts/gradcam": str(overlays),
@@ -134,9 +121,7 @@ def curation_metrics(curation: dict[str, Any], data: GroupedDataset, positions: 
         "slim/propagated_kept": float(curation["propagated_kept"]),
         "slim/curated_size": float(len(positions)),
         "slim/simulated_annotator": float(bool(curation["simulated"])),
-        # Group mix of the curated set (bias labels used for *reporting* only).
-        **{f"slim/curated_group/{g // 2}_{g % 2}": float(n)
-           for g, n in enumerate(groups)},
+        **{f"slim/curated_group/{g}": n for g, n in group_mix.items()},
     }
     for key in ("aiou_mean", "aiou_mean_curated"):
         if not math.isnan(float(curation[key])):

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from debias.cache import StageCache
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from debias.models import Classifier
+from debias.seeding import derive_seed
 from debias.slim.annotations import (
     AnnotationError,
     group_annotator,
@@ -40,90 +42,38 @@ from debias.slim.annotations import (
     simulated_annotator,
 )
 from debias.slim.attention import compute_attention, gradcam_images, overlay_png
-from debias.slim.curation import CELL_SHARES, curate
+from debias.slim.curation import curate
 from debias.slim.propagation import class_gammas, propagate
-from debias.slim.sampling import per_class_budget, sample_for_annotation
-from debias.slim.space import EMBEDDINGS, embed_per_class
+from debias.slim.sampling import sample_for_annotation
+from debias.slim.space import embed_per_class
 
-__all__ = ["ANNOTATORS", "SLIM_DEFAULTS", "attention_stage", "curated_subset",
-           "model_fingerprint", "request_rows", "slim_settings", "write_overlays"]
+__all__ = ["ANNOTATORS", "GRADCAM_BATCH", "SlimKnobs", "attention_stage", "curated_subset",
+           "model_fingerprint", "request_rows", "write_overlays"]
 
 GRADCAM_VERSION = 1
-SPACE_VERSION = 1
-CURATION_VERSION = 3
-ANNOTATORS = ("simulated", "csv")
-
-SLIM_DEFAULTS: dict[str, Any] = {
-    "budget_per_class": 10,
-    "neighbours": 5,
-    "gamma": [10.0, 5.0],
-    "alpha": 0.01,
-    "keep_quantile": 0.5,
-    "curated_size": 120,
-    "cell_share": "spread",
-    "k_range": [2, 5],
-    "embedding": "pca",
-    "annotator": "simulated",
-    "annotations": None,
-    "aiou_threshold": 0.3,
-    "seed": 0,
-    "curation_seed": None,
-    "batch_size": 64,
-}
+SPACE_VERSION = 2  # 2: seeded by the caller (the trial's or the annotation's seed)
+CURATION_VERSION = 4  # 4: seeds passed explicitly; one schema for the knobs
+ANNOTATORS = ("simulated", "csv", "random")
+#: Images per GradCAM batch (it needs gradients, so smaller than an evaluation batch).
+GRADCAM_BATCH = 64
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+class SlimKnobs(Protocol):
+    """The ``slim`` section's knobs the pipeline reads: the method's typed parameters
+    (:class:`debias.methods.slim.SLIMParams`), the only place their defaults live."""
 
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
-def slim_settings(config: dict[str, Any], n_classes: int = 2) -> dict[str, Any]:
-    """``config["slim"]`` over the defaults, checked; messages name the knob and the rule.
-
-    Keys this module does not know (e.g. retraining knobs) are passed through untouched.
-    """
-    s = {**SLIM_DEFAULTS, **(config.get("slim") or {})}
-
-    def bad(name: str, rule: str) -> ValueError:
-        return ValueError(f"slim.{name} must be {rule}, got {s[name]!r}")
-
-    per_class_budget(s["budget_per_class"], n_classes)  # raises with its own message
-    if not _is_int(s["neighbours"]) or s["neighbours"] < 1:
-        raise bad("neighbours", "a positive integer")
-    s["gamma"] = class_gammas(s["gamma"], n_classes)
-    if not _is_number(s["alpha"]) or not 0 < s["alpha"] < 1:
-        raise bad("alpha", "a number in (0, 1)")
-    if not _is_number(s["keep_quantile"]) or not 0 <= s["keep_quantile"] < 1:
-        raise bad("keep_quantile", "a number in [0, 1)")
-    if not _is_int(s["curated_size"]) or s["curated_size"] < 1:
-        raise bad("curated_size", "a positive integer")
-    k = s["k_range"]
-    if (not isinstance(k, list | tuple) or len(k) != 2 or not all(_is_int(v) for v in k)
-            or not 1 <= k[0] <= k[1]):
-        raise bad("k_range", "[min, max] integers with 1 <= min <= max")
-    s["k_range"] = [int(k[0]), int(k[1])]
-    if s["cell_share"] not in CELL_SHARES:
-        raise bad("cell_share", f"one of {CELL_SHARES}")
-    if s["embedding"] not in EMBEDDINGS:
-        raise bad("embedding", f"one of {EMBEDDINGS}")
-    if s["annotator"] not in ANNOTATORS:
-        raise bad("annotator", f"one of {ANNOTATORS}")
-    if s["annotator"] == "csv" and not s["annotations"]:
-        raise bad("annotations", "the path of the annotation CSV when annotator is 'csv'")
-    if not _is_number(s["aiou_threshold"]) or not 0 <= s["aiou_threshold"] <= 1:
-        raise bad("aiou_threshold", "a number in [0, 1]")
-    if not _is_int(s["seed"]):
-        raise bad("seed", "an integer")
-    if s["curation_seed"] is None:
-        s["curation_seed"] = s["seed"]
-    if not _is_int(s["curation_seed"]):
-        raise bad("curation_seed", "an integer (or null: the same as seed)")
-    if not _is_int(s["batch_size"]) or s["batch_size"] < 1:
-        raise bad("batch_size", "a positive integer")
-    return s
+    budget_per_class: int
+    neighbours: int
+    gamma: float
+    alpha: float
+    keep_quantile: float
+    curated_size: int
+    k_max: int
+    cell_share: str
+    embedding: str
+    annotator: str
+    annotations: str | None
+    aiou_threshold: float
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -137,8 +87,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def attention_stage(data: GroupedDataset, model: Classifier, cache: StageCache,
-                    device: torch.device | str, model_key: str, batch_size: int = 64,
-                    split: str = "train") -> tuple[dict[str, Any], dict[str, Any]]:
+                    device: torch.device | str, model_key: str, split: str = "train"
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(cached attention of one split, the stage's key inputs).
 
     Image-size CAMs are not stored (CelebA's would take ~16 GB); AIOU is computed from them
@@ -147,7 +97,7 @@ def attention_stage(data: GroupedDataset, model: Classifier, cache: StageCache,
     inputs = {"data": data.identity(), "model": model_key, "split": split}
 
     def compute() -> dict[str, Any]:
-        att = compute_attention(model, data, split, device, batch_size, keep_cams=False)
+        att = compute_attention(model, data, split, device, GRADCAM_BATCH, keep_cams=False)
         return {**att, "has_masks": data.masks is not None}
 
     return cache.get_or_compute("gradcam", GRADCAM_VERSION, inputs, compute), inputs
@@ -199,14 +149,13 @@ def _pool_digest(pool: np.ndarray) -> str:
 
 
 def _pooled_attention(data: GroupedDataset, model: Classifier, cache: StageCache,
-                      device: torch.device | str, model_key: str, s: dict[str, Any],
-                      split: str, pool: np.ndarray | None) -> dict[str, Any]:
+                      device: torch.device | str, model_key: str, split: str,
+                      pool: np.ndarray | None) -> dict[str, Any]:
     """The cached attention of ``split``, restricted to ``pool`` (sorted; default: all)."""
     view = data.view(split)
     pool = (np.arange(len(view), dtype=np.int64) if pool is None
             else np.sort(np.asarray(pool, dtype=np.int64)))
-    att, inputs = attention_stage(data, model, cache, device, model_key, s["batch_size"],
-                                  split)
+    att, inputs = attention_stage(data, model, cache, device, model_key, split)
     return {"pool": pool, "y": np.asarray(view.y)[pool], "v": att["v"].numpy()[pool],
             "v_bar": att["v_bar"].numpy()[pool], "aiou": att["aiou"].numpy()[pool],
             "has_masks": bool(att["has_masks"]),
@@ -214,35 +163,35 @@ def _pooled_attention(data: GroupedDataset, model: Classifier, cache: StageCache
                        "pool": None if len(pool) == len(view) else _pool_digest(pool)}}
 
 
-def _space(cache: StageCache, pooled: dict[str, Any], s: dict[str, Any]
+def _space(cache: StageCache, pooled: dict[str, Any], embedding: str, seed: int
            ) -> tuple[np.ndarray, np.ndarray]:
     """(E, E-bar): the pool's attention and background vectors embedded in 2-D per class,
     cached: curations that differ in any other knob share them."""
-    inputs = {**pooled["inputs"], "embedding": s["embedding"], "seed": s["seed"]}
+    inputs = {**pooled["inputs"], "embedding": embedding, "seed": seed}
 
     def compute() -> dict[str, Any]:
-        return {name: torch.from_numpy(embed_per_class(pooled[key], pooled["y"],
-                                                       s["embedding"], s["seed"]))
+        return {name: torch.from_numpy(embed_per_class(pooled[key], pooled["y"], embedding,
+                                                       seed))
                 for name, key in (("e", "v"), ("e_bar", "v_bar"))}
 
     space = cache.get_or_compute("space", SPACE_VERSION, inputs, compute)
     return space["e"].numpy(), space["e_bar"].numpy()
 
 
-def _sample(e: np.ndarray, y: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+def _sample(e: np.ndarray, y: np.ndarray, s: SlimKnobs, seed: int) -> np.ndarray:
     """The pool indices to show a person: fixed by the embedding, budget and ``seed``."""
-    return sample_for_annotation(e, y, s["budget_per_class"], s["neighbours"], s["seed"])
+    return sample_for_annotation(e, y, s.budget_per_class, s.neighbours, seed)
 
 
-def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier,
+def request_rows(s: SlimKnobs, data: GroupedDataset, model: Classifier,
                  cache: StageCache, device: torch.device | str, model_key: str,
-                 path: Path, split: str = "train", pool: np.ndarray | None = None
-                 ) -> list[dict[str, Any]]:
+                 path: Path, split: str = "train", pool: np.ndarray | None = None,
+                 seed: int = 0) -> list[dict[str, Any]]:
     """The rows a person must answer for this sampling (overlays written beside ``path``):
-    what :func:`curated_subset` reads back for the same settings, split and pool."""
-    s = slim_settings(config, data.n_classes)
-    pooled = _pooled_attention(data, model, cache, device, model_key, s, split, pool)
-    positions = pooled["pool"][_sample(_space(cache, pooled, s)[0], pooled["y"], s)]
+    what :func:`curated_subset` reads back for the same knobs, split, pool and seed."""
+    pooled = _pooled_attention(data, model, cache, device, model_key, split, pool)
+    positions = pooled["pool"][_sample(_space(cache, pooled, s.embedding, seed)[0],
+                                       pooled["y"], s, seed)]
     view = data.view(split)
     written = write_overlays(path.with_name(f"{path.stem}_overlays"), data, model, device,
                              positions, split)
@@ -252,17 +201,22 @@ def request_rows(config: dict[str, Any], data: GroupedDataset, model: Classifier
             for p, (image, overlay) in zip(positions, written, strict=True)]
 
 
-def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifier,
+def curated_subset(s: SlimKnobs, data: GroupedDataset, model: Classifier,
                    cache: StageCache, device: torch.device | str,
                    model_key: str | None = None, split: str = "train",
-                   pool: np.ndarray | None = None) -> dict[str, Any]:
+                   pool: np.ndarray | None = None, seed: int = 0,
+                   curation_seed: int | None = None,
+                   oracle: Callable[[str], np.ndarray] | None = None) -> dict[str, Any]:
     """The curated subset of ``split`` (drawn from ``pool``, default the whole split) and what
     it cost (see module docstring).
 
     ``model_key`` identifies the reference model in the cache key (e.g. the hash of the
-    reference stage's inputs); by default the model's weights are hashed. Only the
-    curation's own choices depend on ``curation_seed``, so re-curating with other seeds (the
-    retrains of last-layer mode) reuses the same annotated images.
+    reference stage's inputs); by default the model's weights are hashed. ``seed`` fixes the
+    embedding and which images are annotated; only the curation's own choices depend on
+    ``curation_seed`` (default: ``seed``), so re-curating with other seeds (the retrains of
+    last-layer mode) reuses the same annotated images. ``oracle(split)`` gives the bias labels
+    a *simulated* person knows (the group-based stand-in annotator, used where the dataset
+    has no masks); without it that annotator cannot run.
 
     Returns ``positions`` (LongTensor of positions in ``split``), ``annotated_positions``,
     ``annotated`` (images shown to the annotator), ``annotated_fraction`` (of the pool),
@@ -270,27 +224,30 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
     (``simulated-aiou``, ``simulated-group`` or ``csv``), ``simulated`` and a few diagnostics.
     """
     view = data.view(split)
-    s = slim_settings(config, data.n_classes)
+    curation_seed = seed if curation_seed is None else curation_seed
     key = model_key if model_key is not None else model_fingerprint(model)
-    pooled = _pooled_attention(data, model, cache, device, key, s, split, pool)
+    pooled = _pooled_attention(data, model, cache, device, key, split, pool)
     pool, y, aiou = pooled["pool"], pooled["y"], pooled["aiou"]
     has_masks = pooled["has_masks"]
-    if s["annotator"] == "csv":
-        annotator = "csv"
+    if s.annotator in ("csv", "random"):
+        annotator = s.annotator
     else:
         annotator = "simulated-aiou" if has_masks else "simulated-group"
+    gamma = class_gammas(s.gamma, data.n_classes)
+    k_range = [2, s.k_max]
 
     inputs: dict[str, Any] = {
         **pooled["inputs"],
-        **{k: s[k] for k in ("budget_per_class", "neighbours", "gamma", "alpha",
-                             "keep_quantile", "curated_size", "k_range", "embedding", "seed",
-                             "curation_seed", "cell_share")},
+        **{k: getattr(s, k) for k in ("budget_per_class", "neighbours", "alpha",
+                                      "keep_quantile", "curated_size", "embedding",
+                                      "cell_share")},
+        "gamma": gamma, "k_range": k_range, "seed": seed, "curation_seed": curation_seed,
         "annotator": annotator,
-        "threshold": s["aiou_threshold"] if annotator == "simulated-aiou" else None,
+        "threshold": s.aiou_threshold if annotator == "simulated-aiou" else None,
     }
-    csv_path = Path(s["annotations"]) if annotator == "csv" else None
+    csv_path = Path(s.annotations) if annotator == "csv" and s.annotations else None
     if csv_path is not None:
-        if not csv_path.is_file():
+        if not csv_path.exists():
             raise AnnotationError(
                 f"annotation file {csv_path} does not exist: build the request with `python "
                 "launch.py SWEEP.yaml --annotate` (or by running the sweep, which writes it "
@@ -298,23 +255,28 @@ def curated_subset(config: dict[str, Any], data: GroupedDataset, model: Classifi
         inputs["annotations_sha256"] = _file_digest(csv_path)
 
     def compute() -> dict[str, Any]:
-        e, e_bar = _space(cache, pooled, s)
-        sampled = _sample(e, y, s)
+        e, e_bar = _space(cache, pooled, s.embedding, seed)
+        sampled = _sample(e, y, s, seed)
         if annotator == "csv":
             assert csv_path is not None
             ids = [str(view.ids[p]) for p in pool[sampled]]
             answers = read_annotations(csv_path, ids, split)
             labels = np.array([answers[i] for i in ids], dtype=np.int64)
         elif annotator == "simulated-aiou":
-            labels = simulated_annotator(aiou[sampled], s["aiou_threshold"])
+            labels = simulated_annotator(aiou[sampled], s.aiou_threshold)
+        elif annotator == "random":  # the ablation: answers that carry no information
+            rng = np.random.default_rng(derive_seed(seed, "random-annotator"))
+            labels = rng.integers(0, 2, size=len(sampled)).astype(np.int64)
         else:  # the majority bias value of a class is the training split's, on any split
+            if oracle is None:
+                raise ValueError("the group-based simulated annotator needs the oracle of "
+                                 "bias labels (this dataset has no foreground masks)")
             train = data.view("train")
-            labels = group_annotator(view.y[pool[sampled]], view.a[pool[sampled]],
-                                     majority_of=(train.y, train.a))
-        prop = propagate(e, y, sampled, labels, s["gamma"], s["alpha"], s["keep_quantile"])
+            labels = group_annotator(view.y[pool[sampled]], oracle(split)[pool[sampled]],
+                                     majority_of=(train.y, oracle("train")))
+        prop = propagate(e, y, sampled, labels, gamma, s.alpha, s.keep_quantile)
         kept = np.flatnonzero(prop.keep)
-        cur = curate(e, e_bar, y, kept, s["curated_size"], s["k_range"], s["curation_seed"],
-                     s["cell_share"])
+        cur = curate(e, e_bar, y, kept, s.curated_size, k_range, curation_seed, s.cell_share)
         return {
             "split": split,
             "positions": torch.from_numpy(pool[cur.positions]),

@@ -1,13 +1,14 @@
-"""The trial of ``slim.retrain: last_layer``: DFR-style last-layer retraining on a curated
-validation subset (ALGORITHMS.md, SLIM step 8b).
+"""The last-layer trial: DFR-style retraining of the reference model's last layer on subsets
+of one half of validation, shared by DFR (group-balanced subsets) and SLIM's ``last_layer``
+mode (curated subsets). The numerics are :mod:`debias.linear_heads`.
 
 It speaks the trainable's protocol (``epochs()``, ``epoch``, ``save``/``load``), but a
 "step" is one point of the grid over C and class weights instead of an SGD epoch: each is
 reported to Ray Tune and MLflow, checkpointed, scored on the held-out half of validation, and
 model selection picks the best point the way it picks the best epoch elsewhere (test metrics
-come from the selected point). Everything expensive (reference model, GradCAM on
-validation, frozen features, curations) comes from the stage cache, so a trial is a few
-hundred small logistic regressions.
+come from the selected point). Everything expensive (reference model, frozen features, the
+method's subsets) comes from the stage cache, so a trial is a few hundred small logistic
+regressions.
 
 Validation metrics (``val/*``) are those of the held-out half only: the fit half trained the
 head and would flatter it.
@@ -21,76 +22,95 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import field_validator
 from scipy.special import log_softmax
 
 from debias.cache import StageCache
 from debias.data import GroupedDataset, load_grouped
-from debias.engine import Selection
+from debias.engine import Selection, method_for, trial_device
+from debias.linear_heads import LinearHead, class_weight_options, fit_averaged_head, standardiser
+from debias.methods.base import Method
 from debias.metrics import group_metrics
+from debias.params import Floats, Int, Number, Section
 from debias.seeding import derive_seed
-from debias.slim.dfr import LinearHead, class_weight_options, fit_averaged_head, standardiser
-from debias.slim.modes import (
-    curation_for,
-    curation_metrics,
-    gradcam_examples,
-    reference_for,
-    validation_halves,
-)
-from debias.stages import frozen_features
+from debias.stages import frozen_features, reference_key
 
-__all__ = ["LastLayerTrial"]
+__all__ = ["LastLayerParams", "LastLayerTrial", "grid_size"]
+
+DEFAULT_C_GRID = [1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01]
+
+
+class LastLayerParams(Section):
+    """The grid of a last-layer method (its section inherits these keys)."""
+
+    retrains: int = Int(5, 1, 1000, doc="fits averaged per grid point, each on its own subset")
+    c_grid: list[Number] = Floats(DEFAULT_C_GRID,
+                                 expected="a non-empty list of distinct numbers > 0",
+                                 doc="inverse L1 strengths tried (DFR's grid)")
+    class_weight_ratios: list[Number] = Floats(
+        [1.0, 2.0, 3.0, 10.0], expected="a non-empty list of distinct numbers > 0",
+        doc="class weights tried: {0: 1, 1: w} and {0: w, 1: 1} for each w")
+
+    @field_validator("c_grid", "class_weight_ratios")
+    @classmethod
+    def _distinct_positive(cls, values: list[float]) -> list[float]:
+        if len(set(values)) != len(values) or any(not v > 0 for v in values):
+            raise ValueError("needs distinct numbers > 0")
+        return values
+
+
+def grid_size(params: LastLayerParams, n_classes: int = 2) -> int:
+    return len(params.c_grid) * len(class_weight_options(params.class_weight_ratios, n_classes))
 
 
 class LastLayerTrial:
-    """One last-layer trial: curated validation subsets, then the grid, one point a step."""
+    """One last-layer trial: the method's fitted subsets, then the grid, one point a step."""
 
-    def __init__(self, config: dict[str, Any], device: str | None = None,
+    def __init__(self, config: dict[str, Any], method: type[Method], device: str | None = None,
                  data: GroupedDataset | None = None) -> None:
         self.config = config
         self.seed = int(config["seed"])
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = trial_device(device)
         self.data = data or load_grouped(config["dataset"], config["target"], config["bias"])
         self.cache = StageCache(config["cache_dir"])
-        params = config["slim"]
+        self.method = method_for(method, config, self.data, self.cache, self.device)
+        params = self.method.params
+        assert isinstance(params, LastLayerParams), "a last-layer method's Params has the grid"
         n_classes = self.data.n_classes
 
         before = StageCache.events()
-        reference, ref_key = reference_for(config, self.data, self.cache, self.device)
-        curations = [curation_for(config, self.data, self.cache, self.device, retrain_index=r,
-                                  reference=(reference, ref_key))[2]
-                     for r in range(params["retrains"])]
-        features = frozen_features(config, self.data, self.cache, self.device, "reference",
-                                   splits=("val", "test"))
-        overlays = gradcam_examples(config, self.data, reference, self.device, ref_key,
-                                    curations[0])
+        self.method.prepare()
+        fit_half, self.held_out = self.method.fit_halves()
+        subsets = self.method.fit_subsets(fit_half)
+        ref_seed = self.method.reference_seed()
+        features = frozen_features({**config, "seed": ref_seed}, self.data, self.cache,
+                                   self.device, "reference", splits=("val", "test"))
         # What this trial computed vs reused of the shared stages, reported with every step.
         self.cache_events = {k: float(v - before.get(k, 0))
                              for k, v in StageCache.events().items()}
+        self.reference_key = reference_key(config, self.data, seed=ref_seed)
+        self.stage_tags = self.cache.stage_tags()
 
-        self.curations = curations
-        fit_half, self.held_out = validation_halves(self.data, params["seed"])
         val = self.data.view("val")
         val_x = features["val"].numpy().astype(np.float64)
         self.mean, self.std = standardiser(val_x[fit_half])
-        self.subsets = [(val_x[np.sort(c["positions"].numpy())],
-                         val.y[np.sort(c["positions"].numpy())]) for c in curations]
+        ordered = [np.sort(positions) for positions in subsets]
+        self.subsets = [(val_x[p], val.y[p]) for p in ordered]
         self.fitted = (np.concatenate([x for x, _ in self.subsets]),
                        np.concatenate([y for _, y in self.subsets]))
         self.features = {"val": val_x[self.held_out],
                          "test": features["test"].numpy().astype(np.float64)}
         self.positions = {"val": self.held_out, "test": np.arange(len(self.data.view("test")))}
-        self.grid = [(float(c), weights) for c in params["c_grid"]
-                     for weights in class_weight_options(params["class_weight_ratios"],
-                                                         n_classes)]
+        self.grid = [(float(c), weights) for c in params.c_grid
+                     for weights in class_weight_options(params.class_weight_ratios, n_classes)]
         self.first_report = {
-            **curation_metrics(curations[0], self.data, np.sort(curations[0]["positions"]
-                                                                .numpy()), overlays),
-            "slim/retrains": float(len(curations)),
-            "slim/val_fit_size": float(len(fit_half)),
-            "slim/val_selection_size": float(len(self.held_out)),
-            "slim/grid_size": float(len(self.grid)),
+            **self.method.fit_report(),
+            "last_layer/retrains": float(len(subsets)),
+            "last_layer/val_fit_size": float(len(fit_half)),
+            "last_layer/val_selection_size": float(len(self.held_out)),
+            "last_layer/fitted_size": float(np.mean([len(p) for p in ordered])),
+            "last_layer/grid_size": float(len(self.grid)),
         }
-        self.reference_key = ref_key
         self.train_mix = self.data.group_counts("train")
         sel = config["selection"]
         self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
@@ -140,13 +160,14 @@ class LastLayerTrial:
         metrics: dict[str, Any] = {
             "epoch": self.epoch,
             "train/loss": self._log_loss(head),
-            "slim/C": c,
-            **{f"slim/class_weight/{k}": float(w) for k, w in weights.items()},
-            "slim/nonzero_features": float(head.nonzero),
+            "last_layer/C": c,
+            **{f"last_layer/class_weight/{k}": float(w) for k, w in weights.items()},
+            "last_layer/nonzero_features": float(head.nonzero),
         }
         if self.epoch == 1:
             metrics.update(self.first_report)
         metrics.update(self.cache_events)
+        metrics.update(self.stage_tags)
         metrics.update(self.evaluate("val", head))
 
         def evaluate_test() -> dict[str, float]:

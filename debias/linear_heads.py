@@ -1,13 +1,14 @@
-"""Last-layer retraining the DFR way (Kirichenko et al., 2022), with SLIM's curated subset in
-place of DFR's group-balanced one: L1-regularised logistic regression on frozen features.
+"""The numerics of last-layer retraining the DFR way (Kirichenko et al., "Last Layer
+Re-Training is Sufficient for Robustness to Spurious Correlations", ICLR 2023): L1-regularised
+logistic regression on frozen features, shared by DFR (group-balanced subsets) and SLIM's
+``last_layer`` mode (curated subsets). The trial around them is :mod:`debias.last_layer`.
 
 Why these pieces:
 
-- The validation split is cut in two, per class and without bias labels: SLIM samples,
-  annotates and curates in one half and fits there; the other half, never fitted, is what
-  model selection (and the grid over C and class weights) is scored on.
-- Each grid point is fitted ``retrains`` times, on curated subsets drawn with different
-  curation seeds, and the coefficients are averaged: DFR's variance reduction.
+- The validation split is cut in two, per class: a method fits in one half; the other half,
+  never fitted, is what model selection (and the grid over C and class weights) is scored on.
+- Each grid point is fitted once per subset (``retrains`` of them, drawn with different
+  seeds) and the coefficients are averaged: DFR's variance reduction.
 - The head is folded back through the standardisation, so it is one linear layer on the
   features it was given (here the reference trunk's L2-normalised features, the stage
   ClusterFix shares; DFR uses raw embeddings): the checkpoint is a plain weight and bias.
@@ -36,7 +37,7 @@ _L1 = ({"l1_ratio": 1.0}
 def split_halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit, held-out) positions: a random half of every class each (the odd one to fit).
 
-    Stratified by class only: SLIM never reads bias labels to build what it trains on.
+    Stratified by class only: the halves never depend on bias labels.
     """
     y = np.asarray(y, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -107,8 +108,9 @@ def fit_averaged_head(subsets: Sequence[tuple[np.ndarray, np.ndarray]], c: float
     for r, (x, y) in enumerate(subsets):
         present = np.unique(y)
         if len(present) != n_classes:
-            raise ValueError(f"retrain {r}: the curated subset holds classes {present.tolist()}"
-                             f", expected all {n_classes}; raise slim.curated_size")
+            raise ValueError(f"retrain {r}: the fitted subset holds classes {present.tolist()}"
+                             f", expected all {n_classes}; give it more images (e.g. raise "
+                             "slim.curated_size)")
         w, b = _fit_one((x - mean) / std, y, c, class_weight, n_classes, seed + r)
         weights.append(w)
         biases.append(b)
