@@ -17,6 +17,21 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    def integer(text: str, low: int, high: int | None, expected: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected {expected}")
+        return value
+
+    def port(text: str) -> int:
+        return integer(text, 0, 65535, "a port number in 0..65535 (0: any free port)")
+
+    def num_cpus(text: str) -> int:
+        return integer(text, 1, None, "a whole number of CPUs >= 1 (or leave it out: all)")
+
     p = argparse.ArgumentParser(
         prog="launch.py",
         description="Run a debiasing sweep: per target attribute, a hyperparameter search "
@@ -42,11 +57,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster address (e.g. auto, ray://head:10001); default: RAY_ADDRESS "
                         "or a local Ray started for this sweep")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=num_cpus, default=None,
                    help="CPUs for a local Ray (default: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep (finished trials are kept, running ones "
-                        "restart from their last checkpoint)")
+                        "restart from their last checkpoint); refused if the configuration "
+                        "changed")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run trials that failed max_failures times again "
+                        "(by default they stay failed)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write each pipeline's selected models (the best config, every "
+                        "reported seed) with their metrics from MLflow into DIR")
+    p.add_argument("--sync", action="store_true",
+                   help="upload tracking writes a tracking outage left pending (they are "
+                        "journaled under the sweep's storage), then exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray Tune's own status tables and logs instead of the compact view")
     p.add_argument("--report", action="store_true",
                    help="print the per-target table from MLflow without running anything")
     p.add_argument("--submit", action="store_true",
@@ -66,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="SLIM: annotate the GradCAM overlays in a local web page (the request "
                         "CSV slim.annotations is built first if absent); answers are saved as "
                         "you go")
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=port, default=None,
                    help="with --ui or --annotate: the port on 127.0.0.1 (default: 5000 / 8765 "
                         "if free, else any; 0: any free port)")
     return p
@@ -105,11 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.compare is not None:
         return _compare(args.compare, spec.tracking_uri, spec.storage)
+    if args.export is not None:
+        return _export(spec, Path(args.export))
+    if args.sync:
+        return _sync(spec)
     if args.ui:
         return _ui(spec, args.port)
     if args.annotate:
         return _annotate(spec, args)
-    from debias.sweep import SweepError, describe_plan, preflight
+    from debias.preflight import PreflightFailed, preflight
+    from debias.sweep import SweepError, SweepInterrupted, describe_plan
 
     try:
         if args.report:
@@ -118,14 +150,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.submit:
             return _submit(spec, args)
         if args.dry_run:
-            preflight(spec, dry_run=True)
+            preflight(spec, dry_run=True, resume=args.resume)
             print("dry run: the sweep file and the data are valid; nothing was run.")
             return 0
         from debias.sweep import run_sweep
 
-        run_sweep(spec, address=args.address, resume=args.resume, num_cpus=args.num_cpus)
+        if args.verbose:
+            os.environ["DEBIAS_VERBOSE"] = "1"
+        outcome = run_sweep(spec, address=args.address, resume=args.resume,
+                            num_cpus=args.num_cpus, retry_failed=args.retry_failed)
+        if outcome.pending_writes:
+            print(f"\nthe sweep ran every trial, but the MLflow tracking server did not take "
+                  f"{outcome.pending_writes} write(s); they are journaled in "
+                  f"{outcome.journal}. Once it answers, upload them with `python launch.py "
+                  f"{spec.source} --sync` (or --resume); the report follows.",
+                  file=sys.stderr)
+            return 3
         return _report(spec, log_artifacts=True)
-    except SweepError as exc:
+    except SweepInterrupted as exc:
+        print(f"\ninterrupted: {exc}", file=sys.stderr)
+        return 130
+    except (SweepError, PreflightFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -169,19 +214,30 @@ def _annotate(spec: Spec, args: argparse.Namespace) -> int:
 
 
 def _open_tracker(uri: str, name: str) -> Any:
-    """The tracker of an existing experiment, or None with the reason printed."""
+    """The tracker of an existing experiment with runs, or None with the reason printed.
+    Nothing is created when there is nothing to report: not an absent sqlite store (checked
+    before MLflow opens it), not a deleted or missing experiment."""
     from mlflow.exceptions import MlflowException
 
-    from debias.sweep import check_tracking_server
+    from debias.environment import EnvironmentProblem, check_report_store
     from debias.tracking import Tracker, redact_uri
 
-    check_tracking_server(uri)  # SweepError, caught by main()
     try:
-        return Tracker(uri, name, create=False)
+        check_report_store(uri, name)
+    except EnvironmentProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    try:
+        tracker = Tracker(uri, name, create=False)
+        if not tracker.parent_runs():
+            print(f"error: sweep {name!r} has no runs in MLflow ({redact_uri(uri)}) yet: "
+                  "nothing to report; run the sweep first", file=sys.stderr)
+            return None
+        return tracker
     except LookupError as exc:
         print(f"error: {exc}; run the sweep first", file=sys.stderr)
     except MlflowException as exc:
-        print(f"error: MLflow at {redact_uri(uri)}: {exc}", file=sys.stderr)
+        print(f"error: MLflow at {redact_uri(uri)}: {redact_uri(str(exc))}", file=sys.stderr)
     return None
 
 
@@ -246,6 +302,43 @@ def report_notes(spec: Spec) -> list[str]:
         cls = spec.method_class(method)
         notes += cls.report_notes(spec.params_of(method))
     return notes
+
+
+def _sync(spec: Spec) -> int:
+    """Upload what a tracking outage left journaled, then print the report."""
+    from debias.tracking_writer import LockHeld, default_journal_dir, journal_pending, replay
+
+    journal = default_journal_dir(spec.storage, spec.name)
+    pending = journal_pending(journal)
+    try:
+        written = replay(spec.tracking_uri, spec.name, journal, retry_for_s=30)
+    except LockHeld as exc:
+        print(f"error: the sweep's journal is in use ({exc}); is the sweep still running?",
+              file=sys.stderr)
+        return 1
+    left = journal_pending(journal)
+    print(f"--sync: {written} of {pending} journaled write(s) uploaded, {left} left")
+    if left:
+        print(f"error: the tracking server did not take {left} write(s); try --sync again "
+              "once it answers", file=sys.stderr)
+        return 1
+    return _report(spec, log_artifacts=True)
+
+
+def _export(spec: Spec, folder: Path) -> int:
+    from debias.export import export_sweep
+
+    tracker = _open_tracker(spec.tracking_uri, spec.name)
+    if tracker is None:
+        return 1
+    written = export_sweep(tracker, folder)
+    for path in written:
+        print(f"exported {path}")
+    if not written:
+        print(f"error: sweep {spec.name!r} has no finished seeds runs with a logged model yet",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _compare(names: Sequence[str], uri: str, storage: Path) -> int:

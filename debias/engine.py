@@ -28,7 +28,7 @@ from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
 from debias.seeding import derive_seed, seed_everything
 
-__all__ = ["Selection", "Trainer"]
+__all__ = ["Selection", "Trainer", "method_for", "predict_classes", "trial_device"]
 
 
 @dataclass
@@ -62,6 +62,22 @@ class Selection:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.score, self.epoch, self.test = state["score"], state["epoch"], dict(state["test"])
+
+
+@torch.no_grad()
+def predict_classes(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int,
+                    device: torch.device, num_workers: int = 0,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
+    """Predicted classes of a dataset of (image, position) items, in position order: the one
+    evaluation loop, for trials, stages and exported models alike (same batches, so the same
+    numbers on a CPU)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    preds = np.empty(len(dataset), dtype=np.int64)  # type: ignore[arg-type]
+    for images, positions in loader:
+        logits = model(images.to(device, non_blocking=True, memory_format=memory_format))
+        preds[positions.numpy()] = logits.argmax(1).cpu().numpy()
+    return preds
 
 
 def trial_device(device: str | None) -> torch.device:
@@ -118,6 +134,7 @@ class Trainer:
         sel = config["selection"]
         self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
         self.epoch = 0  # epochs completed
+        self.selected_state: dict[str, torch.Tensor] | None = None
         # The training split's group mix weighs `weighted_acc`; a table that hides the
         # training bias labels (a stage trained inside a method) reports without it.
         self.train_mix = (None if "train" in self.data.hidden_bias
@@ -152,6 +169,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "method": self.method.state_dict(),
             "selection": self.selection.state_dict(),
+            "selected_model": self.selected_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -162,6 +180,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.selection.load_state_dict(state["selection"])
+        self.selected_state = state.get("selected_model")
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
@@ -211,21 +230,25 @@ class Trainer:
         metrics.update(self.cache_events)
         metrics.update(self.stage_tags)
         metrics.update(self.evaluate("val"))
-        metrics.update(self.selection.record(metrics, self.epoch, lambda: self.evaluate("test")))
+        metrics.update(self.selection.record(metrics, self.epoch, self._select))
         return metrics
+
+    def _select(self) -> dict[str, float]:
+        """This epoch is the best so far: keep its weights and score its test split."""
+        self.selected_state = {k: v.detach().cpu().clone()
+                               for k, v in self.model.state_dict().items()}
+        return self.evaluate("test")
+
+    def selected_model(self) -> dict[str, Any] | None:
+        """The weights of the epoch the validation metric selected (None before one was)."""
+        return self.selected_state
 
     @torch.no_grad()
     def predict(self, split: str) -> np.ndarray:
-        self.model.eval()
-        loader = DataLoader(self.eval_sets[split], batch_size=self.train_cfg["eval_batch_size"],
-                            shuffle=False, num_workers=self.train_cfg["num_workers"])
-        preds = np.empty(len(self.eval_sets[split]), dtype=np.int64)
-        for images, positions in loader:
-            with self._autocast():
-                logits = self.step_model(images.to(self.device, non_blocking=True,
-                                                   memory_format=self.memory_format))
-            preds[positions.numpy()] = logits.argmax(1).cpu().numpy()
-        return preds
+        with self._autocast():
+            return predict_classes(self.step_model, self.eval_sets[split],
+                                   self.train_cfg["eval_batch_size"], self.device,
+                                   self.train_cfg["num_workers"], self.memory_format)
 
     def group_metrics(self, split: str, preds: np.ndarray) -> GroupMetrics:
         view = self.data.view(split)

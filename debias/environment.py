@@ -15,6 +15,7 @@ they need it, so the driver calls them on every run and on ``--dry-run``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -61,9 +62,12 @@ class EnvironmentProblem(RuntimeError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _redact(uri: str) -> str:
-    from debias.tracking import redact_uri
+def redact_uri(uri: str) -> str:
+    """Hide credentials (`user:password@`) before a tracking URI is printed or logged."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
 
+
+def _redact(uri: str) -> str:
     return redact_uri(uri)
 
 

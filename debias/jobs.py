@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from debias.environment import redact_uri
 from debias.spec import Spec
-from debias.tracking import redact_uri
 
 __all__ = ["REMOTE_WORKDIR_ENV", "job_status", "submit_sweep"]
 

@@ -33,7 +33,7 @@ from debias.methods.base import Method
 from debias.metrics import group_metrics
 from debias.params import Floats, Int, Number, Section
 from debias.seeding import derive_seed
-from debias.stages import frozen_features, reference_key
+from debias.stages import frozen_features, reference_key, reference_model
 
 __all__ = ["LastLayerParams", "LastLayerTrial", "grid_size"]
 
@@ -89,6 +89,8 @@ class LastLayerTrial:
         self.cache_events = {k: float(v - before.get(k, 0))
                              for k, v in StageCache.events().items()}
         self.reference_key = reference_key(config, self.data, seed=ref_seed)
+        self.reference = reference_model({**config, "seed": ref_seed}, self.data, self.cache,
+                                         self.device)
         self.stage_tags = self.cache.stage_tags()
 
         val = self.data.view("val")
@@ -141,6 +143,18 @@ class LastLayerTrial:
 
     def save(self, path: Path) -> None:
         torch.save(self.state_dict(), path)
+
+    def selected_model(self) -> dict[str, Any] | None:
+        """The reference trunk with the selected head as its target head: a Classifier's
+        state_dict, on L2-normalised features (``config.yaml`` names the trial kind)."""
+        if self.selected_head is None:
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in self.reference.state_dict().items()
+                 if not k.startswith("heads.")}
+        # float64, as fitted: the exported head then predicts exactly what the trial scored.
+        state["heads.target.weight"] = torch.from_numpy(self.selected_head.weight)
+        state["heads.target.bias"] = torch.from_numpy(self.selected_head.bias)
+        return state
 
     def load(self, path: Path) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

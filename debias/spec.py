@@ -50,6 +50,7 @@ from debias.params import (
 )
 
 __all__ = [
+    "PIPELINE_KEYS",
     "SELECTION_METRICS",
     "SearchDomain",
     "Spec",
@@ -57,6 +58,7 @@ __all__ = [
     "config_hash",
     "load_spec",
     "parse_overrides",
+    "trial_config",
     "validate",
     "with_params",
 ]
@@ -131,7 +133,9 @@ class Search(Section):
     metric: str = Text("val/worst_group_acc", expected="a selection metric")
     mode: Literal["max", "min"] = Choice("max")
     num_samples: int = Int(1, 1, 100_000, doc="search trials per target (and per method)")
-    max_concurrent: int | None = Int(None, 1, 100_000)
+    max_concurrent: int | None = Int(None, 1, 100_000, doc="running trials per pipeline")
+    max_concurrent_total: int | None = Int(None, 1, 100_000,
+                                           doc="running trials of the whole sweep")
     seed: int = Int(0, 0, doc="the sampler's seed")
     trial_seed: int = Int(
         1000, 0, doc="the seed every search trial trains with; never one of `seeds`, so the "
@@ -161,6 +165,9 @@ class Debug(Section):
     #: Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
     #: attempt: a persistent bug, to check that it is recorded and the others carry on.
     fail_seed: int | None = Int(None, 0, searchable=False)
+    #: Trials whose train.lr is this crash after epoch `fail_once_at_epoch` (default: their
+    #: last) on every attempt, after reporting it: a lucky score followed by a crash.
+    fail_lr: Number | None = Float(None, 0, lo_open=True, searchable=False)
 
 
 class TopLevel(Section):
@@ -363,6 +370,18 @@ def with_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str,
     return out
 
 
+#: Config keys the sweep's searcher adds to every trial's params (never hyperparameters): which
+#: pipeline (``target`` or ``method/target``) and phase it belongs to, and its Tune trial id.
+PIPELINE_KEYS = ("pipeline", "phase", "trial")
+
+
+def trial_config(bases: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+    """A trial's resolved config: its pipeline's base with the trial's own values applied."""
+    return with_params(bases[params["pipeline"]],
+                       {k: v for k, v in params.items() if k not in PIPELINE_KEYS})
+
+
 def config_hash(config: Mapping[str, Any]) -> str:
     """Stable short hash of a resolved trial config, so a changed knob never collides."""
     blob = json.dumps(config, sort_keys=True, default=str)
@@ -386,20 +405,192 @@ def _expand_env(value: Any) -> Any:
     return value
 
 
+#: A sweep file is a few hundred YAML nodes; anything near these is an accident or an attack.
+_MAX_YAML_NODES = 100_000  # nodes after expanding every alias (counted, never expanded)
+_MAX_YAML_DEPTH = 100  # nesting levels (a deeper document would exhaust Python's stack)
+_MAX_SWEEP_BYTES = 10 * 1024 * 1024
+
+
+class _YAMLRefused(yaml.YAMLError):
+    """A document that parses but is refused (a duplicate key, an alias bomb); ``problem``
+    is the whole message."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+
+
+def _key_path(segments: Iterable[str | None]) -> str:
+    out = ""
+    for s in segments:
+        if s is not None:
+            out += s if s.startswith("[") or not out else f".{s}"
+    return out
+
+
+def _at(mark: Any, same_line: bool = False) -> str:
+    return f"line {mark.line + 1}" + (f", column {mark.column + 1}" if same_line else "")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (PyYAML keeps the last silently),
+    recursive aliases, nesting deeper than ``_MAX_YAML_DEPTH`` and documents that would
+    expand to more than ``_MAX_YAML_NODES`` nodes. Sizes are counted while composing: a
+    node's size is 1 + its children's, an alias counts its anchor's size, memoized per node,
+    so a billion-laughs file is refused after composing its few dozen nodes, and nothing
+    downstream (``_expand_env``, the override paths, pydantic) ever walks an expansion."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> its expanded size (once composed)
+        self._segments: list[str | None] = []  # the key path of the node being composed
+        self._paths: dict[int, str] = {}  # id(mapping node) -> its key path
+        self._pairs: dict[int, list[Any]] = {}  # id(mapping node) -> its own (key, value)s
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self._sizes:
+                raise _YAMLRefused(f"the alias *{event.anchor} at {_at(event.start_mark)} "
+                                   "refers to a node that contains it (a recursive structure); "
+                                   "expected a finite document")
+        if len(self._segments) >= _MAX_YAML_DEPTH:
+            raise _YAMLRefused(f"nested more than {_MAX_YAML_DEPTH} levels deep at "
+                               f"{_at(self.peek_event().start_mark)}; a sweep file is a few "
+                               "levels deep")
+        if isinstance(index, yaml.ScalarNode):
+            segment: str | None = str(index.value)
+        elif isinstance(index, int):
+            segment = f"[{index}]"
+        else:  # the root, or a mapping key
+            segment = None if index is None else "?"
+        self._segments.append(segment)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._segments.pop()
+        if id(node) in self._sizes:  # an alias: its anchor's size, already counted
+            size = self._sizes[id(node)]
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+            self._pairs[id(node)] = list(node.value)  # before merge keys are flattened
+            self._paths[id(node)] = _key_path([*self._segments, segment])
+        elif isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._sizes[id(v)] for v in node.value)
+        else:
+            size = 1
+        if size > _MAX_YAML_NODES:
+            path = _key_path([*self._segments, segment])
+            raise _YAMLRefused(
+                f"{path + ' ' if path else ''}({_at(node.start_mark)}): the value expands to "
+                f"more than {_MAX_YAML_NODES:,} nodes through YAML aliases (*name repeating "
+                "&name); a sweep file has a few hundred: write the values out, or use fewer "
+                "aliases")
+        self._sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in self._pairs.get(id(node), node.value):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: keys given beside it override the merged ones
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the base class refuses it
+                if first is not key_node:
+                    same = first.start_mark.line == key_node.start_mark.line
+                    path = _key_path([self._paths.get(id(node)), str(key)])
+                    raise _YAMLRefused(
+                        f"{path}: duplicate key (at {_at(first.start_mark, same)} and again "
+                        f"at {_at(key_node.start_mark, same)}); give each key once (YAML "
+                        "would silently keep only the last)")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """One YAML document through :class:`_StrictLoader`; raises ``yaml.YAMLError``."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error as one problem line: where, and what."""
+    if isinstance(exc, _YAMLRefused):
+        return exc.problem
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return (f"YAML syntax error at line {line}: character #x{exc.character:04x} is not "
+                "allowed in YAML (control characters other than tab and newline)")
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"YAML syntax error{where}: {problem}"
+
+
+def _decode_utf8(data: bytes) -> str:
+    """The file's text; raises ``ValueError(problem)`` naming the first byte that is not
+    UTF-8."""
+    try:
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        hint = (" (it starts with a UTF-16 byte-order mark)"
+                if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+        raise ValueError(f"the file is not UTF-8{hint}: byte {data[exc.start]:#04x} at byte "
+                         f"offset {exc.start} (line {line}) ({exc.reason}); save it as "
+                         "UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
+def _unshared(value: Any) -> Any:
+    """A tree copy in which no two keys share a dict or list (YAML aliases share them, so
+    ``--set train.lr=...`` would otherwise also change every key aliasing ``train``). Only
+    after ``_StrictLoader`` has bounded the expanded size."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
-    """Parse `KEY=VALUE` strings; values are YAML so `targets=[A, B]` and `train.lr=1e-3` work."""
+    """Parse `KEY=VALUE` strings; values are YAML so `targets=[A, B]` and `train.lr=1e-3` work.
+    Values are loaded like the file: duplicate keys, alias bombs and text that is not UTF-8
+    (an undecodable argument) are refused."""
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w./-]+)*", key.strip()):
             raise SpecError([f"--set {item!r}: expected KEY=VALUE with a dotted key, "
                              "e.g. --set train.epochs=2"], source="command line")
+        key = key.strip()
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise SpecError([f"--set {key}: value {raw!r} is not valid YAML ({exc})"],
-                            source="command line") from None
-        out.append((key.strip(), value))
+            raw.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes the OS could not decode (surrogateescape)
+            offset = len(raw[:exc.start].encode("utf-8", "surrogateescape"))
+            raise SpecError([f"--set {key}: the value is not UTF-8 (byte offset {offset} of "
+                             "the value); pass UTF-8 text"], source="command line") from None
+        if not raw.strip():
+            value: Any = ""
+        else:
+            try:
+                value = _load_yaml(raw)
+            except yaml.YAMLError as exc:
+                problem = (exc.problem if isinstance(exc, _YAMLRefused)
+                           else f"value {raw!r} is not valid YAML ({exc})")
+                raise SpecError([f"--set {key}: {problem}"], source="command line") from None
+            if value is None and not re.fullmatch(r"\s*(null|Null|NULL|~)\s*", raw):
+                raise SpecError([f"--set {key}: the value {raw!r} is empty (only a comment); "
+                                 f"write --set {key}=null for none, or quote a '#'"],
+                                source="command line")
+        out.append((key, value))
     return out
 
 
@@ -418,20 +609,37 @@ def _set_path(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def load_spec(path: str | Path, overrides: Iterable[str] = (), cwd: Path | None = None) -> Spec:
-    """Read, override, validate. Relative paths in the file resolve against the CWD."""
+    """Read, override, validate. Relative paths in the file resolve against the CWD.
+
+    The file must be UTF-8 YAML holding one mapping; duplicate keys, alias bombs, an empty
+    file and one over 10 MiB are refused, each as one :class:`SpecError`."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"{path}: no such sweep file"], source=str(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.stat().st_size > _MAX_SWEEP_BYTES:
+            raise SpecError([f"the file is {path.stat().st_size:,} bytes; a sweep file is a few "
+                             f"kB (at most {_MAX_SWEEP_BYTES:,} bytes)"], source=str(path))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot be read ({exc.strerror or exc})"],
+                        source=str(path)) from None
+    try:
+        text = _decode_utf8(data)
+    except ValueError as exc:
+        raise SpecError([str(exc)], source=str(path)) from None
+    try:
+        raw = _load_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([f"YAML syntax error{where}: {problem}"], source=str(path)) from None
+        raise SpecError([_yaml_problem(exc, text)], source=str(path)) from None
+    if raw is None:
+        raise SpecError(["the file is empty (nothing but whitespace, comments or null); "
+                         "expected a mapping of keys (name, method, dataset, ...), e.g. "
+                         "sweeps/quickstart.yaml"], source=str(path))
     if not isinstance(raw, dict):
         raise SpecError([f"the file must be a mapping of keys (name, method, dataset, ...), "
                          f"got {type(raw).__name__}"], source=str(path))
+    raw = _unshared(raw)
     overrides = tuple(overrides)
     for key, value in parse_overrides(overrides):
         _set_path(raw, key, value)

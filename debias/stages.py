@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.data.grouped import SPLITS
-from debias.engine import Trainer
+from debias.engine import Trainer, predict_classes
 from debias.methods.erm import ERM
 from debias.models import Classifier, build_classifier
 
@@ -123,16 +123,11 @@ def extract_features(model: Classifier, data: GroupedDataset, split: str, device
     return out
 
 
-@torch.no_grad()
 def predict(model: Classifier, data: GroupedDataset, split: str, device: torch.device,
             batch_size: int = 256) -> torch.Tensor:
     """Predicted classes of one split with the eval transform, in split order (CPU)."""
-    model.eval()
     dataset = make_torch_dataset(data, split, train=False)
-    out = torch.empty(len(dataset), dtype=torch.long)
-    for images, positions in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        out[positions] = model(images.to(device)).argmax(1).cpu()
-    return out
+    return torch.from_numpy(predict_classes(model, dataset, batch_size, device))
 
 
 def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,

@@ -1,34 +1,49 @@
-"""From a validated Spec to Ray Tune: one search phase and one seeds phase per target.
+"""From a validated Spec to one Ray Tune experiment that runs every pipeline at once.
 
-Each phase is its own Tune experiment under `storage/<name>/<target>/<phase>`, so an
-interrupted sweep resumes phase by phase with `Tuner.restore` (the Optuna study, the trials'
-checkpoints and their retry counts all come back), and a finished phase restores instantly.
+A pipeline is one (method, target): a search phase, then the seeds phase on the best config of
+the *complete* search. All pipelines share one Tuner (:mod:`debias.search`), so no slot idles
+at a phase boundary while another pipeline has work. The experiment lives under
+``storage/<name>/tune``; ``--resume`` restores it with ``Tuner.restore`` (the Optuna studies,
+the trials' checkpoints, which trials finished and how all come back).
+
+Interrupted (Ctrl-C, SIGTERM), the sweep stops honestly: running trials are marked KILLED in
+MLflow with a note, no pipeline's seeds start on a partial search, no parent is closed, and
+the exit says how to continue. Only trials that finished without error compete for the best
+config, in every phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
-import socket
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from debias.data import DatasetError, load_grouped
-from debias.methods.base import PreflightError
-from debias.spec import LABEL_FREE_METRICS, SearchDomain, Spec
-from debias.tracking import MlflowTrialCallback, Tracker, redact_uri
+from debias.cluster import ClusterError, check_resources, init_ray, node_types, packing_warnings
+from debias.environment import redact_uri
+from debias.preflight import (
+    PreflightFailed,
+    check_resume_config,
+    check_state,
+    preflight,
+    record_config,
+    resume_command,
+    sweep_dir,
+)
+from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher
+from debias.spec import LABEL_FREE_METRICS, Spec
+from debias.sweep_log import MlflowTrialCallback, SweepLog
 from debias.trainable import train_trial
 
-__all__ = ["Pipeline", "SweepError", "describe_plan", "phase_path", "pipelines", "preflight",
-           "run_sweep"]
+__all__ = ["TUNE_METRIC", "Pipeline", "SweepError", "SweepInterrupted", "SweepOutcome",
+           "describe_plan",
+           "num_search_trials", "pipelines", "run_sweep", "tune_path"]
 
 log = logging.getLogger("debias")
 TUNE_METRIC = "selected/score"
@@ -38,18 +53,14 @@ class SweepError(RuntimeError):
     """A sweep that cannot start or continue; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class PhaseResult:
-    best_params: dict[str, Any]
-    best_score: float
-    grid: tune.ResultGrid
+class SweepInterrupted(SweepError):
+    """Ctrl-C or SIGTERM stopped the sweep; ``--resume`` continues it."""
 
 
 @dataclass(frozen=True)
 class Pipeline:
     """One (method, target) of a sweep: a search phase, then the seeds phase on its best
-    config. Named after the target, or ``method/target`` in a study (its MLflow parent run
-    and its folder under the sweep's storage)."""
+    config. Named after the target, or ``method/target`` in a study (its MLflow parent run)."""
 
     method: str
     target: str
@@ -62,17 +73,20 @@ def pipelines(spec: Spec) -> list[Pipeline]:
             for t in spec.targets for m in spec.methods]
 
 
-def phase_path(spec: Spec, pipeline: Pipeline, phase: str) -> Path:
-    return spec.storage / spec.name / pipeline.name / phase
+def tune_path(spec: Spec) -> Path:
+    return sweep_dir(spec) / "tune"
 
 
-def _domain(d: SearchDomain, grid: bool) -> Any:
-    if d.kind == "choice":
-        return tune.grid_search(list(d.values)) if grid else tune.choice(list(d.values))
-    if d.kind == "float":
-        return tune.loguniform(d.low, d.high) if d.log else tune.uniform(d.low, d.high)
-    # Tune's integer domains exclude the upper bound; the sweep file's ranges include it.
-    return tune.lograndint(d.low, d.high + 1) if d.log else tune.randint(d.low, d.high + 1)
+def num_search_trials(spec: Spec, method: str) -> int:
+    space = spec.space_for(method)
+    if not space:
+        return 1
+    if spec.search["algorithm"] == "grid":
+        n = 1
+        for d in space:
+            n *= len(d.values)
+        return n
+    return spec.search["num_samples"]
 
 
 def describe_plan(spec: Spec) -> str:
@@ -98,11 +112,11 @@ def describe_plan(spec: Spec) -> str:
         for d in spec.space_for(method):
             lines.append(f"    {d.path}: {d.describe()}")
     if spec.config["scheduler"]:
-        lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']}")
+        lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']} per pipeline")
     lines += [
         f"  search trials train with seed {spec.search_seed} (search.trial_seed); reported "
         f"seeds: {spec.seeds} ({len(spec.seeds)} fresh re-runs of the best config per target)",
-        f"  trials in all: {total}",
+        f"  pipelines: {len(pipelines(spec))} at once; trials in all: {total}",
         f"  resources per trial: {spec.config['resources']}",
         f"  storage: {spec.storage}",
         f"  tracking: {redact_uri(spec.tracking_uri)}",
@@ -110,298 +124,181 @@ def describe_plan(spec: Spec) -> str:
     return "\n".join(lines)
 
 
-def num_search_trials(spec: Spec, method: str) -> int:
-    space = spec.space_for(method)
-    if not space:
-        return 1
-    if spec.search["algorithm"] == "grid":
-        n = 1
-        for d in space:
-            n *= len(d.values)
-        return n
-    return spec.search["num_samples"]
+def _plans(spec: Spec) -> list[PipelinePlan]:
+    s = spec.search
+    return [PipelinePlan(name=p.name, domains=spec.space_for(p.method),
+                         algorithm=s["algorithm"], num_samples=s["num_samples"],
+                         seeds=tuple(spec.seeds), max_concurrent=s.get("max_concurrent"))
+            for p in pipelines(spec)]
 
 
-def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
-    """An http(s) tracking URI must answer now; MLflow's own client would retry for minutes."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
+def _max_epochs(spec: Spec, method: str) -> int:
+    """ASHA's budget of a pipeline: the most epochs any of its trials can train (trials with
+    fewer simply end there; the rungs compare trials at equal epochs)."""
+    for d in spec.space_for(method):
+        if d.path == "train.epochs":
+            return int(max(d.values) if d.kind == "choice" else d.high)
+    return int(spec.config["train"]["epochs"])
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """SIGTERM stops the sweep the way Ctrl-C does (Tune catches SIGINT: it saves its state
+    and returns), so a `kill` or a scheduler's stop is an interruption, never a crash."""
+    def forward(signum: int, frame: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
-            pass
-    except urllib.error.HTTPError:
-        return  # it answered (a proxy or an older server without /health): reachable
-    except (OSError, ValueError) as exc:
-        raise SweepError(f"tracking.uri: cannot reach the MLflow tracking server at "
-                         f"{redact_uri(uri)} ({getattr(exc, 'reason', exc)}). Start it (see "
-                         "README, 'MLflow') or use the default sqlite:///mlflow.db.") from None
-
-
-def preflight(spec: Spec, dry_run: bool = False) -> None:
-    """Everything knowable before Ray starts: the tracking server answers, the data is there
-    and every split can be scored, then (SLIM with a person annotating) the answers exist."""
-    check_tracking_server(spec.tracking_uri)
-    for target in spec.targets:
-        try:
-            data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
-        except DatasetError as exc:
-            raise SweepError(str(exc)) from None
-        for split in ("train", "val"):
-            if len(data.view(split)) == 0:
-                raise SweepError(f"dataset {data.name}: the {split} split has no samples "
-                                 f"(target {target}, bias {data.bias})")
-        empty = [(split, y, a) for split in ("val", "test")
-                 for (y, a), n in _cells(data.group_counts(split)) if n == 0]
-        if empty:
-            log.warning("target %s: groups with no samples (skipped in worst-group accuracy): "
-                        "%s", target, empty)
-    for method in spec.methods:
-        try:
-            spec.method_class(method).preflight(spec, dry_run)
-        except (PreflightError, DatasetError) as exc:
-            raise SweepError(str(exc)) from None
-
-
-def _cells(counts: Any) -> list[tuple[tuple[int, int], int]]:
-    return [((y, a), int(counts[y, a])) for y in range(counts.shape[0])
-            for a in range(counts.shape[1])]
-
-
-def _check_state(spec: Spec, resume: bool) -> None:
-    if resume:
-        return
-    where = ""
-    if any(phase_path(spec, p, "search").exists() for p in pipelines(spec)):
-        where = f"in {spec.storage / spec.name}"
-    else:  # same name and store, other storage: the runs would mix in one experiment
-        try:
-            if Tracker(spec.tracking_uri, spec.name, create=False).parent_runs():
-                where = f"in MLflow ({redact_uri(spec.tracking_uri)})"
-        except LookupError:
-            pass
-    if where:
-        raise SweepError(
-            f"sweep {spec.name!r} already has results {where}. "
-            "Pass --resume to continue it (a finished sweep just reprints its report), "
-            "or give this run another name with --set name=NEW_NAME.")
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """`host:port` and `ray://host:port` must accept a TCP connection now: ray.init would
-    otherwise keep retrying an address nobody listens on for minutes."""
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
-    if not match:
-        return  # "auto", "local" and the like: Ray resolves and reports these itself
-    host, port = match.group(1), int(match.group(2))
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as exc:
-        raise SweepError(f"cannot reach the Ray cluster at {address!r} ({exc.strerror or exc}). "
-                         "Start one with `ray up cluster.yaml` (or `ray start --head`), or "
-                         "drop --address to run on a local Ray.") from None
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster (`address`, or RAY_ADDRESS) or start a local Ray."""
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    # The classic reporter prints one compact status table instead of a box per result.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Save Tune's experiment state often: a killed driver then loses at most seconds of it.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": True}
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        _check_reachable(address)
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SweepError(f"cannot reach the Ray cluster at {address!r}: {exc}. Start one "
-                             "with `ray up cluster.yaml` or drop --address to run locally."
-                             ) from None
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-
-
-def check_resources(resources: dict[str, float]) -> None:
-    """Fail now, not pending forever, when no node can ever hold one trial: neither a node
-    that is up nor a node type the cluster's autoscaler may start."""
-    need = {k: v for k, v in (("CPU", resources["cpu"]), ("GPU", resources["gpu"])) if v > 0}
-
-    def fits(have: Any) -> bool:
-        return all(have.get(k, 0) >= v for k, v in need.items())
-
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(fits(r) for r in alive):
+        previous = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: nothing to install
+        yield
         return
     try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # an older or newer Ray without this accessor: judge by live nodes
-        config = None
-    if config is not None and any(g.max_count != 0 and fits(g.resources)
-                                  for g in config.node_group_configs):
-        return
-    largest = ", ".join(f"{{CPU: {r.get('CPU', 0):g}, GPU: {r.get('GPU', 0):g}}}"
-                        for r in alive) or "none"
-    raise SweepError(
-        f"resources: every trial asks for {{cpu: {resources['cpu']:g}, gpu: "
-        f"{resources['gpu']:g}}}, but no node of this Ray cluster can ever provide that "
-        f"(nodes: {largest}; no autoscaling node type fits either). Lower resources.cpu / "
-        "resources.gpu, or run on a cluster with such nodes (see cluster.yaml).")
+        yield
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
-              num_cpus: int | None = None,
-              on_target_done: Callable[[str], None] | None = None) -> Tracker:
-    """Run (or resume) every pipeline's search and seeds phases; returns the tracker."""
-    preflight(spec)
-    _check_state(spec, resume)
-    tracker = Tracker(spec.tracking_uri, spec.name)
-    init_ray(address, num_cpus)
-    check_resources(spec.config["resources"])
-    for pipe in pipelines(spec):
-        cls = spec.method_class(pipe.method)
-        uses = sorted({cls.bias_labels(p).describe() for p in spec.param_variants(pipe.method)})
-        metric = spec.search["metric"]
-        parent = tracker.open_parent(pipe.name, {
-            "sweep": spec.name, "method": pipe.method, "target_attribute": pipe.target,
-            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(
-                pipe.target),
-            "bias_labels": ",".join(uses), "selection_metric": metric,
-            "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower(),
-        })
-        base = spec.trial_base(pipe.target, pipe.method)
-        search = _run_phase(spec, pipe, "search", base, tracker, parent)
-        seeds_space = {**search.best_params, "seed": tune.grid_search(spec.seeds)}
-        _run_phase(spec, pipe, "seeds", base, tracker, parent, param_space=seeds_space)
-        best_run = tracker.find_child(parent, "search", search.grid.get_best_result(
-            TUNE_METRIC, spec.search["mode"], scope="last").metrics["trial_id"])
-        tracker.close_parent(parent, {**search.best_params, "score": search.best_score},
-                             best_run.info.run_id if best_run else "")
-        if on_target_done:
-            on_target_done(pipe.name)
-    return tracker
+              num_cpus: int | None = None, retry_failed: bool = False,
+              on_pipeline_done: Callable[[str], None] | None = None) -> SweepOutcome:
+    """Run (or resume) every pipeline. Raises SweepInterrupted when stopped early, SweepError
+    when a sweep cannot start or a pipeline has no finished search trial."""
+    try:
+        preflight(spec, resume=resume)
+        check_state(spec, resume)
+        if resume:
+            check_resume_config(spec)
+    except PreflightFailed as exc:
+        raise SweepError(str(exc)) from None
+    try:
+        init_ray(address, num_cpus)
+        check_resources(spec.config["resources"])
+    except ClusterError as exc:
+        raise SweepError(str(exc)) from None
+    for warning in packing_warnings(spec.config["resources"], node_types()):
+        log.warning(warning)
+    record_config(spec)
 
-
-def _reporter(spec: Spec, pipe: Pipeline, phase: str) -> tune.CLIReporter:
-    columns = {"epoch": "epoch", "train/loss": "loss", "val/avg_acc": "val acc",
-               "val/worst_group_acc": "val WGA", TUNE_METRIC: "selected"}
-    params = ["seed"] if phase == "seeds" else [d.path for d in spec.space_for(pipe.method)]
-    return tune.CLIReporter(metric_columns=columns, parameter_columns=params,
-                            max_report_frequency=10, print_intermediate_tables=True)
-
-
-def _search_setup(spec: Spec, pipe: Pipeline, base: dict[str, Any]
-                  ) -> tuple[dict[str, Any], Any, int]:
-    s = spec.search
-    domains = spec.space_for(pipe.method)
-    if not domains:
-        return {"seed": base["seed"]}, BasicVariantGenerator(), 1
-    grid = s["algorithm"] == "grid"
-    space: dict[str, Any] = {d.path: _domain(d, grid) for d in domains}
-    space["seed"] = base["seed"]
-    if grid:
-        return space, BasicVariantGenerator(random_state=s["seed"],
-                                            max_concurrent=s.get("max_concurrent") or 0), 1
-    if s["algorithm"] == "random":
-        return space, BasicVariantGenerator(random_state=s["seed"],
-                                            max_concurrent=s.get("max_concurrent") or 0), \
-            s["num_samples"]
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=s["seed"])
-    searcher: Any
-    if any(d.when for d in domains):
-        searcher = OptunaSearch(space=DefineByRun(domains), metric=TUNE_METRIC,
-                                mode=s["mode"], sampler=sampler)
-        space = {"seed": base["seed"]}
-    else:
-        searcher = OptunaSearch(sampler=sampler)
-    if s.get("max_concurrent"):
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=s["max_concurrent"])
-    return space, searcher, s["num_samples"]
-
-
-class DefineByRun:
-    """Optuna's define-by-run space for conditional keys: a key is suggested only when its
-    `when` holds for the values already chosen. A class, not a closure, so Tune can pickle
-    the searcher into its experiment state and restore it on --resume."""
-
-    def __init__(self, domains: tuple[SearchDomain, ...]) -> None:
-        self.domains = domains
-
-    def __call__(self, trial: Any) -> None:
-        chosen: dict[str, Any] = {}
-        for d in self.domains:
-            if not d.active(chosen):
+    pipes = pipelines(spec)
+    bases = {p.name: spec.trial_base(p.target, p.method) for p in pipes}
+    sweep_log = SweepLog(spec.tracking_uri, spec.name, spec.storage, bases, resumed=resume)
+    try:
+        for p in pipes:
+            sweep_log.open_parent(p.name, _parent_tags(spec, p))
+        grid = _fit(spec, pipes, bases, resume, retry_failed)
+        searcher = SweepSearcher.live[spec.name]
+        sweep_log.reconcile(grid, searcher)
+        interrupted = [p.name for p in pipes if not searcher.complete(p.name)]
+        failed = []
+        for p in pipes:
+            if p.name in interrupted:
+                sweep_log.interrupt_parent(p.name)
                 continue
-            if d.kind == "choice":
-                chosen[d.path] = trial.suggest_categorical(d.path, list(d.values))
-            elif d.kind == "float":
-                chosen[d.path] = trial.suggest_float(d.path, d.low, d.high, log=d.log)
-            else:
-                chosen[d.path] = trial.suggest_int(d.path, int(d.low), int(d.high), log=d.log)
+            best = searcher.best(p.name)
+            if best is None:
+                failed.append(p.name)
+                sweep_log.close_parent(p.name, {}, None, status="FAILED")
+                continue
+            trial_id, record = best
+            params = {k: v for k, v in record.params.items() if k != "seed"}
+            sweep_log.close_parent(p.name, {**params, "score": record.score},
+                                   ("search", trial_id))
+            if on_pipeline_done:
+                on_pipeline_done(p.name)
+    finally:
+        left = sweep_log.close(timeout_s=60)
+    outcome = SweepOutcome(pending_writes=left, journal=sweep_log.journal)
+    if interrupted:
+        raise SweepInterrupted(
+            f"sweep {spec.name!r} was interrupted; finished trials are kept, running ones "
+            "resume from their last checkpoint, and no seeds phase starts before its search "
+            f"is complete. Continue with: {resume_command(spec)}")
+    if failed:
+        errors = _trial_errors(grid, failed)
+        raise SweepError(f"{', '.join(failed)}: every search trial failed ({errors})")
+    return outcome
 
 
-def _run_phase(spec: Spec, pipe: Pipeline, phase: str, base: dict[str, Any],
-               tracker: Tracker, parent: str, param_space: dict[str, Any] | None = None
-               ) -> PhaseResult:
-    path = phase_path(spec, pipe, phase)
-    target = pipe.name
+@dataclass(frozen=True)
+class SweepOutcome:
+    """How a finished sweep left its tracking: writes still journaled (the server did not
+    answer in time) are uploaded by ``--sync`` or ``--resume``."""
+
+    pending_writes: int
+    journal: Path
+
+
+def _trial_errors(grid: Any, pipelines_: list[str], limit: int = 3) -> str:
+    """The causes of failed trials, from Ray's record (the tracking server may be down)."""
+    causes = []
+    for result in grid:
+        if (result.config or {}).get("pipeline") in pipelines_ and result.error is not None:
+            text = str(result.error).strip().splitlines()
+            causes.append(text[-1][:300] if text else type(result.error).__name__)
+    return "; ".join(causes[:limit]) or "no error was recorded"
+
+
+def _parent_tags(spec: Spec, p: Pipeline) -> dict[str, str]:
+    cls = spec.method_class(p.method)
+    uses = sorted({cls.bias_labels(v).describe() for v in spec.param_variants(p.method)})
+    metric = spec.search["metric"]
+    return {"sweep": spec.name, "method": p.method, "target_attribute": p.target,
+            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(p.target),
+            "bias_labels": ",".join(uses), "selection_metric": metric,
+            "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower()}
+
+
+def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], resume: bool,
+         retry_failed: bool) -> tune.ResultGrid:
+    path = tune_path(spec)
     res = spec.config["resources"]
-    trainable = tune.with_resources(tune.with_parameters(train_trial, base=base),
+    trainable = tune.with_resources(tune.with_parameters(train_trial, bases=bases),
                                     {"cpu": res["cpu"], "gpu": res["gpu"]})
-    callback = MlflowTrialCallback(tracker.uri, tracker.experiment, parent, phase, base)
-    mode = spec.search["mode"]
-    if tune.Tuner.can_restore(str(path)):
-        log.warning("resuming %s/%s from %s", target, phase, path)
-        # The saved state brings back the search algorithm, the trials and our callback.
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True,
-                                   param_space=param_space)
+    if resume and tune.Tuner.can_restore(str(path)):
+        log.warning("resuming sweep %r from %s", spec.name, path)
+        # The saved state brings back the searcher, the scheduler, the trials and our callback.
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=retry_failed,
+                                   restart_errored=False)
     else:
-        if param_space is None:
-            param_space, searcher, num_samples = _search_setup(spec, pipe, base)
-            scheduler = None
-            if spec.config["scheduler"]:
-                asha = spec.config["scheduler"]["asha"]
-                scheduler = ASHAScheduler(time_attr="training_iteration",
-                                          max_t=spec.config["train"]["epochs"],
-                                          grace_period=asha["grace_period"],
-                                          reduction_factor=asha["reduction_factor"])
-        else:
-            searcher, num_samples, scheduler = BasicVariantGenerator(), 1, None
+        plans = _plans(spec)
+        searcher = SweepSearcher(spec.name, plans, metric=TUNE_METRIC, mode=spec.search["mode"],
+                                 seed=spec.search["seed"])
+        scheduler = PipelineScheduler(TUNE_METRIC, spec.search["mode"],
+                                      (spec.config["scheduler"] or {}).get("asha"),
+                                      {p.name: _max_epochs(spec, p.method) for p in pipes})
+        total = sum(num_search_trials(spec, p.method) + len(spec.seeds) for p in pipes)
+        callback = MlflowTrialCallback(spec.name)
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space,
+            param_space={},
             tune_config=tune.TuneConfig(
-                metric=TUNE_METRIC, mode=mode, search_alg=searcher, scheduler=scheduler,
-                num_samples=num_samples, reuse_actors=True,
-                trial_dirname_creator=lambda trial: f"{phase}_{trial.trial_id}"),
+                metric=TUNE_METRIC, mode=spec.search["mode"], search_alg=searcher,
+                scheduler=scheduler, num_samples=total, reuse_actors=True,
+                max_concurrent_trials=spec.search.get("max_concurrent_total"),
+                trial_dirname_creator=lambda t: f"{t.config['phase']}_{t.trial_id}"),
             run_config=tune.RunConfig(
-                name=phase, storage_path=str(path.parent),
+                name=path.name, storage_path=str(path.parent),
                 failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # The latest checkpoint is for resuming; each holds the selected model too.
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[callback],
-                progress_reporter=_reporter(spec, pipe, phase),
+                progress_reporter=_reporter(spec),
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
-    tracker.reconcile(parent, phase, base, grid)
-    ok = [r for r in grid if r.error is None and r.metrics and TUNE_METRIC in r.metrics]
-    if not ok:
-        errors = "; ".join(str(r.error)[:300] for r in grid if r.error is not None)
-        raise SweepError(f"{target}/{phase}: every trial failed ({errors})")
-    best = grid.get_best_result(TUNE_METRIC, mode, scope="last")
-    params = {k: v for k, v in best.config.items() if k != "seed"}
-    return PhaseResult(best_params=params, best_score=float(best.metrics[TUNE_METRIC]),
-                       grid=grid)
+    with _sigterm_as_sigint():
+        return tuner.fit()
+
+
+def _reporter(spec: Spec) -> Any:
+    """The compact live view, or with ``--verbose`` Tune's own status tables."""
+    if os.environ.get("DEBIAS_VERBOSE"):
+        return tune.CLIReporter(metric_columns={
+            "epoch": "epoch", "train/loss": "loss", "val/avg_acc": "val acc",
+            "val/worst_group_acc": "val WGA", TUNE_METRIC: "selected"},
+            parameter_columns=["pipeline", "phase", "seed"], max_report_frequency=10)
+    from debias.progress import SweepProgress
+
+    return SweepProgress(spec.name, TUNE_METRIC, spec.search["mode"])

@@ -21,13 +21,20 @@ import torch
 from ray import tune
 
 from debias.engine import Trainer
+from debias.files import atomic_torch_save
 from debias.last_layer import LastLayerTrial
 from debias.methods import Method, resolve_method
-from debias.spec import with_params
+from debias.spec import trial_config
 
-__all__ = ["STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial", "limit_threads", "train_trial"]
+__all__ = ["MODEL_CONFIG", "MODEL_FILE", "STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial",
+           "limit_threads", "train_trial"]
 
 STATE_FILE = "state.pt"
+#: In every checkpoint beside the state: the model the validation metric selected so far
+#: (weights only) and all it takes to rebuild it. The driver logs both to the trial's MLflow
+#: run as ``model/state_dict.pt`` and ``model/config.yaml`` when the trial ends.
+MODEL_FILE = "state_dict.pt"
+MODEL_CONFIG = "config.yaml"
 
 
 def limit_threads(cpus: float) -> int:
@@ -39,7 +46,8 @@ def limit_threads(cpus: float) -> int:
 
 
 class Trial(Protocol):
-    """What the trainable needs of a trial: steps to run, and a checkpoint to resume from."""
+    """What the trainable needs of a trial: steps to run, a checkpoint to resume from, and
+    the model its selection picked."""
 
     epoch: int
 
@@ -48,6 +56,8 @@ class Trial(Protocol):
     def save(self, path: Path) -> None: ...
 
     def load(self, path: Path) -> None: ...
+
+    def selected_model(self) -> dict[str, Any] | None: ...
 
 
 #: The kinds of trial a method may ask for (:meth:`Method.trial_kind`).
@@ -75,12 +85,23 @@ def _node_id() -> str:
         return ""
 
 
-def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
-    """Ray calls this with the searched values (`params`, dotted keys plus `seed`); `base` is
-    the target's resolved trial config, bound once with `tune.with_parameters`."""
+def save_selected(trial: Trial, config: dict[str, Any], folder: Path) -> None:
+    """The selected model and its config, beside a checkpoint's state."""
+    import yaml
+
+    state = trial.selected_model()
+    if state is not None:
+        atomic_torch_save(folder / MODEL_FILE, state)
+        (folder / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
+
+
+def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> None:
+    """Ray calls this with the searched values (`params`: dotted keys, `seed`, and the
+    pipeline, phase and trial id the sweep's searcher adds); `bases` holds each pipeline's
+    resolved trial config, bound once with `tune.with_parameters`."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
-    config = with_params(base, params)
+    config = trial_config(bases, params)
     trainer = build_trial(config)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -89,15 +110,20 @@ def train_trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     debug = config["debug"]
     fail_at = debug.get("fail_once_at_epoch")
     always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
+    doomed = debug.get("fail_lr") is not None and debug["fail_lr"] == config["train"]["lr"]
     node_id = _node_id()
     for metrics in trainer.epochs():
         metrics["node_id"] = node_id  # a string: tagged on the MLflow run, not a metric
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
+            save_selected(trainer, config, Path(folder))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if always and trainer.epoch >= (fail_at or 1):
             raise RuntimeError(f"debug.fail_seed: injected failure of seed {config['seed']} "
                                f"after epoch {trainer.epoch}")
+        if doomed and trainer.epoch >= (fail_at or config["train"]["epochs"]):
+            raise RuntimeError(f"debug.fail_lr: injected failure of train.lr "
+                               f"{config['train']['lr']} after epoch {trainer.epoch}")
         if trainer.epoch == fail_at and checkpoint is None:
             raise RuntimeError(f"debug.fail_once_at_epoch: injected failure after epoch "
                                f"{trainer.epoch} (the retry resumes from this checkpoint)")

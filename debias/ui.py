@@ -75,7 +75,7 @@ def experiment_url(base_url: str, experiment_id: str) -> str:
 def _experiment_id(tracking_uri: str, experiment: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from debias.tracking import redact_uri
+    from debias.environment import redact_uri
 
     found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
     if found is None:
@@ -144,6 +144,10 @@ def start_ui(tracking_uri: str, experiment: str, port: int | None = None,
            "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # Its own group, so a Ctrl-C reaches only us; a watchdog kills the group if we are killed.
+    from debias.watchdog import start_watchdog
+
+    start_watchdog(os.getpid(), group=process.pid)
     handle = UIHandle(process=process, port=chosen, log_path=log_path, _log=log)
     try:
         _wait_ready(handle, timeout)
@@ -191,7 +195,7 @@ def stop_ui(handle: UIHandle, timeout: float = 10.0, keep_log: bool = False) -> 
 
 def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
     """The ``--ui`` command: start, print the URL, wait for Ctrl-C (or SIGTERM), stop."""
-    from debias.tracking import redact_uri
+    from debias.environment import redact_uri
 
     if tracking_uri.startswith(("http://", "https://")):
         print(f"MLflow UI of sweep {experiment!r}: {redact_uri(tracking_uri)} (a tracking "

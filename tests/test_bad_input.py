@@ -43,7 +43,7 @@ from tests.conftest import REPO, tiny_sweep, write_sweep
 #: The integrator sets this to True once the driver (preflight, for runs and --dry-run) calls
 #: debias.environment.check_environment(spec, resume) before anything is written; until then
 #: the command-line form of those cases is skipped and the checks are tested directly.
-DRIVER_WIRED = False
+DRIVER_WIRED = True
 
 # --------------------------------------------------------------------------- helpers
 

@@ -96,7 +96,7 @@ def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) ->
     kill_new_ray_processes(before)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming Odd/search" in resumed.stdout + resumed.stderr
+    assert "resuming sweep 'killme'" in resumed.stdout + resumed.stderr
     check_sweep_runs(f"sqlite:///{db}", "killme", {"Odd": "Background"}, n_search=4,
                      seeds=[0, 1, 2], epochs=3, method="clusterfix")
     assert "Odd" in resumed.stdout and "±" in resumed.stdout

@@ -202,7 +202,7 @@ def test_conditional_space_is_sampled_define_by_run() -> None:
     occur), and Optuna sees it only there, so TPE models each branch separately."""
     import optuna
 
-    from debias.sweep import DefineByRun
+    from debias.search import DefineByRun
 
     spec = validate({
         "name": "c", "targets": ["Odd"], "bias_attribute": "Background",
@@ -214,7 +214,7 @@ def test_conditional_space_is_sampled_define_by_run() -> None:
     assert spec.space[1].when == (("train.optimizer", ("sgd",)),)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     space = DefineByRun(spec.space)
-    study.optimize(lambda t: space(t) or 0.0, n_trials=20)
+    study.optimize(lambda t: (space(t), 0.0)[1], n_trials=20)
     branches = {t.params["train.optimizer"] for t in study.trials}
     assert branches == {"sgd", "adam"}
     for t in study.trials:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from debias.data.grouped import DatasetError, GroupedDataset, _readonly
+from debias.data.grouped import DatasetError, GroupedDataset, _readonly, content_source
 
 ATTRIBUTES: tuple[str, ...] = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
@@ -218,5 +218,5 @@ def load(cfg: dict, target: str, bias: str) -> GroupedDataset:
         images=None,
         image_paths=tuple(img_dir / i for i in ids),
         masks=None,
-        source=str(root),
+        source=content_source(root, [attr_path, part_path], len(ids)),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,6 +36,20 @@ def _split_code(split: str) -> int:
         return SPLIT_CODES[split]
     except KeyError:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}") from None
+
+
+def content_source(root: Path, files: Sequence[Path], n_images: int) -> str:
+    """What identifies a dataset on disk: its root, the content hash of its metadata files
+    and how many images it lists. New labels or images at the same root then change every
+    stage key built on the dataset (image files are not hashed: CelebA has 200k of them)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return json.dumps({"root": str(root), "metadata_sha256": digest.hexdigest()[:20],
+                       "images": int(n_images)}, sort_keys=True)
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:

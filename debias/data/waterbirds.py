@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from debias.data.grouped import DatasetError, GroupedDataset, _readonly
+from debias.data.grouped import DatasetError, GroupedDataset, _readonly, content_source
 
 ATTRIBUTES: tuple[str, ...] = ("Object", "Place")
 COLUMNS: tuple[str, ...] = ("img_id", "img_filename", "y", "split", "place")
@@ -112,5 +112,5 @@ def load(cfg: dict, target: str, bias: str) -> GroupedDataset:
         images=None,
         image_paths=paths,
         masks=None,
-        source=str(root),
+        source=content_source(root, [meta], len(paths)),
     )

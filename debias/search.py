@@ -1,0 +1,378 @@
+"""The search of a whole sweep as one Ray Tune search algorithm: every pipeline at once.
+
+A sweep has one pipeline per target (per method in a study): a search phase, then the seeds
+phase on the search's best config. Running them as separate Tune experiments, one after
+another, idles every slot but one at each phase boundary and during each phase's last wave.
+Here one Tuner runs them all: :class:`SweepSearcher` hands out the next config of whichever
+pipeline has one (search trials of every pipeline interleaved; a pipeline's seeds trials the
+moment its search has finished), so a slot idles only when no pipeline has work left.
+
+Each suggestion carries its pipeline, its phase and the Tune trial id as config keys
+(``pipeline``, ``phase``, ``trial``): the trainable picks its base config by pipeline, the
+MLflow callback its parent run, and a trial that never reported is still identified by its
+config. The searcher's whole state (each pipeline's Optuna study, which trials finished
+without error and their scores) is pickled into Tune's experiment state, so ``--resume``
+continues the very same studies and releases the seeds phase only once the *complete* search
+is known. Only trials that finished without error count toward the best config, in every
+phase: a trial that hit a lucky epoch and then crashed is never re-run for the seeds.
+
+:class:`PipelineScheduler` runs one ASHA per pipeline's search (trials of different targets
+or methods are never compared) and never stops a seeds trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from debias.params import SearchDomain
+from debias.seeding import derive_seed
+from debias.spec import PIPELINE_KEYS
+
+__all__ = ["PIPELINE_KEYS", "DefineByRun", "PipelinePlan", "PipelineScheduler", "SweepSearcher",
+           "TrialRecord"]
+
+log = logging.getLogger("debias")
+
+class DefineByRun:
+    """Optuna's define-by-run space for conditional keys: a key is suggested only when its
+    `when` holds for the values already chosen."""
+
+    def __init__(self, domains: tuple[SearchDomain, ...]) -> None:
+        self.domains = domains
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for d in self.domains:
+            if not d.active(chosen):
+                continue
+            if d.kind == "choice":
+                chosen[d.path] = trial.suggest_categorical(d.path, list(d.values))
+            elif d.kind == "float":
+                chosen[d.path] = trial.suggest_float(d.path, d.low, d.high, log=d.log)
+            else:
+                chosen[d.path] = trial.suggest_int(d.path, int(d.low), int(d.high), log=d.log)
+        return chosen
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """What the searcher needs to know of one pipeline."""
+
+    name: str
+    domains: tuple[SearchDomain, ...]
+    algorithm: str  # optuna | random | grid
+    num_samples: int
+    seeds: tuple[int, ...]
+    max_concurrent: int | None = None
+
+
+@dataclass
+class TrialRecord:
+    """One suggested trial: its phase and params, and how it ended (if it did)."""
+
+    phase: str
+    params: dict[str, Any]
+    number: int | None = None  # the Optuna trial number, for the search phase
+    done: bool = False
+    ok: bool = False
+    score: float = math.nan
+
+
+@dataclass
+class _Pipeline:
+    plan: PipelinePlan
+    trials: dict[str, TrialRecord] = field(default_factory=dict)
+    queue: list[tuple[str, dict[str, Any], int | None]] = field(default_factory=list)
+    sampled: int = 0
+    study: Any = None
+    grid: list[dict[str, Any]] | None = None
+    best: str | None = None  # trial id of the best finished search trial
+    seeds_released: bool = False
+
+    def live(self) -> int:
+        return sum(not r.done for r in self.trials.values())
+
+    def search_done(self) -> bool:
+        search = [r for r in self.trials.values() if r.phase == "search"]
+        return self.sampled >= self.total_search() and len(search) == self.total_search() \
+            and all(r.done for r in search)
+
+    def total_search(self) -> int:
+        if not self.plan.domains:
+            return 1
+        if self.plan.algorithm == "grid":
+            return len(self._grid())
+        return self.plan.num_samples
+
+    def finished(self) -> bool:
+        return self.seeds_released and not self.queue and all(
+            r.done for r in self.trials.values())
+
+    def _grid(self) -> list[dict[str, Any]]:
+        if self.grid is None:
+            axes = [[(d.path, v) for v in d.values] for d in self.plan.domains]
+            self.grid = [dict(combo) for combo in itertools.product(*axes)]
+        return self.grid
+
+
+class SweepSearcher(Searcher):
+    """Every pipeline's search, then its seeds, through one Tune search algorithm."""
+
+    #: The live searcher of each sweep in this process (set on creation and on restore), so
+    #: the driver can read the outcome after ``Tuner.fit`` (Tune keeps its own reference).
+    live: ClassVar[dict[str, SweepSearcher]] = {}
+
+    def __init__(self, sweep: str, plans: list[PipelinePlan], metric: str, mode: str,
+                 seed: int) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.sweep = sweep
+        self.seed = seed
+        self.pipes = {p.name: _Pipeline(p) for p in plans}
+        self.owner: dict[str, str] = {}  # trial id -> pipeline
+        self.on_search_done: Callable[[str], None] | None = None
+        SweepSearcher.live[sweep] = self
+
+    # ------------------------------------------------------------------ Tune's interface
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec: Any) -> bool:
+        return True  # the space comes from the plans, not from Tune's param_space
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        waiting = False
+        for pipe in self._by_priority():
+            if pipe.plan.max_concurrent and pipe.live() >= pipe.plan.max_concurrent:
+                waiting = True
+                continue
+            nxt = self._next(pipe)
+            if nxt is None:
+                waiting = waiting or not pipe.finished()
+                continue
+            phase, params, number = nxt
+            pipe.trials[trial_id] = TrialRecord(phase, params, number)
+            self.owner[trial_id] = pipe.plan.name
+            return {**params, "pipeline": pipe.plan.name, "phase": phase, "trial": trial_id}
+        return None if waiting else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        name = self.owner.get(trial_id)
+        if name is None:
+            return
+        pipe = self.pipes[name]
+        record = pipe.trials[trial_id]
+        if record.done:
+            return
+        record.done = True
+        score = float((result or {}).get(self.metric, math.nan))
+        # A trial counts only if it ended without error *and* reported a selection score.
+        record.ok = not error and result is not None and not math.isnan(score)
+        record.score = score
+        if record.phase == "search":
+            self._tell(pipe, record)
+            if pipe.search_done() and not pipe.seeds_released:
+                self._release_seeds(pipe)
+
+    # ------------------------------------------------------------------ outcome
+
+    def best(self, pipeline: str) -> tuple[str, TrialRecord] | None:
+        """(trial id, record) of the best search trial that finished without error."""
+        pipe = self.pipes[pipeline]
+        return (pipe.best, pipe.trials[pipe.best]) if pipe.best else None
+
+    def complete(self, pipeline: str) -> bool:
+        return self.pipes[pipeline].finished()
+
+    def search_complete(self, pipeline: str) -> bool:
+        return self.pipes[pipeline].search_done()
+
+    def phase_records(self, pipeline: str, phase: str) -> dict[str, TrialRecord]:
+        return {t: r for t, r in self.pipes[pipeline].trials.items() if r.phase == phase}
+
+    def tied(self, pipeline: str) -> bool:
+        """Every finished search trial scored the same: the search could not tell apart."""
+        scores = [r.score for r in self.phase_records(pipeline, "search").values() if r.ok]
+        return len(scores) > 1 and len(set(scores)) == 1
+
+    def progress(self) -> dict[str, dict[str, int]]:
+        """Per pipeline: trials done / running / still to come, for the live view."""
+        out = {}
+        for name, pipe in self.pipes.items():
+            done = sum(r.done for r in pipe.trials.values())
+            running = pipe.live()
+            total = pipe.total_search() + len(pipe.plan.seeds)
+            out[name] = {"done": done, "running": running,
+                         "pending": max(0, total - done - running),
+                         "phase": ("done" if pipe.finished() else
+                                   "seeds" if pipe.seeds_released else "search")}
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _by_priority(self) -> list[_Pipeline]:
+        """Seeds waiting to run first (their pipeline is on the critical path), then the
+        pipeline with the fewest trials handed out (the searches advance together)."""
+        return sorted(self.pipes.values(),
+                      key=lambda p: (not (p.seeds_released and p.queue), len(p.trials)))
+
+    def _next(self, pipe: _Pipeline) -> tuple[str, dict[str, Any], int | None] | None:
+        if pipe.queue:
+            return pipe.queue.pop(0)
+        if pipe.seeds_released or pipe.sampled >= pipe.total_search():
+            return None
+        index = pipe.sampled
+        pipe.sampled += 1
+        plan = pipe.plan
+        if not plan.domains:
+            return "search", {}, None
+        if plan.algorithm == "grid":
+            return "search", dict(pipe._grid()[index]), None
+        if plan.algorithm == "random":
+            rng = np.random.default_rng(derive_seed(self.seed, plan.name, "random", index))
+            return "search", {d.path: _sample(d, rng) for d in plan.domains}, None
+        trial = self._study(pipe).ask()
+        return "search", DefineByRun(plan.domains)(trial), trial.number
+
+    def _study(self, pipe: _Pipeline) -> Any:
+        if pipe.study is None:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            pipe.study = optuna.create_study(
+                direction="maximize" if self.mode == "max" else "minimize",
+                sampler=optuna.samplers.TPESampler(seed=self.seed))
+        return pipe.study
+
+    def _tell(self, pipe: _Pipeline, record: TrialRecord) -> None:
+        if record.number is not None:
+            import optuna
+
+            if record.ok and math.isfinite(record.score):
+                self._study(pipe).tell(record.number, record.score)
+            else:
+                self._study(pipe).tell(record.number, state=optuna.trial.TrialState.FAIL)
+        if record.ok and (pipe.best is None or self._better(record.score,
+                                                            pipe.trials[pipe.best].score)):
+            pipe.best = next(t for t, r in pipe.trials.items() if r is record)
+
+    def _better(self, score: float, than: float) -> bool:
+        return score > than if self.mode == "max" else score < than
+
+    def _release_seeds(self, pipe: _Pipeline) -> None:
+        pipe.seeds_released = True
+        if pipe.best is None:
+            log.warning("%s: every search trial failed; its seeds phase cannot run",
+                        pipe.plan.name)
+            return
+        best = pipe.trials[pipe.best].params
+        pipe.queue = [("seeds", {**best, "seed": s}, None) for s in pipe.plan.seeds]
+        if self.tied(pipe.plan.name):
+            log.warning("%s: every search trial scored %s on the selection metric: the search "
+                        "could not tell the configs apart (the first one is re-run for the "
+                        "seeds); train longer or search other knobs", pipe.plan.name,
+                        pipe.trials[pipe.best].score)
+        if self.on_search_done:
+            self.on_search_done(pipe.plan.name)
+
+    # ------------------------------------------------------------------ Tune's persistence
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_search_done": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        SweepSearcher.live[self.sweep] = self
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__getstate__(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        callback = self.on_search_done
+        self.__setstate__(state)
+        self.on_search_done = callback
+
+
+def _sample(d: SearchDomain, rng: np.random.Generator) -> Any:
+    if d.kind == "choice":
+        return d.values[int(rng.integers(len(d.values)))]
+    assert d.low is not None and d.high is not None
+    if d.kind == "float":
+        if d.log:
+            return float(math.exp(rng.uniform(math.log(d.low), math.log(d.high))))
+        return float(rng.uniform(d.low, d.high))
+    if d.log:  # log-uniform integers, both ends included
+        return int(min(d.high, math.floor(math.exp(rng.uniform(math.log(d.low),
+                                                               math.log(d.high + 1))))))
+    return int(rng.integers(int(d.low), int(d.high) + 1))
+
+
+class PipelineScheduler(FIFOScheduler):
+    """One ASHA per pipeline's search (trials of other targets or methods are never
+    compared); seeds trials always run to the end."""
+
+    def __init__(self, metric: str, mode: str, asha: Mapping[str, Any] | None,
+                 max_t: Mapping[str, int]) -> None:
+        super().__init__()
+        self._asha_settings = dict(asha) if asha else None
+        self._max_t = dict(max_t)
+        self._metric, self._mode = metric, mode
+        self._per_pipeline: dict[str, ASHAScheduler] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        return True  # metric and mode are the sweep's, given at construction
+
+    def _asha(self, trial: Any) -> ASHAScheduler | None:
+        if self._asha_settings is None or trial.config.get("phase") != "search":
+            return None
+        name = trial.config["pipeline"]
+        if name not in self._per_pipeline:
+            self._per_pipeline[name] = ASHAScheduler(
+                time_attr="training_iteration", metric=self._metric, mode=self._mode,
+                max_t=self._max_t[name], grace_period=self._asha_settings["grace_period"],
+                reduction_factor=self._asha_settings["reduction_factor"])
+        return self._per_pipeline[name]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if (asha := self._asha(trial)) is not None:
+            asha.on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        asha = self._asha(trial)
+        return asha.on_trial_result(tune_controller, trial, result) if asha else \
+            TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if (asha := self._asha(trial)) is not None and trial.trial_id in asha._trial_info:
+            asha.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        if (asha := self._asha(trial)) is not None and trial.trial_id in asha._trial_info:
+            asha.on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        self.on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"ASHA per pipeline ({len(self._per_pipeline)})" if self._asha_settings else \
+            "FIFO"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.__dict__, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.__dict__.update(pickle.load(fh))
