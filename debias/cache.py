@@ -29,7 +29,7 @@ import torch
 
 from debias.files import atomic_torch_save, atomic_write_text, locked
 
-__all__ = ["StageCache", "stage_key"]
+__all__ = ["CorruptFile", "StageCache", "stage_key"]
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,43 @@ class StageCache:
 
     @staticmethod
     def _load(path: Path) -> dict[str, Any] | None:
+        """The stored value, or None (recompute) for a file that does not load, or loads but
+        is not what was stored (its keys differ from the record beside it)."""
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            value = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a file from an older torch, or damaged on disk: recompute
             log.warning("ignoring unreadable cache file %s (%s)", path, exc)
             return None
+        expected = _stored_keys(path.with_suffix(".json"))
+        if not isinstance(value, dict) or (expected is not None
+                                           and sorted(map(str, value)) != expected):
+            log.warning("ignoring cache file %s: it does not hold what was stored there "
+                        "(keys %s, expected %s); recomputing", path,
+                        sorted(map(str, value)) if isinstance(value, dict) else type(value),
+                        expected)
+            return None
+        return value
 
     @staticmethod
     def _store(path: Path, value: dict[str, Any], inputs: Mapping[str, Any]) -> None:
         atomic_torch_save(path, value)
-        # A human-readable record of what the key stands for, for whoever inspects the cache.
-        atomic_write_text(path.with_suffix(".json"),
-                          json.dumps(inputs, sort_keys=True, indent=1, default=str))
+        # A human-readable record of what the key stands for, for whoever inspects the cache,
+        # and of the keys the value holds, so a file swapped or damaged later is recomputed.
+        atomic_write_text(path.with_suffix(".json"), json.dumps(
+            {"inputs": inputs, "keys": sorted(map(str, value))}, sort_keys=True, indent=1,
+            default=str))
+
+
+class CorruptFile(RuntimeError):
+    """A file that must load (a checkpoint, a weights file) does not: retrying cannot help."""
+
+
+def _stored_keys(meta: Path) -> list[str] | None:
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = record.get("keys") if isinstance(record, dict) else None
+    return keys if isinstance(keys, list) else None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from debias.cache import StageCache
+from debias.cache import CorruptFile, StageCache
 from debias.data import GroupedDataset, load_grouped, make_torch_dataset
 from debias.methods.base import BiasAudit, Method
 from debias.metrics import GroupMetrics, group_metrics
@@ -186,7 +186,12 @@ class Trainer:
         torch.save(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise CorruptFile(f"checkpoint {path} does not load ({type(exc).__name__}: "
+                              f"{exc}); delete the trial's folder to start it afresh") from exc
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------ the loop
 

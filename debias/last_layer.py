@@ -25,7 +25,7 @@ import torch
 from pydantic import field_validator
 from scipy.special import log_softmax
 
-from debias.cache import StageCache
+from debias.cache import CorruptFile, StageCache
 from debias.data import GroupedDataset, load_grouped
 from debias.engine import Selection, method_for, trial_device
 from debias.linear_heads import LinearHead, class_weight_options, fit_averaged_head, standardiser
@@ -157,7 +157,12 @@ class LastLayerTrial:
         return state
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CorruptFile(f"checkpoint {path} does not load ({type(exc).__name__}: "
+                              f"{exc}); delete the trial's folder to start it afresh") from exc
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------ the grid
 

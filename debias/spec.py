@@ -168,6 +168,9 @@ class Debug(Section):
     #: Trials whose train.lr is this crash after epoch `fail_once_at_epoch` (default: their
     #: last) on every attempt, after reporting it: a lucky score followed by a crash.
     fail_lr: Number | None = Float(None, 0, lo_open=True, searchable=False)
+    #: Every trial meets a DatasetError as it starts: a deterministic failure, which must end
+    #: the trial at once with its cause instead of being retried.
+    bad_data: bool = Flag(False)
 
 
 class TopLevel(Section):

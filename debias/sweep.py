@@ -39,6 +39,7 @@ from debias.preflight import (
 from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher
 from debias.spec import LABEL_FREE_METRICS, Spec
 from debias.sweep_log import MlflowTrialCallback, SweepLog
+from debias.tracking import FAILURE_KEY
 from debias.trainable import train_trial
 
 __all__ = ["TUNE_METRIC", "Pipeline", "SweepError", "SweepInterrupted", "SweepOutcome",
@@ -208,7 +209,8 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
             if on_pipeline_done:
                 on_pipeline_done(p.name)
     finally:
-        left = sweep_log.close(timeout_s=60)
+        # How long the end of a sweep waits for a tracking server that is down.
+        left = sweep_log.close(timeout_s=float(os.environ.get("DEBIAS_TRACKING_DRAIN_S", 60)))
     outcome = SweepOutcome(pending_writes=left, journal=sweep_log.journal)
     if interrupted:
         raise SweepInterrupted(
@@ -232,12 +234,17 @@ class SweepOutcome:
 
 def _trial_errors(grid: Any, pipelines_: list[str], limit: int = 3) -> str:
     """The causes of failed trials, from Ray's record (the tracking server may be down)."""
-    causes = []
+    causes: list[str] = []
     for result in grid:
-        if (result.config or {}).get("pipeline") in pipelines_ and result.error is not None:
+        if (result.config or {}).get("pipeline") not in pipelines_:
+            continue
+        reported = (result.metrics or {}).get(FAILURE_KEY)
+        if isinstance(reported, str):
+            causes.append(reported[:300])
+        elif result.error is not None:
             text = str(result.error).strip().splitlines()
             causes.append(text[-1][:300] if text else type(result.error).__name__)
-    return "; ".join(causes[:limit]) or "no error was recorded"
+    return "; ".join(dict.fromkeys(causes[:limit])) or "no error was recorded"
 
 
 def _parent_tags(spec: Spec, p: Pipeline) -> dict[str, str]:

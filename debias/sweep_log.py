@@ -28,6 +28,7 @@ from debias import tracking_writer as tw
 from debias.spec import config_hash, trial_config
 from debias.tracking import (
     ARTIFACT_PREFIX,
+    FAILURE_KEY,
     FINAL_PREFIXES,
     IGNORED_PREFIXES,
     ROLE_TAG,
@@ -41,11 +42,23 @@ log = logging.getLogger("debias")
 
 
 def _metrics(result: Mapping[str, Any], final: bool) -> dict[str, float]:
-    """The numbers of a result that go to MLflow: every ``group/name`` key, test and
-    selection metrics only at the end, never Ray's bookkeeping."""
+    """The numbers of a result that go to MLflow: each epoch's ``group/name`` keys, or at
+    the end (``final``) the test and selection metrics only; never Ray's bookkeeping."""
     return {k: v for k, v in result.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and "/" in k
-            and not k.startswith(IGNORED_PREFIXES) and (final or not k.startswith(FINAL_PREFIXES))}
+            and not k.startswith(IGNORED_PREFIXES) and k.startswith(FINAL_PREFIXES) == final}
+
+
+def trial_error(trial_dir: str | None, error: Any = None,
+                last: Mapping[str, Any] | None = None) -> str:
+    """A failed trial's cause: a failure the trial reported itself (a deterministic one,
+    never retried), else Tune's error file (the trial's own traceback), else Tune's error."""
+    if last and isinstance(last.get(FAILURE_KEY), str):
+        return last[FAILURE_KEY]
+    path = Path(trial_dir) / "error.txt" if trial_dir else None
+    if path is not None and path.is_file():
+        return path.read_text()
+    return repr(error) if error is not None else "the trial ended without a selection score"
 
 
 class SweepLog:
@@ -170,10 +183,11 @@ class SweepLog:
             shutil.copy2(f, folder / f.name)
         self.writer.submit(tw.log_artifact(key, folder, "model"))
 
-    def close_trial(self, key: tuple[str, ...], status: str, error: str | None = None) -> None:
+    def close_trial(self, key: tuple[str, ...], status: str, error: str | None = None,
+                    end_ms: int | None = None) -> None:
         if error:
             self.writer.submit(tw.set_tags(key, {"error": error[-5000:]}))
-        self.writer.submit(tw.set_terminated(key, status))
+        self.writer.submit(tw.set_terminated(key, status, end_time_ms=end_ms))
 
     # ------------------------------------------------------------------ repair
 
@@ -182,16 +196,22 @@ class SweepLog:
         driver never logged are created, every epoch is logged (a repeat is the same row),
         and each trial ends as the searcher saw it end: FINISHED, FAILED, or KILLED when an
         interruption stopped it (``--resume`` reopens it)."""
+        known: set[tuple[str, ...]] = set()
         for result in grid:
             cfg = result.config or {}
             if not {"pipeline", "phase", "trial"} <= set(cfg) or cfg["pipeline"] not in self.bases:
                 continue
             key = self.open_trial(cfg)
+            known.add(tuple(key))
             history = result.metrics_dataframe
             if history is not None and len(history):
                 for row in history.to_dict("records"):
                     self.log_result(key, row)
             record = searcher.pipes[cfg["pipeline"]].trials.get(cfg["trial"])
+            # Ended at its last result's time: closing it again (a later --resume) is then
+            # the same write, not a new end time.
+            stamp = (result.metrics or {}).get("timestamp")
+            end = int(float(stamp) * 1000) if stamp else None
             if record is None or not record.done:
                 self.set_tags(key, {"note": "interrupted: --resume continues it from its last "
                                             "checkpoint"})
@@ -199,10 +219,36 @@ class SweepLog:
             elif record.ok:
                 if result.metrics:
                     self.log_result(key, result.metrics, final=True)
-                self.close_trial(key, "FINISHED")
+                self.close_trial(key, "FINISHED", end_ms=end)
             else:
-                self.close_trial(key, "FAILED", repr(result.error) if result.error is not None
-                                 else "the trial ended without a selection score")
+                self.close_trial(key, "FAILED", trial_error(result.path, result.error,
+                                                            result.metrics), end_ms=end)
+        self._close_orphans(known)
+
+    def _close_orphans(self, known: set[tuple[str, ...]]) -> None:
+        """Runs left RUNNING by a killed driver for trials Ray never recorded (suggested,
+        then killed before Tune saved its state): KILLED and marked, never duplicated. Needs
+        the server now; if it does not answer, the next --resume does it."""
+        import json
+
+        if not self.flush(30):
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=self.uri)
+            exp = client.get_experiment_by_name(self.experiment)
+            running = client.search_runs(
+                [exp.experiment_id], max_results=10_000,
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and attributes.status = 'RUNNING'")
+        except Exception as exc:  # never stop the sweep for a read
+            log.debug("could not look for orphaned runs: %s", exc)
+            return
+        for run in running:
+            key = tuple(json.loads(run.data.tags.get(tw.KEY_TAG, "null")) or ())
+            if key and key not in known:
+                self.set_tags(key, {"note": "orphaned: no Ray trial resumed it"})
+                self.writer.submit(tw.set_terminated(key, "KILLED"))
 
     # ------------------------------------------------------------------ the end
 
@@ -289,6 +335,10 @@ class MlflowTrialCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._open(trial)
+        failure = (trial.last_result or {}).get(FAILURE_KEY)
+        if isinstance(failure, str):  # it failed for good and said why: not a finished run
+            self.log.close_trial(key, "FAILED", failure)
+            return
         if trial.last_result:
             self.log.log_result(key, trial.last_result, final=True)
         checkpoint = getattr(trial, "checkpoint", None)
@@ -300,10 +350,8 @@ class MlflowTrialCallback(tune.Callback):
         self.log.set_tags(self._open(trial), {"retried": "true"})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = None
-        if trial.error_file and Path(trial.error_file).is_file():
-            error = Path(trial.error_file).read_text()
-        self.log.close_trial(self._open(trial), "FAILED", error or "trial failed")
+        folder = str(Path(trial.error_file).parent) if trial.error_file else None
+        self.log.close_trial(self._open(trial), "FAILED", trial_error(folder))
 
 
 def _key(trial: Any) -> tuple[str, ...]:

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from debias.environment import redact_uri
 
-__all__ = ["ARTIFACT_PREFIX", "FINAL_PREFIXES", "IGNORED_PREFIXES", "ROLE_TAG", "STAGE_PREFIX",
+__all__ = ["ARTIFACT_PREFIX", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "ROLE_TAG",
+           "STAGE_PREFIX",
            "Tracker", "flatten", "redact_uri"]
 
 #: Every `group/name` result key is forwarded each epoch (train/, val/, the method's own such as
@@ -35,6 +36,9 @@ ROLE_TAG = "debias.role"
 #: A result key ``stage/<name>`` holding a string: the cache key of a shared stage the trial
 #: used, set as a tag on its run.
 STAGE_PREFIX = "stage/"
+#: A result key holding the cause of a failure the trial itself recognised as deterministic
+#: (a bad file, a missing key): it ends the trial without Tune's retries.
+FAILURE_KEY = "failure"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

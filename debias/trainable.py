@@ -10,7 +10,9 @@ trial (SGD epochs or a last-layer grid) from the method: no method is named here
 from __future__ import annotations
 
 import logging
+import math
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +22,15 @@ import ray
 import torch
 from ray import tune
 
+from debias.cache import CorruptFile
+from debias.data import BiasLabelsHidden, DatasetError
 from debias.engine import Trainer
 from debias.files import atomic_torch_save
 from debias.last_layer import LastLayerTrial
 from debias.methods import Method, resolve_method
+from debias.slim.annotations import AnnotationError
 from debias.spec import trial_config
+from debias.tracking import FAILURE_KEY
 
 __all__ = ["MODEL_CONFIG", "MODEL_FILE", "STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial",
            "limit_threads", "train_trial"]
@@ -71,6 +77,12 @@ def build_trial(config: dict[str, Any], device: str | None = None) -> Trial:
     return TRIAL_KINDS[kind](config, method, device=device)
 
 
+#: Failures that no retry can cure: bad or missing data and annotation files, a method
+#: reading labels it declared it does not use, a checkpoint or stage file that does not load.
+DETERMINISTIC: tuple[type[BaseException], ...] = (
+    DatasetError, AnnotationError, BiasLabelsHidden, CorruptFile, pickle.UnpicklingError)
+
+
 def _assigned_cpus() -> float:
     try:
         return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
@@ -102,11 +114,19 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
     config = trial_config(bases, params)
-    trainer = build_trial(config)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.load(Path(folder) / STATE_FILE)
+    try:
+        if config["debug"].get("bad_data"):
+            raise DatasetError("debug.bad_data: an injected deterministic failure")
+        trainer = build_trial(config)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                trainer.load(Path(folder) / STATE_FILE)
+    except DETERMINISTIC as exc:
+        # The same input fails the same way on every retry: end the trial now, with its
+        # cause, instead of Tune retrying it max_failures times into the same wall.
+        tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})
+        return
     debug = config["debug"]
     fail_at = debug.get("fail_once_at_epoch")
     always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
