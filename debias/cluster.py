@@ -20,14 +20,25 @@ from typing import Any
 
 import ray
 
-__all__ = ["ClusterError", "check_resources", "init_ray", "node_types", "packing_warnings",
-           "trials_per_node"]
+__all__ = ["ClusterError", "check_resources", "init_ray", "limit_threads", "node_types",
+           "packing_warnings", "trials_per_node"]
 
 log = logging.getLogger("debias")
 
 
 class ClusterError(RuntimeError):
     """Ray cannot be reached or cannot hold a trial; the message says what to do."""
+
+
+def limit_threads(cpus: float) -> int:
+    """Give torch as many threads as the CPUs a trial (or a stage task) holds (at least
+    one), so work packed on one machine does not oversubscribe its cores."""
+    import torch
+
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

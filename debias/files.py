@@ -40,8 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["FileLock", "LockHeld", "acquire", "atomic_dir", "atomic_output", "atomic_replace_dir",
-           "atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "locked"]
+__all__ = ["FileLock", "LockHeld", "acquire", "append_line", "atomic_dir", "atomic_output",
+           "atomic_replace_dir", "atomic_torch_save", "atomic_write_bytes", "atomic_write_text",
+           "locked"]
 
 
 def _temp_beside(path: Path) -> Path:
@@ -136,6 +137,19 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line with a single ``write`` on an ``O_APPEND`` descriptor: concurrent
+    writers (tasks on several nodes of a shared file system) never interleave within a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line.rstrip("\n") + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 class LockHeld(OSError):

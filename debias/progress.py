@@ -71,6 +71,7 @@ class SweepProgress(ProgressReporter):
         progress = searcher.progress() if searcher else {}
         best: dict[str, float] = {}
         durations = []
+        stages = 0
         for t in trials:
             result = t.last_result or {}
             name = (t.config or {}).get("pipeline")
@@ -79,6 +80,9 @@ class SweepProgress(ProgressReporter):
                       and not math.isnan(score) and (t.config or {}).get("phase") == "search")
             if counts and (name not in best or (score > best[name]) == (self.mode == "max")):
                 best[name] = score
+            if (t.config or {}).get("phase") == "stage":
+                stages += t.status == "RUNNING"
+                continue
             if t.status == "TERMINATED" and result.get("time_total_s"):
                 durations.append(float(result["time_total_s"]))
         elapsed = time.time() - self._start
@@ -92,7 +96,9 @@ class SweepProgress(ProgressReporter):
         bar = "#" * filled + "." * (width - filled)
         lines = [f"[{bar}] sweep {self.sweep!r}: {total['done']}/{all_trials} trials done, "
                  f"{total['running']} running | {format_duration(elapsed)} elapsed, "
-                 f"~{format_duration(eta)} left" + (" | done" if done and not left else "")]
+                 f"~{format_duration(eta)} left" + (f" | {stages} shared stage(s) computing"
+                                                    if stages else "")
+                 + (" | done" if done and not left else "")]
         for name, p in progress.items():
             score = f"best {100 * best[name]:.1f}" if name in best else "best -"
             lines.append(f"  {name:<28} {p['phase']:<6} {p['done']:>3} done {p['running']:>2} "

@@ -22,6 +22,7 @@ or methods are never compared) and never stops a seeds trial.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -36,7 +37,9 @@ from ray.tune.search import Searcher
 
 from debias.params import SearchDomain
 from debias.seeding import derive_seed
-from debias.spec import PIPELINE_KEYS
+from debias.spec import PIPELINE_KEYS, trial_config
+from debias.stage_plan import STAGE_PHASE, StagePlanner
+from debias.tracking import FAILURE_KEY
 
 __all__ = ["PIPELINE_KEYS", "DefineByRun", "PipelinePlan", "PipelineScheduler", "SweepSearcher",
            "TrialRecord"]
@@ -93,6 +96,8 @@ class _Pipeline:
     plan: PipelinePlan
     trials: dict[str, TrialRecord] = field(default_factory=dict)
     queue: list[tuple[str, dict[str, Any], int | None]] = field(default_factory=list)
+    #: The next config, drawn but waiting for its shared stages (the planner computes them).
+    parked: tuple[str, dict[str, Any], int | None] | None = None
     sampled: int = 0
     study: Any = None
     grid: list[dict[str, Any]] | None = None
@@ -115,7 +120,7 @@ class _Pipeline:
         return self.plan.num_samples
 
     def finished(self) -> bool:
-        return self.seeds_released and not self.queue and all(
+        return self.seeds_released and not self.queue and self.parked is None and all(
             r.done for r in self.trials.values())
 
     def _grid(self) -> list[dict[str, Any]]:
@@ -133,10 +138,14 @@ class SweepSearcher(Searcher):
     live: ClassVar[dict[str, SweepSearcher]] = {}
 
     def __init__(self, sweep: str, plans: list[PipelinePlan], metric: str, mode: str,
-                 seed: int) -> None:
+                 seed: int, bases: Mapping[str, Mapping[str, Any]] | None = None,
+                 planner: StagePlanner | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.sweep = sweep
         self.seed = seed
+        self.bases = {k: dict(v) for k, v in (bases or {}).items()}
+        self.planner = planner
+        self.stage_tasks: dict[str, str] = {}  # Tune trial id -> stage key
         self.pipes = {p.name: _Pipeline(p) for p in plans}
         self.owner: dict[str, str] = {}  # trial id -> pipeline
         self.on_search_done: Callable[[str], None] | None = None
@@ -149,16 +158,26 @@ class SweepSearcher(Searcher):
         return True  # the space comes from the plans, not from Tune's param_space
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        waiting = False
+        if self.planner is not None and (task := self.planner.next_task()) is not None:
+            # A stage some trial waits for runs first, in a slot of its own.
+            self.stage_tasks[trial_id] = task.key
+            return {"pipeline": STAGE_PHASE, "phase": STAGE_PHASE, "trial": trial_id,
+                    "stage": dataclasses.asdict(task)}
+        waiting = self.planner is not None and self.planner.busy
         for pipe in self._by_priority():
             if pipe.plan.max_concurrent and pipe.live() >= pipe.plan.max_concurrent:
                 waiting = True
                 continue
-            nxt = self._next(pipe)
-            if nxt is None:
+            if pipe.parked is None:
+                pipe.parked = self._next(pipe)
+            if pipe.parked is None:
                 waiting = waiting or not pipe.finished()
                 continue
-            phase, params, number = nxt
+            if not self._stages_ready(pipe.plan.name, pipe.parked[1]):
+                waiting = True  # its stages are being computed; other pipelines go on
+                continue
+            phase, params, number = pipe.parked
+            pipe.parked = None
             pipe.trials[trial_id] = TrialRecord(phase, params, number)
             self.owner[trial_id] = pipe.plan.name
             return {**params, "pipeline": pipe.plan.name, "phase": phase, "trial": trial_id}
@@ -166,6 +185,12 @@ class SweepSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        if trial_id in self.stage_tasks:
+            failure = (result or {}).get(FAILURE_KEY)
+            assert self.planner is not None
+            self.planner.finished(self.stage_tasks.pop(trial_id),
+                                  "the stage task crashed" if error else failure)
+            return
         name = self.owner.get(trial_id)
         if name is None:
             return
@@ -265,6 +290,18 @@ class SweepSearcher(Searcher):
                                                             pipe.trials[pipe.best].score)):
             pipe.best = next(t for t, r in pipe.trials.items() if r is record)
 
+    def _stages_ready(self, pipeline: str, params: Mapping[str, Any]) -> bool:
+        """Whether the shared stages a trial of these params reads exist (the planner starts
+        the tasks that compute the missing ones)."""
+        if self.planner is None or pipeline not in self.bases:
+            return True
+        from debias.data import load_grouped
+        from debias.methods import resolve_method
+
+        config = trial_config(self.bases, {**params, "pipeline": pipeline})
+        data = load_grouped(config["dataset"], config["target"], config["bias"])
+        return self.planner.ready(resolve_method(config["method"]).shared_stages(config, data))
+
     def _better(self, score: float, than: float) -> bool:
         return score > than if self.mode == "max" else score < than
 
@@ -276,6 +313,8 @@ class SweepSearcher(Searcher):
             return
         best = pipe.trials[pipe.best].params
         pipe.queue = [("seeds", {**best, "seed": s}, None) for s in pipe.plan.seeds]
+        for _, params, _ in pipe.queue:  # start every seed's stages now, side by side
+            self._stages_ready(pipe.plan.name, params)
         if self.tied(pipe.plan.name):
             log.warning("%s: every search trial scored %s on the selection metric: the search "
                         "could not tell the configs apart (the first one is re-run for the "
@@ -287,7 +326,7 @@ class SweepSearcher(Searcher):
     # ------------------------------------------------------------------ Tune's persistence
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "on_search_done": None}
+        return {**self.__dict__, "on_search_done": None, "stage_tasks": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

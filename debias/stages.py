@@ -25,10 +25,12 @@ from debias.data.grouped import SPLITS
 from debias.engine import Trainer, predict_classes
 from debias.methods.erm import ERM
 from debias.models import Classifier, build_classifier
+from debias.stage_plan import StageRequest
 
-__all__ = ["backbone_identity", "extract_features", "features_key", "frozen_features",
-           "predict", "reference_config", "reference_inputs", "reference_key",
-           "reference_model"]
+__all__ = ["backbone_identity", "compute_features", "compute_reference", "extract_features",
+           "features_key", "features_requests", "frozen_features", "predict",
+           "reference_config", "reference_inputs", "reference_key", "reference_model",
+           "reference_request"]
 
 REFERENCE_VERSION = 1
 FEATURES_VERSION = 1
@@ -169,3 +171,49 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
         return {s: torch.nn.functional.normalize(f, dim=1) for s, f in feats.items()}
 
     return cache.get_or_compute("features", FEATURES_VERSION, inputs, compute)
+
+
+# --------------------------------------------------------------------------- stage tasks
+# What the sweep's planner runs as Ray tasks before the trials that read these stages
+# (debias.stage_plan): each computes one stage into the cache by the very call a trial makes.
+
+
+def _task_inputs(config: dict[str, Any]) -> tuple[GroupedDataset, StageCache, torch.device]:
+    from debias.data import load_grouped
+    from debias.engine import trial_device
+
+    data = load_grouped(config["dataset"], config["target"], config["bias"])
+    return data, StageCache(config["cache_dir"]), trial_device(None)
+
+
+def compute_reference(config: dict[str, Any], seed: int | None = None,
+                      epochs: int | None = None) -> None:
+    data, cache, device = _task_inputs(config)
+    reference_model(config, data, cache, device, seed, epochs)
+
+
+def compute_features(config: dict[str, Any], source: str, splits: list[str]) -> None:
+    data, cache, device = _task_inputs(config)
+    frozen_features(config, data, cache, device, source, tuple(splits))
+
+
+def reference_request(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+                      epochs: int | None = None) -> StageRequest:
+    return StageRequest("reference", reference_key(config, data, seed, epochs),
+                        "debias.stages:compute_reference", config,
+                        {"seed": seed, "epochs": epochs})
+
+
+def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
+                      splits: tuple[str, ...] = SPLITS) -> list[StageRequest]:
+    """The features of ``source`` and, for the reference model's, the model first."""
+    out = []
+    after: tuple[str, ...] = ()
+    if source == "reference":
+        ref = reference_request(config, data)
+        out.append(ref)
+        after = (ref.key,)
+    out.append(StageRequest("features", features_key(config, data, source, splits),
+                            "debias.stages:compute_features", config,
+                            {"source": source, "splits": list(splits)}, after))
+    return out

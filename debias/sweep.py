@@ -38,6 +38,7 @@ from debias.preflight import (
 )
 from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher
 from debias.spec import LABEL_FREE_METRICS, Spec
+from debias.stage_plan import StagePlanner
 from debias.sweep_log import MlflowTrialCallback, SweepLog
 from debias.tracking import FAILURE_KEY
 from debias.trainable import train_trial
@@ -270,12 +271,16 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
                                    restart_errored=False)
     else:
         plans = _plans(spec)
+        # Shared stages are Ray tasks the searcher plans before the trials that read them.
+        planner = StagePlanner(str(spec.storage / "cache"))
         searcher = SweepSearcher(spec.name, plans, metric=TUNE_METRIC, mode=spec.search["mode"],
-                                 seed=spec.search["seed"])
+                                 seed=spec.search["seed"], bases=bases, planner=planner)
         scheduler = PipelineScheduler(TUNE_METRIC, spec.search["mode"],
                                       (spec.config["scheduler"] or {}).get("asha"),
                                       {p.name: _max_epochs(spec, p.method) for p in pipes})
-        total = sum(num_search_trials(spec, p.method) + len(spec.seeds) for p in pipes)
+        # The searcher says when it is done: stage tasks are trials too, and how many a sweep
+        # needs is known only as configs are drawn.
+        total = 10**9
         callback = MlflowTrialCallback(spec.name)
         tuner = tune.Tuner(
             trainable,

@@ -26,6 +26,7 @@ from ray import tune
 
 from debias import tracking_writer as tw
 from debias.spec import config_hash, trial_config
+from debias.stage_plan import STAGE_PHASE
 from debias.tracking import (
     ARTIFACT_PREFIX,
     FAILURE_KEY,
@@ -305,11 +306,15 @@ class MlflowTrialCallback(tune.Callback):
         return _key(trial)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
+            return
         self._opened.discard(trial.trial_id)  # a (re)start: set the run RUNNING again
         self._open(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
+        if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
+            return
         key = self._open(trial)
         self._note_node(trial.trial_id, key, result.get("node_id"))
         stages = {k: v for k, v in result.items() if k.startswith(STAGE_PREFIX)
@@ -334,6 +339,8 @@ class MlflowTrialCallback(tune.Callback):
             self.log.set_tags(key, {"ray_nodes": ",".join(nodes)})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
+            return
         key = self._open(trial)
         failure = (trial.last_result or {}).get(FAILURE_KEY)
         if isinstance(failure, str):  # it failed for good and said why: not a finished run
@@ -347,9 +354,13 @@ class MlflowTrialCallback(tune.Callback):
         self.log.close_trial(key, "FINISHED")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
+            return
         self.log.set_tags(self._open(trial), {"retried": "true"})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
+            return
         folder = str(Path(trial.error_file).parent) if trial.error_file else None
         self.log.close_trial(self._open(trial), "FAILED", trial_error(folder))
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import ray
-import torch
 from ray import tune
 
 from debias.cache import CorruptFile
+from debias.cluster import limit_threads
 from debias.data import BiasLabelsHidden, DatasetError
 from debias.engine import Trainer
 from debias.files import atomic_torch_save
@@ -30,6 +30,7 @@ from debias.last_layer import LastLayerTrial
 from debias.methods import Method, resolve_method
 from debias.slim.annotations import AnnotationError
 from debias.spec import trial_config
+from debias.stage_plan import STAGE_PHASE, StageRequest, run_stage_task
 from debias.tracking import FAILURE_KEY
 
 __all__ = ["MODEL_CONFIG", "MODEL_FILE", "STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial",
@@ -41,14 +42,6 @@ STATE_FILE = "state.pt"
 #: run as ``model/state_dict.pt`` and ``model/config.yaml`` when the trial ends.
 MODEL_FILE = "state_dict.pt"
 MODEL_CONFIG = "config.yaml"
-
-
-def limit_threads(cpus: float) -> int:
-    """Give torch as many threads as the CPUs this trial holds (at least one)."""
-    n = max(1, int(cpus))
-    torch.set_num_threads(n)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    return n
 
 
 class Trial(Protocol):
@@ -113,6 +106,15 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
     resolved trial config, bound once with `tune.with_parameters`."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
+    if params.get("phase") == STAGE_PHASE:  # a shared stage, planned before its trials
+        request = StageRequest(**{**params["stage"], "after": tuple(params["stage"]["after"])})
+        try:
+            run_stage_task(request)
+        except DETERMINISTIC as exc:
+            tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})
+            return
+        tune.report({"stage_key": request.key, "selected/score": math.nan})
+        return
     config = trial_config(bases, params)
     checkpoint = tune.get_checkpoint()
     try:

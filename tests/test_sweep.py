@@ -100,6 +100,17 @@ def test_a_trial_that_keeps_failing_is_recorded_and_the_others_finish(
     assert "Odd" in out  # the report still comes, over the seeds that finished
 
 
+def _tasks(spec) -> dict[str, int]:
+    """How many stage tasks the planner ran, per stage (each logs one line)."""
+    import json
+    from collections import Counter
+
+    path = spec.storage / "cache" / "stage_tasks.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    assert len({r["key"] for r in lines}) == len(lines), "a stage key computed twice"
+    return dict(Counter(r["stage"] for r in lines))
+
+
 def _phase(runs: list, phase: str) -> list:
     return [r for r in runs if r.data.tags["phase"] == phase]
 
@@ -118,10 +129,14 @@ def test_clusterfix_sweep_over_k_extracts_features_once(ray_local, tmp_path: Pat
                      epochs=2, method="clusterfix")
     runs = _children(spec.tracking_uri, "cfix")
     stages = ("reference", "features", "kmeans")
-    computed = _computed(_phase(runs, "search"), stages)
-    assert computed == {"reference": 1, "features": 1, "kmeans": 2}, computed
-    computed = _computed(_phase(runs, "seeds"), stages)
-    assert computed == {"reference": 1, "features": 1, "kmeans": 1}, computed
+    # The planner computed the reference model and the features as Ray tasks before the
+    # trials (never inside one), once for the search's seed and once for the reported seed;
+    # k-means, seconds per k, stays in the trials.
+    for phase, kmeans in (("search", 2), ("seeds", 1)):
+        computed = _computed(_phase(runs, phase), stages)
+        assert computed == {"reference": 0, "features": 0, "kmeans": kmeans}, (phase, computed)
+    assert all(r.data.metrics.get("cache/computed/features", 0) == 0 for r in runs)
+    assert _tasks(spec) == {"reference": 2, "features": 2}
     # Stage keys match within the search and differ for the reported seed.
     search_keys = {r.data.tags["stage/kmeans"].split(",")[0] for r in _phase(runs, "search")}
     assert len(search_keys) == 2  # one k-means per k, on one shared feature matrix
@@ -156,9 +171,11 @@ def test_slim_sweep_shares_gradcam_and_logs_overlays(ray_local, tmp_path: Path) 
     check_sweep_runs(spec.tracking_uri, "slimmy", {"Odd": "Background"}, n_search=2,
                      seeds=[0], epochs=2, method="slim")
     runs = _children(spec.tracking_uri, "slimmy")
-    for phase in ("search", "seeds"):  # once for the search's seed, once for the seed's
+    for phase in ("search", "seeds"):  # the curation in the trials, once per seed
         computed = _computed(_phase(runs, phase), ("reference", "gradcam", "curation"))
-        assert computed == {"reference": 1, "gradcam": 1, "curation": 1}, (phase, computed)
+        assert computed == {"reference": 0, "gradcam": 0, "curation": 1}, (phase, computed)
+    # reference and GradCAM: Ray tasks planned before the trials, once per seed
+    assert _tasks(spec) == {"reference": 2, "gradcam": 2}
     assert len({r.data.tags["stage/curation"] for r in _phase(runs, "search")}) == 1
     client = MlflowClient(tracking_uri=spec.tracking_uri)
     for r in runs:
@@ -188,14 +205,16 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
     runs = _children(spec.tracking_uri, "slimll")
     stages = ("reference", "gradcam", "features", "space", "curation")
     computed = _computed(_phase(runs, "search"), stages)
-    # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1.
-    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
+    # retrains 1 -> curation 0; retrains 2 -> curation 0 reused, curation 1. The reference
+    # model, GradCAM and the features are the planner's Ray tasks, never a trial's.
+    assert computed == {"reference": 0, "gradcam": 0, "features": 0, "space": 1,
                         "curation": 2}, computed
     # The reported seed re-runs every stage once, with as many curations as it retrains.
     (seed_run,) = _phase(runs, "seeds")
     computed = _computed([seed_run], stages)
-    assert computed == {"reference": 1, "gradcam": 1, "features": 1, "space": 1,
+    assert computed == {"reference": 0, "gradcam": 0, "features": 0, "space": 1,
                         "curation": int(seed_run.data.params["slim.retrains"])}, computed
+    assert _tasks(spec) == {"reference": 2, "gradcam": 2, "features": 2}
     for r in runs:
         m = r.data.metrics
         assert m["last_layer/grid_size"] == 6 and m["slim/annotated"] == 10

@@ -36,6 +36,7 @@ from debias.metrics import cluster_purity
 from debias.models import Classifier
 from debias.params import SearchDomain, Section
 from debias.seeding import derive_seed
+from debias.stage_plan import StageRequest
 
 __all__ = ["BiasAudit", "BiasLabels", "Method", "NoParams", "PreflightError", "SweepContext"]
 
@@ -162,6 +163,13 @@ class Method:
     def uses_train_knobs(cls, params: Section) -> bool:
         """Whether ``train.*`` changes anything (a last-layer fit has no SGD)."""
         return cls.trial_kind(params) == "epochs"
+
+    @classmethod
+    def shared_stages(cls, config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+        """The shared stages a trial of ``config`` reads, for the sweep's planner to compute
+        once, as Ray tasks, before it starts (cheap per-trial stages may stay in the trial)."""
+        del config, data
+        return []
 
     @classmethod
     def check(cls, ctx: SweepContext) -> None:

@@ -20,7 +20,8 @@ from debias.methods.base import Method, SweepContext
 from debias.models import Classifier
 from debias.params import Choice, Float, Int, Number, Section
 from debias.seeding import derive_seed
-from debias.stages import features_key, frozen_features
+from debias.stage_plan import StageRequest
+from debias.stages import features_key, features_requests, frozen_features
 
 __all__ = ["ClusterFix", "ClusterFixParams", "ClusterWeights", "kmeans_per_class"]
 
@@ -155,11 +156,20 @@ class ClusterFix(Method):
                 "clusterfix.features: got 'backbone'; expected 'reference' or 'auto' when "
                 "backbone.weights is 'none' (random features cannot cluster)")
 
+    @staticmethod
+    def _source(params: ClusterFixParams, config: dict[str, Any]) -> str:
+        if params.features == "auto":
+            return "reference" if config["backbone"]["weights"] == "none" else "backbone"
+        return params.features
+
+    @classmethod
+    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[StageRequest]:
+        # k-means (one per k, seconds) stays in the trial; features and their model do not.
+        return features_requests(config, data, cls._source(cls.params_of(config), config))
+
     def prepare(self) -> None:
         p, data = self.params, self.data
-        source = p.features
-        if source == "auto":
-            source = "reference" if self.config["backbone"]["weights"] == "none" else "backbone"
+        source = self._source(p, self.config)
         self.feature_source = source
         # Keyed on the features' own key, not a hash of the (possibly huge) matrix; a trial
         # whose k-means is cached never reads the features at all. The seed is the trial's:

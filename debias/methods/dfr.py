@@ -23,6 +23,8 @@ from debias.last_layer import DEFAULT_C_GRID, LastLayerParams, grid_size
 from debias.methods.base import BiasLabels, Method, SweepContext
 from debias.params import Floats, Int, Number
 from debias.seeding import derive_seed
+from debias.stage_plan import StageRequest
+from debias.stages import features_requests
 
 __all__ = ["DFR", "DFRParams", "balanced_draw"]
 
@@ -58,6 +60,10 @@ class DFR(Method):
     @classmethod
     def trial_kind(cls, params: DFRParams) -> str:
         return "last_layer"
+
+    @classmethod
+    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[StageRequest]:
+        return features_requests(config, data, "reference", ("val", "test"))
 
     @classmethod
     def steps(cls, ctx: SweepContext) -> str:

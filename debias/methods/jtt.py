@@ -22,11 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from debias.cache import StageCache, stage_key
+from debias.data import GroupedDataset
 from debias.methods.base import Method
 from debias.params import Int, Section
-from debias.stages import predict, reference_key, reference_model
+from debias.stage_plan import StageRequest
+from debias.stages import predict, reference_key, reference_model, reference_request
 
-__all__ = ["JTT", "JTTParams", "upsampled_positions"]
+__all__ = ["JTT", "JTTParams", "compute_errors", "error_set", "upsampled_positions"]
 
 ERRORS_VERSION = 1
 
@@ -41,26 +44,51 @@ def upsampled_positions(n: int, errors: np.ndarray, lambda_up: int) -> np.ndarra
     return np.concatenate([np.arange(n), np.repeat(np.flatnonzero(errors), lambda_up - 1)])
 
 
+def errors_inputs(config: dict[str, Any], data: GroupedDataset, epochs: int) -> dict[str, Any]:
+    return {"reference": reference_key(config, data, epochs=epochs)}
+
+
+def error_set(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+              device: torch.device, epochs: int) -> np.ndarray:
+    """The training examples the identification model (ERM after ``epochs``) gets wrong."""
+
+    def identify() -> dict[str, torch.Tensor]:
+        model = reference_model(config, data, cache, device, epochs=epochs)
+        preds = predict(model, data, "train", device, config["train"]["eval_batch_size"])
+        return {"errors": preds != torch.as_tensor(data.view("train").y)}
+
+    return cache.get_or_compute("jtt_errors", ERRORS_VERSION,
+                                errors_inputs(config, data, epochs), identify)["errors"].numpy()
+
+
+def compute_errors(config: dict[str, Any], epochs: int) -> None:
+    """The stage task: the identification model, then its error set, into the cache."""
+    from debias.data import load_grouped
+    from debias.engine import trial_device
+
+    data = load_grouped(config["dataset"], config["target"], config["bias"])
+    error_set(config, data, StageCache(config["cache_dir"]), trial_device(None), epochs)
+
+
 class JTT(Method):
     name = "jtt"
     section = "jtt"
     Params = JTTParams
     summary = "upweight what a briefly trained ERM model gets wrong (no bias labels)"
 
+    @classmethod
+    def shared_stages(cls, config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+        epochs = cls.params_of(config).epochs_id
+        ref = reference_request(config, data, epochs=epochs)
+        errors = StageRequest("jtt_errors", stage_key("jtt_errors", ERRORS_VERSION,
+                                                      errors_inputs(config, data, epochs)),
+                              "debias.methods.jtt:compute_errors", config, {"epochs": epochs},
+                              after=(ref.key,))
+        return [ref, errors]
+
     def prepare(self) -> None:
         p = self.params
-        ref_key = reference_key(self.config, self.data, epochs=p.epochs_id)
-
-        def identify() -> dict[str, torch.Tensor]:
-            model = reference_model(self.config, self.data, self.cache, self.device,
-                                    epochs=p.epochs_id)
-            preds = predict(model, self.data, "train", self.device,
-                            self.config["train"]["eval_batch_size"])
-            return {"errors": preds != torch.as_tensor(self.data.view("train").y)}
-
-        inputs = {"reference": ref_key}
-        self.errors = self.cache.get_or_compute("jtt_errors", ERRORS_VERSION, inputs,
-                                                identify)["errors"].numpy()
+        self.errors = error_set(self.config, self.data, self.cache, self.device, p.epochs_id)
         self.positions = upsampled_positions(len(self.errors), self.errors, p.lambda_up)
         self._first_epoch = True
 

@@ -36,6 +36,7 @@ from debias.slim.modes import (
     gradcam_examples,
     reference_for,
     sampling_seed,
+    stage_requests,
     validation_halves,
 )
 
@@ -81,6 +82,10 @@ class SLIM(Method):
     @classmethod
     def trial_kind(cls, params: SLIMParams) -> str:
         return "last_layer" if params.retrain == "last_layer" else "epochs"
+
+    @classmethod
+    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[Any]:
+        return stage_requests(config, data)
 
     @classmethod
     def check(cls, ctx: SweepContext) -> None:

@@ -17,6 +17,7 @@ the curation and the retraining only (the report says so).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,20 @@ from debias.files import atomic_dir
 from debias.linear_heads import split_halves
 from debias.models import Classifier
 from debias.seeding import derive_seed
-from debias.slim.pipeline import SlimKnobs, curated_subset, request_rows, write_overlays
-from debias.stages import reference_key, reference_model
+from debias.slim.pipeline import (
+    GRADCAM_VERSION,
+    SlimKnobs,
+    attention_stage,
+    curated_subset,
+    request_rows,
+    write_overlays,
+)
+from debias.stage_plan import StageRequest
+from debias.stages import features_requests, reference_key, reference_model, reference_request
 
-__all__ = ["MODE_SPLITS", "annotation_request_rows", "curation", "curation_metrics",
-           "gradcam_examples", "reference_for", "sampling_seed", "validation_halves"]
+__all__ = ["MODE_SPLITS", "annotation_request_rows", "compute_gradcam", "curation",
+           "curation_metrics", "gradcam_examples", "reference_for", "sampling_seed",
+           "stage_requests", "validation_halves"]
 
 #: The split each retrain mode samples, annotates and curates in.
 MODE_SPLITS: dict[str, str] = {"full": "train", "last_layer": "val"}
@@ -91,6 +101,35 @@ def annotation_request_rows(config: dict[str, Any], knobs: SlimKnobs, data: Grou
     split, pool = _curation_split(config, data)
     return request_rows(knobs, data, model, cache, device, ref_key, path, split, pool,
                         seed=sampling_seed(config))
+
+
+def compute_gradcam(config: dict[str, Any]) -> None:
+    """The stage task: GradCAM of the split the config's retrain mode curates in."""
+    from debias.data import load_grouped
+    from debias.engine import trial_device
+
+    data = load_grouped(config["dataset"], config["target"], config["bias"])
+    cache, device = StageCache(config["cache_dir"]), trial_device(None)
+    model, ref_key = reference_for(config, data, cache, device)
+    attention_stage(data, model, cache, device, ref_key, MODE_SPLITS[config["slim"]["retrain"]])
+
+
+def stage_requests(config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+    """What a SLIM trial reads that its planner computes first: the reference model (at the
+    sampling seed), GradCAM over its split, and for last-layer mode the frozen features of
+    validation and test (the curation, per trial knob, stays in the trial)."""
+    seed = sampling_seed(config)
+    ref = reference_request(config, data, seed=seed)
+    split = MODE_SPLITS[config["slim"]["retrain"]]
+    gradcam = StageRequest("gradcam", stage_key("gradcam", GRADCAM_VERSION, {
+        "data": data.identity(), "model": ref.key, "split": split}),
+        "debias.slim.modes:compute_gradcam", config, after=(ref.key,))
+    out = [ref, gradcam]
+    if split == "val":
+        out += [r for r in features_requests({**config, "seed": seed}, data, "reference",
+                                             ("val", "test")) if r.stage == "features"]
+        out[-1] = dataclasses.replace(out[-1], after=(ref.key,))
+    return out
 
 
 def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Classifier,
