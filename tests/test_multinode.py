@@ -57,3 +57,50 @@ def test_losing_a_worker_node_mid_trial_loses_nothing(tmp_path: Path) -> None:
     for run in retried:
         # It ran on the lost node and then on the other one.
         assert len(run.data.tags["ray_nodes"].split(",")) == 2
+
+
+def test_each_shared_stage_is_computed_once_across_two_nodes(tmp_path: Path) -> None:
+    """A ClusterFix sweep on a 0-CPU head and two 1-CPU workers sharing one storage path:
+    trials run on both nodes, and each stage key (reference model, features) is computed
+    exactly once cluster-wide, by a stage task, never by a trial."""
+    import json
+    from collections import Counter
+
+    # Trials long enough that the second node's cold start beats waiting for the first
+    # node's warm process (Tune reuses it for short trials).
+    sweep = tiny_sweep(tmp_path, name="stages", targets=["Odd"], seeds=[0, 1],
+                       method="clusterfix", reference={"epochs": 1}, clusterfix={"k": 2},
+                       train={"epochs": 6, "batch_size": 128, "lr": 0.05},
+                       search={"algorithm": "grid", "space": {
+                           "clusterfix.k": {"choice": [2, 3]}}})
+    path = write_sweep(tmp_path, sweep)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    before = _ray_pids()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tests.scenarios.two_nodes", str(path)],
+                              cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        kill_new_ray_processes(before)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    workers = log.split("SCENARIO: workers ")[1].splitlines()[0]
+
+    tasks = [json.loads(line) for line in
+             (tmp_path / "results" / "cache" / "stage_tasks.jsonl").read_text().splitlines()]
+    keys = Counter(t["key"] for t in tasks)
+    assert keys and max(keys.values()) == 1, keys  # no key twice, on any node
+    # The search's seed and each of the 2 reported seeds: a reference model and features each.
+    assert Counter(t["stage"] for t in tasks) == {"reference": 3, "features": 3}
+    assert all(t["node"] in workers for t in tasks)
+
+    client = MlflowClient(tracking_uri=sweep["tracking"]["uri"])
+    exp = client.get_experiment_by_name("stages")
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 2 + 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        for stage in ("reference", "features"):
+            assert run.data.metrics.get(f"cache/computed/{stage}", 0) == 0, (run, stage)
+    nodes = {n for r in runs for n in r.data.tags["ray_nodes"].split(",")}
+    assert len(nodes) == 2 and all(n in workers for n in nodes), (nodes, workers)

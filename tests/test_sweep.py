@@ -220,3 +220,31 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
         assert m["last_layer/grid_size"] == 6 and m["slim/annotated"] == 10
         assert m["last_layer/val_selection_size"] > 0 and "last_layer/C" in m
         assert r.data.params["slim.retrain"] == "last_layer"
+
+
+def test_gpu_fractions_pack_only_when_the_cpu_request_leaves_room() -> None:
+    """{cpu: 4, gpu: 0.5} on a {CPU: 4, GPU: 1} node runs one trial, not two: the driver says
+    so with the numbers; {cpu: 2, gpu: 0.5} packs two and says nothing. The shipped GPU
+    sweep files pack as their comments promise on cluster.yaml's worker type."""
+    import yaml
+
+    from debias.cluster import packing_warnings, trials_per_node
+
+    node = [("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, True)]
+    (warning,) = packing_warnings({"cpu": 4, "gpu": 0.5}, node)
+    assert "runs 1 trial(s) at once, not the 2" in warning and "cpu <= 2" in warning
+    assert packing_warnings({"cpu": 2, "gpu": 0.5}, node) == []
+    assert packing_warnings({"cpu": 1, "gpu": 0}, node) == []
+    assert trials_per_node({"cpu": 2, "gpu": 0.5}, {"CPU": 4, "GPU": 1}) == 2
+    assert trials_per_node({"cpu": 1, "gpu": 0.25}, {"CPU": 4, "GPU": 1}) == 4
+    from tests.conftest import REPO
+
+    workers = yaml.safe_load((REPO / "cluster.yaml").read_text())["available_node_types"]
+    gpu_node = {k.upper() if k.lower() in ("cpu", "gpu") else k: float(v)
+                for k, v in workers["gpu_worker"]["resources"].items()}
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        res = yaml.safe_load(path.read_text()).get("resources", {})
+        if float(res.get("gpu", 0)) > 0:
+            shipped = [("gpu_worker", gpu_node, True)]
+            assert packing_warnings({"cpu": res["cpu"], "gpu": res["gpu"]}, shipped) == [], path
+            assert trials_per_node(res, gpu_node) == int(1 / res["gpu"]), path
