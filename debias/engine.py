@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from debias.cache import CorruptFile, StageCache
-from debias.data import GroupedDataset, load_grouped, make_torch_dataset
+from debias.data import GroupedDataset, decoded_cache_dir, load_grouped, make_torch_dataset
 from debias.methods.base import BiasAudit, Method
 from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
@@ -142,7 +142,7 @@ class Trainer:
 
         # On-disk datasets are decoded once per node into a shared memory-mapped array in the
         # stage cache (debias/data/decoded.py); in-memory ones (synthetic) ignore cache_dir.
-        cache_dir = config["cache_dir"]
+        cache_dir = decoded_cache_dir(config)
         self.train_set = make_torch_dataset(self.data, "train", train=True, cache_dir=cache_dir)
         self.eval_sets = {s: make_torch_dataset(self.data, s, train=False, cache_dir=cache_dir)
                           for s in ("val", "test")}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from debias.data import GroupedDataset, load_grouped, make_torch_dataset
+from debias.data import GroupedDataset, decoded_cache_dir, load_grouped, make_torch_dataset
 from debias.engine import predict_classes
 from debias.methods import resolve_method
 from debias.metrics import group_metrics
@@ -77,7 +77,8 @@ def evaluate(exported: ExportedModel, split: str = "test", device: str = "cpu",
         logits = feats.astype(np.float64) @ head.weight.cpu().numpy().T + head.bias.cpu().numpy()
         preds = logits.argmax(axis=1)
     else:
-        dataset = make_torch_dataset(data, split, train=False, cache_dir=config["cache_dir"])
+        dataset = make_torch_dataset(data, split, train=False,
+                                     cache_dir=decoded_cache_dir(config))
         preds = predict_classes(exported.model, dataset, config["train"]["eval_batch_size"],
                                 dev, config["train"]["num_workers"])
     view = data.view(split)

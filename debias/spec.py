@@ -122,9 +122,12 @@ class Dataset(Section):
         0.95, 0.5, 1.0, searchable=False,
         doc="synthetic: P(background matches the target) in train; val/test balanced")
     seed: int = Int(0, 0, searchable=False, doc="synthetic: draws another dataset")
+    size: int = Int(5000, 100, 5000, searchable=False,
+                    doc="synthetic: how many of the 5,000 digits (a seeded subset; smaller for "
+                        "quick runs, the default for results)")
 
 
-SYNTHETIC_ONLY = ("spurious_correlation", "seed")
+SYNTHETIC_ONLY = ("spurious_correlation", "seed", "size")
 DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224}
 
 
@@ -156,6 +159,17 @@ class Resources(Section):
 class Tracking(Section):
     uri: str = Text("sqlite:///mlflow.db", expected="a tracking URI (sqlite:///file.db, "
                                                     "http://host:port, ...)")
+
+
+class Cache(Section):
+    """Where on-disk datasets' decoded images live (debias/data/decoded.py). ``shared``: in
+    the sweep's storage, built once for the cluster (right when storage is local or fast);
+    ``local``: on each node's own disk (``local_dir``, e.g. /tmp or an NVMe mount), built
+    once per node, so an epoch never reads over the network (CelebA at 224 px is ~40 GB);
+    ``off``: decode every image with PIL each epoch."""
+
+    decoded: Literal["shared", "local", "off"] = Choice("shared", searchable=False)
+    local_dir: str = Text("/tmp/debias-cache", expected="a folder on each node's own disk")
 
 
 class Debug(Section):
@@ -210,7 +224,8 @@ class TopLevel(Section):
 #: Sections every sweep has (besides the methods' own), in file order.
 SECTIONS: dict[str, type[Section]] = {
     "dataset": Dataset, "backbone": Backbone, "train": Train, "reference": Reference,
-    "search": Search, "resources": Resources, "tracking": Tracking, "debug": Debug,
+    "search": Search, "resources": Resources, "tracking": Tracking, "cache": Cache,
+    "debug": Debug,
 }
 #: Sections whose keys a search may vary, for every method of a sweep.
 SHARED_SEARCHABLE = {"train": Train, "backbone": Backbone}
@@ -354,6 +369,7 @@ class Spec:
             "reference": c["reference"],
             "selection": {"metric": c["search"]["metric"], "mode": c["search"]["mode"]},
             "cache_dir": str(Path(c["storage"]) / "cache"),
+            "cache": c["cache"],
             "debug": c["debug"],
         }
         if cls.section:
@@ -654,7 +670,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), cwd: Path | None 
 
 FIXED_TOP_LEVEL = ("name", "method", "methods", "dataset", "targets", "bias_attribute",
                    "seeds", "backbone", "train", "reference", "search", "scheduler",
-                   "resources", "tracking", "storage", "max_failures", "debug")
+                   "resources", "tracking", "cache", "storage", "max_failures", "debug")
 
 
 def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | None = None) -> Spec:

@@ -34,7 +34,7 @@ def tiny_sweep(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     sweep: dict[str, Any] = {
         "name": "tiny",
         "method": "erm",
-        "dataset": {"name": "synthetic", "image_size": 16},
+        "dataset": {"name": "synthetic", "image_size": 16, "size": 1500},
         "targets": ["Odd", "Loopy"],
         "bias_attribute": "Background",
         "seeds": [0, 1],

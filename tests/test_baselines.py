@@ -79,7 +79,8 @@ def test_balancing_samplers_subsample_and_reweight_groups() -> None:
 
 TINY: dict[str, Any] = {
     "name": "b", "targets": ["Odd"], "bias_attribute": "Background",
-    "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.9},
+    "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.9,
+                "size": 1500},
     "backbone": {"arch": "small_cnn", "weights": "none"},
     "train": {"epochs": 2, "batch_size": 128, "lr": 0.05},
     "reference": {"epochs": 1, "batch_size": 128},

@@ -91,7 +91,7 @@ def test_cluster_purity() -> None:
 def test_a_second_trial_reuses_features_and_kmeans(tmp_path) -> None:
     spec = validate({
         "name": "t", "method": "clusterfix", "targets": ["Odd"], "bias_attribute": "Background",
-        "dataset": {"name": "synthetic", "image_size": 16},
+        "dataset": {"name": "synthetic", "image_size": 16, "size": 1500},
         "train": {"epochs": 1, "batch_size": 128}, "reference": {"epochs": 1},
         "clusterfix": {"k": 2}, "storage": str(tmp_path)})
     base = spec.trial_base("Odd")

@@ -1,8 +1,10 @@
-"""Learning-method tests: on the embedded dataset, with fixed seeds, the debiasing methods
-beat ERM on test worst-group accuracy by a clear margin (same backbone, same epochs).
+"""Learning-method tests: on the embedded dataset, with fixed seeds, every debiasing method
+beats ERM on test worst-group accuracy by a clear margin (same backbone, same epochs).
 
-The dataset's background colour agrees with the target on 90% of training images, and
-validation/test are group-balanced; ERM learns the colour and fails the minority groups.
+The embedded benchmark (MNIST digits on land-like vs water-like photo backgrounds): the
+background agrees with the target on 95% of training images, validation and test are
+group-balanced, and ERM leans on the background and fails the rare groups. 16 px and 10
+epochs keep the test fast; BENCHMARKS.md measures the converged, tuned comparison.
 """
 
 from __future__ import annotations
@@ -19,61 +21,81 @@ pytestmark = pytest.mark.slow
 
 SETTING: dict[str, Any] = {
     "name": "effect", "targets": ["Odd"], "bias_attribute": "Background",
-    "dataset": {"name": "synthetic", "image_size": 32, "spurious_correlation": 0.9},
+    "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.95},
     "backbone": {"arch": "small_cnn", "weights": "none"},
+    "reference": {"epochs": 10, "lr": 0.05},
     "search": {"metric": "val/worst_group_acc"},
 }
+#: The same budget for every method that trains by SGD: 10 epochs over the 3,000 images.
+TRAIN = {"epochs": 10, "batch_size": 64, "lr": 0.05, "scheduler": "cosine"}
 
 
-def _test_wga(tmp_path: Path, method: str, train: dict[str, Any], **sections: Any) -> dict:
+def _final(tmp_path: Path, method: str, train: dict[str, Any] = TRAIN, **sections: Any
+           ) -> dict:
     spec = validate({**SETTING, "method": method, "train": train, **sections,
                      "storage": str(tmp_path)})
-    trainer = build_trial(with_params(spec.trial_base("Odd"), {"seed": 0}), device="cpu")
-    history = list(trainer.epochs())
-    return {**history[0], **history[-1]}  # once-only facts (epoch 1) and the final selection
-
-
-#: The training budget: ERM and ClusterFix see the 1,078 training images for 12 epochs
-#: (~12.9k samples); SLIM trains on its 400-image curated subset for 32 epochs (~12.8k).
-ERM_TRAIN = {"epochs": 12, "batch_size": 64, "lr": 0.05, "scheduler": "cosine"}
-SLIM_TRAIN = {"epochs": 32, "batch_size": 32, "lr": 0.05, "scheduler": "cosine"}
+    trial = build_trial(with_params(spec.trial_base("Odd"), {"seed": 0}), device="cpu")
+    history = list(trial.epochs())
+    return {**history[0], **history[-1]}  # once-only facts (step 1) and the final selection
 
 
 @pytest.fixture(scope="module")
 def erm(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return _test_wga(tmp_path_factory.mktemp("erm"), "erm", ERM_TRAIN)
+    out = _final(tmp_path_factory.mktemp("erm"), "erm")
+    assert out["test/avg_acc"] > 0.6  # it learns the task, mostly from the background
+    return out
+
+
+def test_oracle_groupdro_beats_erm_at_equal_budget(tmp_path: Path, erm: dict) -> None:
+    dro = _final(tmp_path, "groupdro", groupdro={"eta": 0.01})
+    # The rarest group's weight grew: q moved toward it.
+    assert max(v for k, v in dro.items() if k.startswith("groupdro/q/")) > 0.25
+    assert erm["test/worst_group_acc"] + 0.3 < dro["test/worst_group_acc"], (erm, dro)
+
+
+def test_jtt_beats_erm_without_bias_labels(tmp_path: Path, erm: dict) -> None:
+    jtt = _final(tmp_path, "jtt", jtt={"epochs_id": 2, "lambda_up": 5})
+    # The error set is mostly the rare groups (0_1 and 1_0 here): what JTT upweights.
+    rare = jtt["jtt/error_group/0_1"] + jtt["jtt/error_group/1_0"]
+    assert rare / jtt["jtt/error_set_size"] > 0.5
+    assert erm["test/worst_group_acc"] + 0.2 < jtt["test/worst_group_acc"], (erm, jtt)
 
 
 def test_clusterfix_beats_erm_on_worst_group_accuracy(tmp_path: Path, erm: dict) -> None:
-    cfix = _test_wga(tmp_path, "clusterfix", ERM_TRAIN,
-                     clusterfix={"k": 2, "beta": 0.0, "cluster_loss": "both"})
-    # The clusters found the hidden bias (each cluster is one background colour) ...
-    assert cfix["clusterfix/mean_purity"] > 0.9
-    # ... and re-weighting them lifts the worst group far above ERM's.
-    assert erm["test/worst_group_acc"] + 0.3 < cfix["test/worst_group_acc"], (erm, cfix)
+    cfix = _final(tmp_path, "clusterfix",
+                  clusterfix={"k": 2, "beta": 0.0, "cluster_loss": "both"})
+    # The clusters found the hidden bias (each cluster is mostly one background) ...
+    assert cfix["clusterfix/mean_purity"] > 0.8
+    # ... and re-weighting them lifts the worst group well above ERM's.
+    assert erm["test/worst_group_acc"] + 0.2 < cfix["test/worst_group_acc"], (erm, cfix)
 
 
-def test_slim_beats_erm_with_under_3_percent_annotated(tmp_path: Path, erm: dict) -> None:
-    slim = _test_wga(tmp_path, "slim", SLIM_TRAIN, slim={
-        "keep_quantile": 0.0, "cell_share": "uniform", "curated_size": 400})
-    assert slim["slim/annotated_fraction"] < 0.03
+def test_dfr_beats_erm_with_validation_bias_labels(tmp_path: Path, erm: dict) -> None:
+    dfr = _final(tmp_path, "dfr")
+    assert dfr["dfr/draw_size"] > 0 and dfr["last_layer/retrains"] == 10
+    assert erm["test/worst_group_acc"] + 0.3 < dfr["test/worst_group_acc"], (erm, dfr)
+
+
+def test_slim_curates_a_less_biased_subset_and_beats_erm(tmp_path: Path, erm: dict) -> None:
+    slim = _final(tmp_path, "slim", {"epochs": 30, "batch_size": 32, "lr": 0.05,
+                                     "scheduler": "cosine"},
+                  slim={"keep_quantile": 0.0, "cell_share": "uniform", "curated_size": 800})
+    assert slim["slim/annotated_fraction"] < 0.02
     assert slim["slim/simulated_annotator"] == 1.0
-    assert slim["slim/curated_size"] == 400
-    # The curated subset is far less biased than the training set (10% minority) ...
+    assert slim["slim/curated_size"] == 800
+    # The curated subset holds more of the rare groups than the training set (5%) ...
     minority = slim["slim/curated_group/0_1"] + slim["slim/curated_group/1_0"]
-    assert minority / 400 > 0.15
-    # ... and retraining on it lifts the worst group far above ERM's.
-    assert erm["test/worst_group_acc"] + 0.3 < slim["test/worst_group_acc"], (erm, slim)
+    assert minority / 800 > 0.08
+    # ... and retraining on it lifts the worst group above ERM's.
+    assert erm["test/worst_group_acc"] + 0.1 < slim["test/worst_group_acc"], (erm, slim)
 
 
-def test_slim_last_layer_beats_erm_with_under_3_percent_annotated(tmp_path: Path,
-                                                                  erm: dict) -> None:
+def test_slim_last_layer_beats_erm_with_few_annotations(tmp_path: Path, erm: dict) -> None:
     """DFR-style: L1 logistic regressions on the ERM reference model's own frozen features,
     fitted on a curated half of validation. The features hold the digit; the last layer
     decides what to read from them."""
-    slim = _test_wga(tmp_path, "slim", SLIM_TRAIN, slim={
-        "retrain": "last_layer", "keep_quantile": 0.0, "cell_share": "uniform"})
-    assert slim["slim/annotated"] == 30  # validation images; the training set has 1,078
-    assert slim["slim/annotated"] / 1078 < 0.03
-    assert slim["slim/val_fit_size"] + slim["slim/val_selection_size"] == 359
+    slim = _final(tmp_path, "slim", slim={"retrain": "last_layer", "keep_quantile": 0.0,
+                                          "cell_share": "uniform"})
+    assert slim["slim/annotated"] == 30  # validation images; the training set has 3,000
+    assert slim["last_layer/val_fit_size"] + slim["last_layer/val_selection_size"] == 1000
     assert erm["test/worst_group_acc"] + 0.3 < slim["test/worst_group_acc"], (erm, slim)

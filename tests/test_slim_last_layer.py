@@ -105,7 +105,8 @@ GRID_SIZE = 2 * 3
 def _config(tmp_path: Path, seed: int = 0, **slim: Any) -> dict[str, Any]:
     spec = validate({
         "name": "ll", "method": "slim", "targets": ["Odd"], "bias_attribute": "Background",
-        "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.9},
+        "dataset": {"name": "synthetic", "image_size": 16, "spurious_correlation": 0.9,
+                    "size": 1500},
         "backbone": {"arch": "small_cnn", "weights": "none"},
         "reference": {"epochs": 3, "lr": 0.05}, "slim": {**SLIM, **slim},
         "storage": str(tmp_path)})
@@ -310,7 +311,8 @@ def test_one_annotation_file_answers_both_retrain_modes_of_a_sweep(
     assert [len(v) for v in by_split.values()] == [10, 10]
     assert {r["annotation"] for r in by_split["train"]} == {"1"}  # kept
     assert {r["annotation"] for r in by_split["val"]} == {""}
-    data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
+    data = load_grouped({"name": "synthetic", "image_size": 16, "size": 1500}, "Odd",
+                        "Background")
     # A person annotates once: the sample (and so the halves) come from the search's seed.
     fit_half, _ = validation_halves(data, load_spec(path).search_seed)
     assert {r["id"] for r in by_split["val"]} <= {str(i) for i in data.view("val").ids[fit_half]}

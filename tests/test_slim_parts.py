@@ -300,7 +300,8 @@ def trained():
     from debias.data import load_grouped, make_torch_dataset
     from debias.models import build_classifier
 
-    data = load_grouped({"name": "synthetic", "image_size": 16}, "Odd", "Background")
+    data = load_grouped({"name": "synthetic", "image_size": 16, "size": 1500}, "Odd",
+                        "Background")
     torch.manual_seed(0)
     model = build_classifier("small_cnn", "none", {"target": 2})
     dataset = make_torch_dataset(data, "train", train=True)

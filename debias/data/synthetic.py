@@ -277,11 +277,15 @@ def _backgrounds(background: np.ndarray, texture: np.ndarray, image_size: int,
 
 
 def _render(
-    background: np.ndarray, texture: np.ndarray, image_size: int, rng: np.random.Generator
+    background: np.ndarray, texture: np.ndarray, image_size: int, rng: np.random.Generator,
+    digits: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw every digit on its background; returns uint8 N x S x S x 3 images and bool masks."""
+    """Draw each digit (``digits``: which of the 5,000, default all) on its background;
+    returns uint8 N x S x S x 3 images and bool masks."""
     canvas = _backgrounds(background, texture, image_size, rng)
     alpha_all = _resized_digits(max(4, round(DIGIT_SCALE * image_size)))
+    if digits is not None:
+        alpha_all = alpha_all[digits]
     n, d = alpha_all.shape[0], alpha_all.shape[1]
     offsets = rng.integers(0, image_size - d + 1, size=(n, 2))
     greys = rng.uniform(*DIGIT_GREY, size=n).astype(np.float32)
@@ -303,8 +307,17 @@ def load(cfg: dict, target: str, bias: str) -> GroupedDataset:
     if reason is not None:
         raise DatasetError(reason)
     image_size, sc, seed = _parse_cfg(cfg)
+    size = cfg.get("size", N_DIGITS)
+    if isinstance(size, bool) or not isinstance(size, int) or not 100 <= size <= N_DIGITS:
+        raise DatasetError(f"synthetic: size must be an integer in [100, {N_DIGITS}], "
+                           f"got {size!r}")
 
-    _, labels = _digits()
+    _, all_labels = _digits()
+    # A smaller dataset (quick runs, tests) is a seeded subset of the digits; the default is
+    # all of them (what the benchmark's properties are measured on).
+    digits = (np.arange(N_DIGITS) if size == N_DIGITS else
+              np.sort(_rng("synthetic-subset", seed, size).permutation(N_DIGITS)[:size]))
+    labels = all_labels[digits]
     n = len(labels)
     split = _assign_splits(n, seed)
     attrs = _digit_attributes(labels)
@@ -316,14 +329,16 @@ def load(cfg: dict, target: str, bias: str) -> GroupedDataset:
     attrs[other] = attr_rng.integers(0, 2, size=n, dtype=np.int64)
 
     render_rng = _rng("synthetic-render", seed, target, bias, sc, image_size)
-    images, masks = _render(attrs["Background"], attrs["Texture"], image_size, render_rng)
+    images, masks = _render(attrs["Background"], attrs["Texture"], image_size, render_rng,
+                            None if size == N_DIGITS else digits)
     source = json.dumps({"generator": GENERATOR, "seed": seed, "spurious_correlation": sc,
+                         **({"size": size} if size != N_DIGITS else {}),
                          "version": GENERATOR_VERSION}, sort_keys=True)
     return GroupedDataset(
         name="synthetic",
         target=target,
         bias=bias,
-        ids=_readonly(np.array([f"mnist{i:04d}" for i in range(n)])),
+        ids=_readonly(np.array([f"mnist{i:04d}" for i in digits])),
         split=_readonly(split),
         y=_readonly(attrs[target].copy()),
         a=_readonly(attrs[bias].copy()),
