@@ -28,6 +28,8 @@ __all__ = ["REMOTE_WORKDIR_ENV", "job_status", "submit_sweep"]
 
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_WORKDIR_ENV = "DEBIAS_WORKDIR"
+#: How long a submission waits for a freshly started head's job agent.
+AGENT_WAIT_S = 60.0
 SUBMITTED_SWEEP = "submitted_sweep.yaml"
 #: Never uploaded with the job: environments, results, local stores, VCS data.
 UPLOAD_EXCLUDES = [".venv", ".git", "debias_results", "mlflow.db", "mlartifacts", "data",
@@ -69,18 +71,28 @@ def submit_sweep(spec: Spec, sweep_file: str, overrides: Sequence[str], address:
     if resume:
         args.append("--resume")
     submission_id = f"debias-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    deadline = time.monotonic() + AGENT_WAIT_S
     try:
-        client.submit_job(
-            entrypoint=shlex.join(args),
-            submission_id=submission_id,
-            runtime_env={"working_dir": str(staging), "excludes": UPLOAD_EXCLUDES,
-                     "env_vars": {REMOTE_WORKDIR_ENV: remote_workdir,
-                                  "RAY_USAGE_STATS_ENABLED": "0",
-                                  "MLFLOW_DISABLE_TELEMETRY": "true"}},
-            metadata={"debias_sweep": spec.name},
-        )
-    except Exception as exc:
-        raise JobError(f"the Ray Jobs API at {address!r} refused the sweep: {exc}") from None
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=shlex.join(args),
+                    submission_id=submission_id,
+                    runtime_env={"working_dir": str(staging), "excludes": UPLOAD_EXCLUDES,
+                                 "env_vars": {REMOTE_WORKDIR_ENV: remote_workdir,
+                                              "RAY_USAGE_STATS_ENABLED": "0",
+                                              "MLFLOW_DISABLE_TELEMETRY": "true"}},
+                    metadata={"debias_sweep": spec.name},
+                )
+                break
+            except Exception as exc:
+                # A head that has just started answers 500 "No available agent" until its job
+                # agent is up (seconds after `ray up` or `ray start --head`): wait for it.
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                raise JobError(f"the Ray Jobs API at {address!r} refused the sweep: {exc}"
+                               ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return submission_id
@@ -90,7 +102,7 @@ def _stage_project(staging: Path, sweep_file: Path) -> None:
     """The job's working dir: this code version plus the sweep file exactly as given."""
     for name in ("launch.py", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, staging / name)
-    for folder in ("debias", "sweeps"):
+    for folder in ("debias", "sweeps", "examples"):
         shutil.copytree(REPO / folder, staging / folder,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(sweep_file, staging / SUBMITTED_SWEEP)

@@ -185,6 +185,10 @@ class Debug(Section):
     #: Every trial meets a DatasetError as it starts: a deterministic failure, which must end
     #: the trial at once with its cause instead of being retried.
     bad_data: bool = Flag(False)
+    #: Search trials wait as they start (up to 5 minutes) until this many of their pipeline
+    #: have started: forces them to run at once, e.g. on different nodes of a test cluster,
+    #: where a warm worker would otherwise take them one after another.
+    start_together: int | None = Int(None, 2, searchable=False)
 
 
 class TopLevel(Section):

@@ -100,6 +100,21 @@ def save_selected(trial: Trial, config: dict[str, Any], folder: Path) -> None:
         (folder / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
 
 
+def _start_together(config: dict[str, Any], pipeline: str, trial: str, count: int,
+                    timeout_s: float = 300.0) -> None:
+    """debug.start_together: sign in under the cache folder (shared by every node), then
+    wait until `count` trials of this pipeline have signed in. A retried trial has already
+    signed in, so it does not wait again."""
+    import time
+
+    folder = Path(config["cache_dir"]) / "debug-start-together" / pipeline.replace("/", "__")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / trial).touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(folder.iterdir())) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> None:
     """Ray calls this with the searched values (`params`: dotted keys, `seed`, and the
     pipeline, phase and trial id the sweep's searcher adds); `bases` holds each pipeline's
@@ -130,6 +145,9 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
         tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})
         return
     debug = config["debug"]
+    if debug.get("start_together") and params.get("phase") == "search":
+        _start_together(config, str(params["pipeline"]), str(params.get("trial")),
+                        int(debug["start_together"]))
     fail_at = debug.get("fail_once_at_epoch")
     always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
     doomed = debug.get("fail_lr") is not None and debug["fail_lr"] == config["train"]["lr"]

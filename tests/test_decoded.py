@@ -166,6 +166,7 @@ def test_half_written_temp_file_is_never_used(tmp_path, monkeypatch):
         return real(image_path, image_size)
 
     monkeypatch.setattr(dec, "decode_one", dies_half_way)
+    monkeypatch.setattr(dec, "build_workers", lambda: 1)  # in this process, so the patch holds
     with pytest.raises(KeyboardInterrupt):
         make_torch_dataset(data, "test", train=False, cache_dir=cache)
     assert not path.exists()

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 def test_losing_a_worker_node_mid_trial_loses_nothing(tmp_path: Path) -> None:
     epochs = 6
+    # Both search trials start together, so each runs on its own 1-CPU worker (a warm worker
+    # would otherwise take them one after another on a slow machine).
     sweep = tiny_sweep(tmp_path, name="nodes", targets=["Odd"], seeds=[0, 1], max_failures=3,
+                       debug={"start_together": 2},
                        train={"epochs": epochs, "batch_size": 128, "lr": 0.05},
                        search={"algorithm": "random", "num_samples": 2,
                                "space": {"train.lr": {"float": [0.01, 0.1], "log": True}}})
@@ -66,11 +69,11 @@ def test_each_shared_stage_is_computed_once_across_two_nodes(tmp_path: Path) -> 
     import json
     from collections import Counter
 
-    # Trials long enough that the second node's cold start beats waiting for the first
-    # node's warm process (Tune reuses it for short trials).
+    # The two search trials start together, so each runs on its own 1-CPU worker.
     sweep = tiny_sweep(tmp_path, name="stages", targets=["Odd"], seeds=[0, 1],
+                       debug={"start_together": 2},
                        method="clusterfix", reference={"epochs": 1}, clusterfix={"k": 2},
-                       train={"epochs": 6, "batch_size": 128, "lr": 0.05},
+                       train={"epochs": 3, "batch_size": 128, "lr": 0.05},
                        search={"algorithm": "grid", "space": {
                            "clusterfix.k": {"choice": [2, 3]}}})
     path = write_sweep(tmp_path, sweep)

@@ -55,12 +55,26 @@ def _ray_pids() -> set[int]:
     return pids
 
 
+def _started_by_a_test_driver(pid: int) -> bool:
+    """Whether `pid` belongs to a Ray that a test's subprocess started: those run with their
+    own RAY_TMPDIR (`_env`), which every process of that Ray inherits. The Ray this pytest
+    process runs (`ray_local`) spawns workers at any time and must be left alone."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    own = os.environ.get("RAY_TMPDIR", "").encode()
+    tmpdirs = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RAY_TMPDIR=")]
+    return bool(tmpdirs) and tmpdirs[0] != own
+
+
 def kill_new_ray_processes(before: set[int]) -> None:
     """A SIGKILLed driver leaves its GCS, raylet and agents (renamed ray::DashboardAgent...)
-    behind: stop every Ray process that was not there before the test."""
+    behind: stop every Ray process a test's driver started that was not there before."""
     for pid in _ray_pids() - before:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if _started_by_a_test_driver(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) -> None:
