@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -50,6 +51,7 @@ def product_loop(steps: int, batch: int, amp: bool, channels_last: bool) -> floa
     """images/s of debias.engine.Trainer's step on in-memory synthetic images at 224 px."""
     from debias.engine import Trainer
     from debias.spec import validate, with_params
+    from debias.trainable import build_trial
 
     spec = validate({
         "name": "gpu", "targets": ["Odd"], "bias_attribute": "Background",
@@ -58,7 +60,8 @@ def product_loop(steps: int, batch: int, amp: bool, channels_last: bool) -> floa
         "train": {"epochs": 1, "batch_size": batch, "amp": amp, "channels_last": channels_last,
                   "num_workers": 4},
         "storage": "/tmp/debias_gpu_bench"})
-    trainer = Trainer(with_params(spec.trial_base("Odd"), {}), device="cuda")
+    trainer = build_trial(with_params(spec.trial_base("Odd"), {}), device="cuda")
+    assert isinstance(trainer, Trainer), "ERM trains by SGD epochs: the engine's Trainer"
     n = len(trainer.train_set)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -69,19 +72,28 @@ def product_loop(steps: int, batch: int, amp: bool, channels_last: bool) -> floa
 
 
 def trials_per_hour(per_gpu: int, epochs: int) -> float:
-    """Run a small synthetic sweep with resources.gpu = 1/per_gpu; trials finished per hour."""
-    start = time.perf_counter()
+    """Run a small synthetic sweep with resources.gpu = 1/per_gpu; trials finished per hour.
+
+    The quickstart's file, narrowed to plain ERM (no shared stages: every Tune trial is a
+    training trial) with only the learning rate searched, so `train.epochs` holds: 2 x
+    per_gpu search trials and one seed, each in a fresh storage and MLflow store (a sweep
+    refuses to start over an earlier one of the same name)."""
     trials = 2 * per_gpu
-    subprocess.run([
-        sys.executable, "launch.py", "sweeps/quickstart.yaml",
-        "--set", f"name=gpu_pack_{per_gpu}", "--set", "storage=/tmp/debias_gpu_pack",
-        "--set", "tracking.uri=sqlite:////tmp/debias_gpu_pack/mlflow.db",
-        "--set", f"resources={{cpu: 1, gpu: {1 / per_gpu}}}",
-        "--set", f"search.num_samples={trials}", "--set", "seeds=[0]", "--set", "targets=[Odd]",
-        "--set", f"train.epochs={epochs}", "--set", "backbone={arch: resnet18, weights: none}",
-        "--set", "dataset.image_size=64",
-    ], check=True, cwd=Path(__file__).resolve().parents[1])
-    return (trials + 1) / ((time.perf_counter() - start) / 3600)
+    with tempfile.TemporaryDirectory(prefix="debias_gpu_pack_") as tmp:
+        start = time.perf_counter()
+        subprocess.run([
+            sys.executable, "launch.py", "sweeps/quickstart.yaml",
+            "--set", f"name=gpu_pack_{per_gpu}", "--set", f"storage={tmp}/results",
+            "--set", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            "--set", f"resources={{cpu: 1, gpu: {1 / per_gpu}}}",
+            "--set", "methods=[erm]",
+            "--set", "search.space={train.lr: {float: [0.02, 0.1], log: true}}",
+            "--set", f"search.num_samples={trials}", "--set", "seeds=[0]",
+            "--set", "targets=[Odd]", "--set", f"train.epochs={epochs}",
+            "--set", "backbone={arch: resnet18, weights: none}",
+            "--set", "dataset.image_size=64",
+        ], check=True, cwd=Path(__file__).resolve().parents[1])
+        return (trials + 1) / ((time.perf_counter() - start) / 3600)
 
 
 def main() -> None:

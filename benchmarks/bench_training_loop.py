@@ -35,6 +35,7 @@ from debias.data.transforms import normalize_uint8
 from debias.engine import Trainer
 from debias.models import build_classifier
 from debias.spec import validate
+from debias.trainable import build_trial
 
 TARGET = 0.9
 
@@ -54,7 +55,9 @@ class Product:
     """A Trainer whose evaluation is timed on the side."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.trainer = Trainer(config, device="cpu")
+        trial = build_trial(config, device="cpu")  # as a sweep's trial builds it
+        assert isinstance(trial, Trainer), "ERM trains by SGD epochs: the engine's Trainer"
+        self.trainer = trial
         self.eval_s = 0.0
         evaluate = self.trainer.evaluate
 
