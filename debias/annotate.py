@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from debias.annotation_page import start_annotation_server, stop_annotation_server
 from debias.slim.annotation_store import AnnotationStore
@@ -73,27 +74,78 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     missing = missing_request_splits(spec)
     if not missing:
         return path, 0
+    target = spec.targets[0]
+    base = spec.trial_base(target, "slim")
+    modes = [_needed_splits(spec)[split] for split in missing]
+    where = "in a Ray task" if _ray_is_up() else "here"
+    print(f"building the annotation request for target {target!r}, retrain mode(s) "
+          f"{', '.join(modes)} {where} (ERM reference model and GradCAM from the stage cache, "
+          "computed first if absent) ...", flush=True)
+    rows = _request_rows(base, spec.params_of("slim"), modes, path,
+                         spec.config["resources"])
+    kept = read_request_rows(path) if path.is_file() else []
+    write_annotation_request(path, [*kept, *rows])
+    return path, len(rows)
+
+
+def _ray_is_up() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
+
+
+def build_request(base: dict[str, Any], knobs: Any, modes: Sequence[str], name: str
+                  ) -> tuple[list[dict[str, Any]], str, dict[str, bytes]]:
+    """The request rows of every mode in ``modes``, built where this runs: (rows, the folder
+    their overlays were written to, {file name: bytes} of that folder), so the caller can
+    put the overlays beside the CSV on its own machine."""
+    import tempfile
+
     import torch
 
     from debias.cache import StageCache
     from debias.data import load_grouped
     from debias.slim.modes import annotation_request_rows
 
-    target = spec.targets[0]
-    base = spec.trial_base(target, "slim")
-    modes = [_needed_splits(spec)[split] for split in missing]
-    print(f"building the annotation request for target {target!r}, retrain mode(s) "
-          f"{', '.join(modes)} (ERM reference model and GradCAM from the stage cache, computed "
-          "first if absent) ...", flush=True)
-    data = load_grouped(base["dataset"], target, base["bias"])
+    data = load_grouped(base["dataset"], base["target"], base["bias"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = StageCache(base["cache_dir"])
-    knobs = spec.params_of("slim")
-    rows = [row for mode in modes for row in annotation_request_rows(
-        with_params(base, {"slim.retrain": mode}), knobs, data, cache, device, path)]
-    kept = read_request_rows(path) if path.is_file() else []
-    write_annotation_request(path, [*kept, *rows])
-    return path, len(rows)
+    with tempfile.TemporaryDirectory(prefix="debias-request-") as tmp:
+        local = Path(tmp) / name
+        rows = [row for mode in modes for row in annotation_request_rows(
+            with_params(base, {"slim.retrain": mode}), knobs, data, cache, device, local)]
+        folder = local.with_name(f"{local.stem}_overlays")
+        files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    return rows, str(folder), files
+
+
+def _request_rows(base: dict[str, Any], knobs: Any, modes: Sequence[str], path: Path,
+                  resources: dict[str, Any]) -> list[dict[str, Any]]:
+    """Build the request where the trials would run: with a sweep's Ray up, as a Ray task
+    with the sweep's per-trial resources (the reference model and GradCAM want the workers'
+    GPU, not the head's CPU); without one (``--annotate`` on a laptop), in this process.
+    The overlays come back as bytes and are written beside ``path`` here."""
+    from debias.files import atomic_write_bytes
+
+    if _ray_is_up():
+        import ray
+
+        task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"],
+                          max_retries=1)(build_request)
+        rows, remote, files = ray.get(task.remote(base, knobs, list(modes), path.name))
+    else:
+        rows, remote, files = build_request(base, knobs, modes, path.name)
+    folder = path.with_name(f"{path.stem}_overlays")
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, data in files.items():
+        atomic_write_bytes(folder / file_name, data)
+    for row in rows:
+        for key in ("image_path", "overlay_path"):
+            if str(row[key]).startswith(remote):
+                row[key] = str(folder / Path(row[key]).name)
+    return rows
 
 
 def check_request(spec: Spec, dry_run: bool = False) -> None:

@@ -39,10 +39,11 @@ def sweep_dir(spec: Spec) -> Path:
     return spec.storage / spec.name
 
 
-def preflight(spec: Spec, dry_run: bool = False, resume: bool = False) -> None:
+def preflight(spec: Spec, dry_run: bool = False, resume: bool = False,
+              methods: bool = True) -> None:
     """Before anything is written: the environment (name, tracking store, storage, weights,
-    the experiment), the data is there and every split can be scored, then each method's
-    own needs."""
+    the experiment), the data is there and every split can be scored, then (unless
+    ``methods`` is False: a sweep runs them once its Ray is up) each method's own needs."""
     try:
         check_environment(spec, resume)
     except EnvironmentProblem as exc:
@@ -62,6 +63,13 @@ def preflight(spec: Spec, dry_run: bool = False, resume: bool = False) -> None:
         if empty:
             log.warning("target %s: groups with no samples (skipped in worst-group accuracy): "
                         "%s", target, empty)
+    if methods:
+        method_preflight(spec, dry_run)
+
+
+def method_preflight(spec: Spec, dry_run: bool = False) -> None:
+    """Each method's own needs before its trials (SLIM with a person annotating: the request
+    is there and answered). Work they do runs as Ray tasks once a sweep's Ray is up."""
     for method in spec.methods:
         try:
             spec.method_class(method).preflight(spec, dry_run)

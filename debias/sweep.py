@@ -25,12 +25,20 @@ from typing import Any
 
 from ray import tune
 
-from debias.cluster import ClusterError, check_resources, init_ray, node_types, packing_warnings
+from debias.cluster import (
+    ClusterError,
+    check_resources,
+    init_ray,
+    node_types,
+    packing_warnings,
+    trials_per_node,
+)
 from debias.environment import redact_uri
 from debias.preflight import (
     PreflightFailed,
     check_resume_config,
     check_state,
+    method_preflight,
     preflight,
     record_config,
     resume_command,
@@ -168,7 +176,7 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
     """Run (or resume) every pipeline. Raises SweepInterrupted when stopped early, SweepError
     when a sweep cannot start or a pipeline has no finished search trial."""
     try:
-        preflight(spec, resume=resume)
+        preflight(spec, resume=resume, methods=False)
         check_state(spec, resume)
         if resume:
             check_resume_config(spec)
@@ -178,6 +186,10 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
         init_ray(address, num_cpus)
         check_resources(spec.config["resources"])
     except ClusterError as exc:
+        raise SweepError(str(exc)) from None
+    try:  # after Ray is up: what a method builds first (SLIM's request) runs on a worker
+        method_preflight(spec)
+    except PreflightFailed as exc:
         raise SweepError(str(exc)) from None
     for warning in packing_warnings(spec.config["resources"], node_types()):
         log.warning(warning)
@@ -300,8 +312,37 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
                 verbose=1,
             ),
         )
-    with _sigterm_as_sigint():
+    with _sigterm_as_sigint(), _pending_trials(_slots(spec)):
         return tuner.fit()
+
+
+def _slots(spec: Spec) -> int:
+    """Trials the cluster can run at once now (and one node's worth more per autoscaling
+    node type, so a waiting trial can ask for a node), capped by the sweep-wide cap."""
+    res = spec.config["resources"]
+    live = sum(trials_per_node(res, r) for _, r, scaling in node_types() if not scaling)
+    more = sum(trials_per_node(res, r) for _, r, scaling in node_types() if scaling)
+    cap = spec.search.get("max_concurrent_total")
+    return max(1, min(live + more, cap) if cap else live + more)
+
+
+@contextlib.contextmanager
+def _pending_trials(slots: int) -> Iterator[None]:
+    """Let Tune keep a trial pending per slot. For a searcher of its own (ours), Tune keeps
+    ONE trial pending at a time: when a trial ends, a reused warm worker takes the pending
+    trial while the worker starting for the other slot is dropped, so a 2-slot sweep of short
+    trials ran them one after another. More pending than slots would draw Optuna configs
+    before there are results to learn from, so it is exactly the slots. An explicit
+    TUNE_MAX_PENDING_TRIALS_PG wins."""
+    key = "TUNE_MAX_PENDING_TRIALS_PG"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(slots)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _reporter(spec: Spec) -> Any:

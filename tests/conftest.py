@@ -24,7 +24,7 @@ def ray_local():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             configure_logging=False)
+             configure_logging=False, ignore_reinit_error=True)  # an earlier test's may be up
     yield ray
     ray.shutdown()
 

@@ -93,7 +93,15 @@ def test_slim_without_its_annotation_file_writes_the_request_before_any_trial(
                        slim={"annotator": "csv", "annotations": str(csv_path),
                              "budget_per_class": 3})
     assert main([str(write_sweep(tmp_path, sweep))]) == 1
-    err = capsys.readouterr().err
-    assert "annotation request was written there" in err and "--annotate" in err
+    out = capsys.readouterr()
+    assert "annotation request was written there" in out.err and "--annotate" in out.err
     assert csv_path.is_file() and csv_path.read_text().count("\n") == 7  # header + 2 x 3
+    # Built by a Ray task (a worker's GPU on a cluster, never the driver), its overlays
+    # brought back beside the CSV, where the rows point.
+    assert "in a Ray task" in out.out
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert all(Path(r["overlay_path"]).is_file() for r in rows)
+    assert all(Path(r["overlay_path"]).parent == tmp_path / "ann_overlays" for r in rows)
     assert not (tmp_path / "results" / "tiny").exists()  # no trial, no Tune experiment

@@ -341,11 +341,13 @@ def check_mlflow(uri: str) -> None:
     assert experiment is not None, "no MLflow experiment 'quickstart'"
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [p.info.run_name for p in parents] == ["Odd"], [p.info.run_name for p in parents]
-    parent = parents[0]
+    # The quickstart is a study, run here with ERM alone: its parent plus the study's run.
+    names = sorted(p.info.run_name for p in parents)
+    assert names == ["erm/Odd", "study"], names
+    (parent,) = [p for p in parents if p.info.run_name == "erm/Odd"]
     assert parent.info.status == "FINISHED", parent.info.status
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert children, "no child runs under 'Odd'"
+    assert children, "no child runs under 'erm/Odd'"
     assert {r.info.status for r in children} == {"FINISHED"}, [r.info.status for r in children]
     assert {r.data.tags.get("phase") for r in children} == {"search", "seeds"}
     assert all("val/worst_group_acc" in r.data.metrics for r in children)
@@ -388,6 +390,7 @@ def test_ray_up_runs_a_sweep_and_ray_down_stops_every_ray_process():
                 sweep = run([sys.executable, "launch.py", "sweeps/quickstart.yaml",
                              "--address", f"127.0.0.1:{ports['gcs']}",
                              "--set", "dataset.image_size=16", "--set", "train.epochs=1",
+                             "--set", "methods=[erm]", "--set", "search.space=null",
                              "--set", "search.num_samples=1", "--set", "seeds=[0]",
                              "--set", "targets=[Odd]", "--set", f"storage={work / 'results'}",
                              "--set", f"tracking.uri=sqlite:///{work / 'mlflow.db'}"],

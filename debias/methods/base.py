@@ -91,6 +91,15 @@ class SweepContext:
         section, _, leaf = path.partition(".")
         return {(self.config.get(section) or {}).get(leaf)}
 
+    def epochs(self) -> str:
+        """The epochs a trial trains, for the plan: the file's, or the searched ones."""
+        for d in self.space:
+            if d.path == "train.epochs":
+                if d.kind == "choice":
+                    return f"{' or '.join(str(v) for v in sorted(d.values))} epochs (searched)"
+                return f"{int(d.low)} to {int(d.high)} epochs (searched)"
+        return f"{self.config['train']['epochs']} epochs"
+
     def searched(self, prefix: str = "") -> list[str]:
         return [d.path for d in self.space if d.path.startswith(prefix)]
 
@@ -179,7 +188,7 @@ class Method:
     @classmethod
     def steps(cls, ctx: SweepContext) -> str:
         """What one reported step of a trial is, for the plan printed by ``--dry-run``."""
-        return f"{ctx.config['train']['epochs']} epochs"
+        return ctx.epochs()
 
     @classmethod
     def preflight(cls, spec: Any, dry_run: bool) -> None:

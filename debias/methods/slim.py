@@ -114,7 +114,7 @@ class SLIM(Method):
     def steps(cls, ctx: SweepContext) -> str:
         assert isinstance(ctx.params, SLIMParams)
         modes = ctx.values_of("slim.retrain")
-        epochs = f"{ctx.config['train']['epochs']} epochs"
+        epochs = ctx.epochs()
         points = f"{grid_size(ctx.params)} grid points (C x class weights)"
         if modes == {"full"}:
             return epochs
