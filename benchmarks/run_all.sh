@@ -63,6 +63,7 @@ run() {
 
 run benchmarks/bench_training_loop.py "${quick[@]}"
 run benchmarks/bench_data_path.py "${quick[@]}"
+run benchmarks/bench_decoded_cache.py "${quick[@]}"
 # --launch: the quickstart as a user runs it (`python launch.py sweeps/quickstart.yaml`, timed
 # start to exit), so the section also states the quickstart's wall clock on this machine.
 run benchmarks/bench_sweep_efficiency.py --launch "${quick[@]}"

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from debias.bars import bars_disabled
 from debias.cache import StageCache, stage_key
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.data.grouped import SPLITS
@@ -102,7 +103,8 @@ def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCa
     def train() -> dict[str, Any]:
         trainer = Trainer(ref_cfg, ERM, device=str(device), data=data)
         for metrics in tqdm(trainer.epochs(), total=ref_cfg["train"]["epochs"],
-                            desc="reference model (ERM)", leave=False):
+                            desc="reference model (ERM)", leave=False,
+                            disable=bars_disabled()):
             del metrics
         return {"model": {k: v.cpu() for k, v in trainer.model.state_dict().items()}}
 
@@ -120,7 +122,8 @@ def extract_features(model: Classifier, data: GroupedDataset, split: str, device
     dataset = make_torch_dataset(data, split, train=False)
     out = torch.empty(len(dataset), model.feature_dim)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, positions in tqdm(loader, desc=f"{desc} ({split})", leave=False):
+    for images, positions in tqdm(loader, desc=f"{desc} ({split})", leave=False,
+                                   disable=bars_disabled()):
         out[positions] = model.features(images.to(device)).float().cpu()
     return out
 

@@ -55,7 +55,7 @@ def error_set(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
     def identify() -> dict[str, torch.Tensor]:
         model = reference_model(config, data, cache, device, epochs=epochs)
         preds = predict(model, data, "train", device, config["train"]["eval_batch_size"])
-        return {"errors": preds != torch.as_tensor(data.view("train").y)}
+        return {"errors": preds != torch.from_numpy(np.array(data.view("train").y))}
 
     return cache.get_or_compute("jtt_errors", ERRORS_VERSION,
                                 errors_inputs(config, data, epochs), identify)["errors"].numpy()

@@ -27,6 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from debias.bars import bars_disabled
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.models import Classifier, cam_layer
 from debias.slim.aiou import DEFAULT_DELTA, aiou_batch, minmax_batch, soft_iou_batch
@@ -105,7 +106,8 @@ def compute_attention(model: Classifier, data: GroupedDataset, split: str,
     model.eval()
     try:
         with GradCAM(model=model, target_layers=[cam_layer(model)]) as tool:
-            for images, positions in tqdm(loader, desc=f"GradCAM ({split})", leave=False):
+            for images, positions in tqdm(loader, desc=f"GradCAM ({split})", leave=False,
+                                              disable=bars_disabled()):
                 pos = positions.numpy()
                 batch = _gradcam_batch(tool, images, view.y[pos], device)
                 for key in ("v", "v_bar", "cam_lowres"):
