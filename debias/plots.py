@@ -133,10 +133,19 @@ def _safe_name(text: str) -> str:
 # ---------------------------------------------------------------------------- 1. test WGA
 
 
+def _ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% Student-t interval of the mean (the report's); 0 for one seed."""
+    from debias.report import Stat
+
+    half = Stat.of(values).ci95
+    return 0.0 if math.isnan(half) else half
+
+
 def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float]],
                   path: Path | str) -> Figure:
     """Test worst-group accuracy per target and method: a bar at the seeds' mean, error bar
-    one std, a dot per seed, so a gap between methods can be judged against seed noise.
+    its 95% confidence interval (Student t, as in the report table), a dot per seed, so a gap
+    between methods can be judged against seed noise.
 
     ``runs_by_target_method`` maps (target, method) to one value per seed. Each bar's gid is
     ``"<target>|<method>"``."""
@@ -154,19 +163,21 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
         xs = [targets.index(t) + offset for t in present]
         means = [statistics.fmean(data[t, method]) for t in present]
         stds = [_spread(data[t, method]) for t in present]
-        bars = ax.bar(xs, means, width * 0.9, yerr=stds, capsize=3, color=f"C{i}",
+        cis = [_ci95(data[t, method]) for t in present]
+        bars = ax.bar(xs, means, width * 0.9, yerr=cis, capsize=3, color=f"C{i}",
                       alpha=0.75, label=method)
         for bar, target in zip(bars, present, strict=True):
             bar.set_gid(f"{target}|{method}")
         for x, target in zip(xs, present, strict=True):
             seeds = data[target, method]
             ax.scatter([x] * len(seeds), seeds, s=14, color="black", zorder=3)
-        drawn += [{"target": t, "method": method, "mean": m, "std": s, "values": data[t, method]}
-                  for t, m, s in zip(present, means, stds, strict=True)]
+        drawn += [{"target": t, "method": method, "mean": m, "std": s, "ci95": c,
+                   "values": data[t, method]}
+                  for t, m, s, c in zip(present, means, stds, cis, strict=True)]
     ax.set_xticks(range(len(targets)), targets)
     ax.set_xlabel("target attribute")
     ax.set_ylabel("test worst-group accuracy")
-    _set_title(ax, "Test worst-group accuracy (bar: mean ± std over seeds; dots: seeds)")
+    _set_title(ax, "Test worst-group accuracy (bar: mean ± 95% CI over seeds; dots: seeds)")
     _as_percent(ax)
     if methods:
         fig.legend(title="method", loc="outside right upper")
