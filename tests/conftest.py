@@ -9,6 +9,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,41 @@ def ray_local():
              configure_logging=False, ignore_reinit_error=True)  # an earlier test's may be up
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_local_released(request: pytest.FixtureRequest):
+    """After a test on the shared local Ray: every CPU must come back. What still holds one
+    (an actor or placement group a sweep left behind) is named in a warning and removed, so
+    one leak cannot deadlock a later test that needs the whole node."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import time
+    import warnings
+
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if ray.available_resources().get("CPU", 0) >= total:
+        return
+    actors = list_actors(filters=[("state", "=", "ALIVE")])
+    groups = {pid: pg for pid, pg in placement_group_table().items()
+              if pg.get("state") == "CREATED"}
+    warnings.warn(f"{request.node.nodeid} left {total - ray.available_resources().get('CPU', 0)}"
+                  f" CPU(s) held: actors {[a.class_name for a in actors]}, placement groups "
+                  f"{list(groups)}; removing them", stacklevel=1)
+    for pid in groups:  # removing a group also stops the actors placed in it
+        with contextlib.suppress(Exception):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pid)))
 
 
 def tiny_sweep(tmp_path: Path, **overrides: Any) -> dict[str, Any]:

@@ -31,12 +31,16 @@ def test_submitted_sweep_runs_as_a_ray_job_and_status_follows_it(
     ray_tmp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     env = _env(ray_tmp)
     env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"  # the job's `python` is this venv
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent = _free_port(), _free_port(), _free_port()
     before = _ray_pids()
     try:
+        # The agent's port too: its default (52365) may be held by another Ray on this
+        # machine (the test session's own), and a head whose agent cannot bind answers
+        # every submission with "No available agent".
         subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "start", "--head",
                         f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                        f"--dashboard-agent-listen-port={agent}",
                         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, timeout=120)
         address = f"http://127.0.0.1:{dashboard}"

@@ -196,8 +196,8 @@ def test_slim_last_layer_sweep_logs_one_step_per_grid_point(ray_local, tmp_path:
         reference={"epochs": 1},
         slim={"retrain": "last_layer", "budget_per_class": 5, "curated_size": 60,
               "keep_quantile": 0.0, "c_grid": [1.0, 0.1], "class_weight_ratios": [1, 3]},
-        search={"algorithm": "grid", "space": {"slim.retrains": {"choice": [1, 2]}}},
-        resources={"cpu": 2})  # one trial at a time: "computed once" is then exact
+        search={"algorithm": "grid", "max_concurrent": 1,  # one at a time: "computed once"
+                "space": {"slim.retrains": {"choice": [1, 2]}}})  # is then exact
     spec = load_spec(write_sweep(tmp_path, sweep))
     run_sweep(spec)
     check_sweep_runs(spec.tracking_uri, "slimll", {"Odd": "Background"}, n_search=2,
