@@ -90,7 +90,15 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
 
         marker = mark_environment()
         ray.init(num_cpus=num_cpus, **kwargs)
-        start_watchdog(os.getpid(), match=marker)
+        start_watchdog(os.getpid(), match=marker, session=_session_dir())
+
+
+def _session_dir() -> str | None:
+    """The local Ray session's folder (its processes hold their logs open there)."""
+    try:
+        return ray._private.worker._global_node.get_session_dir_path()
+    except Exception:  # a Ray without this accessor: the environment marker alone
+        return None
 
 
 def _need(resources: Mapping[str, float]) -> dict[str, float]:

@@ -9,7 +9,8 @@ what it was told to: every process whose *environment* holds a marker the parent
 starting them (children inherit it; Ray renames its agents' command lines, so those cannot be
 matched), and/or a process group (the MLflow server's).
 
-Run as ``python -m debias.watchdog --parent PID [--match MARKER] [--group PGID]``.
+Run as ``python -m debias.watchdog --parent PID [--match MARKER] [--group PGID]
+[--session RAY_SESSION_DIR]`` (processes holding files open in that folder are Ray's too).
 """
 
 from __future__ import annotations
@@ -63,6 +64,27 @@ def matching_pids(marker: str, exclude: Sequence[int] = ()) -> list[int]:
     return out
 
 
+def holding_files_under(folder: str, exclude: Sequence[int] = ()) -> list[int]:
+    """Processes with a file open under ``folder`` (Linux /proc). Ray's dashboard and
+    runtime-env agents are started without the parent's environment on some Ray versions,
+    but every one of them keeps its log files open in the Ray session's folder."""
+    prefix = os.path.realpath(folder).rstrip("/") + "/"
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefix):
+                    out.append(int(entry))
+                    break
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -77,8 +99,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_watchdog(parent: int, match: str | None = None, group: int | None = None
-                   ) -> subprocess.Popen[bytes]:
+def start_watchdog(parent: int, match: str | None = None, group: int | None = None,
+                   session: str | None = None) -> subprocess.Popen[bytes]:
     """Start a watchdog for ``parent``; it exits on its own once the parent is gone."""
     cmd = [sys.executable, "-m", "debias.watchdog", "--parent", str(parent)]
     env = {k: v for k, v in os.environ.items() if k != MARKER_VAR}  # never kill itself
@@ -86,19 +108,29 @@ def start_watchdog(parent: int, match: str | None = None, group: int | None = No
         cmd += ["--match", match]
     if group:
         cmd += ["--group", str(group)]
+    if session:
+        cmd += ["--session", session]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True, env=env)
 
 
-def _clean(match: str | None, group: int | None) -> None:
+def _clean(match: str | None, group: int | None, session: str | None = None,
+           passes: int = 3) -> None:
+    """Kill what the parent left. A few passes: a raylet killed in the first can have been
+    starting a worker, which the next one catches."""
     if group:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
-    if match:
-        for pid in matching_pids(match, exclude=(os.getpid(), 1)):
+    for n in range(passes):
+        pids = set(matching_pids(match, exclude=(os.getpid(), 1))) if match else set()
+        if session:
+            pids |= set(holding_files_under(session, exclude=(os.getpid(), 1)))
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        if n + 1 < passes:
+            time.sleep(0.5)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,13 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parent", type=int, required=True)
     p.add_argument("--match", default=None)
     p.add_argument("--group", type=int, default=None)
+    p.add_argument("--session", default=None, help="a Ray session folder")
     p.add_argument("--poll", type=float, default=0.5)
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent's death ends it
     while _alive(args.parent):
         time.sleep(args.poll)
     # The parent's own clean-up (Ray's shutdown at exit) had its chance; kill the rest.
-    _clean(args.match, args.group)
+    _clean(args.match, args.group, args.session)
     return 0
 
 

@@ -101,7 +101,9 @@ def test_ctrl_c_mid_search_then_a_kill_in_the_seeds_phase_lose_nothing(tmp_path:
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
         text = (tmp_path / "first.log").read_text()
-        assert "interrupted" in text and "--resume" in text and "Traceback" not in text
+        ours = [line for line in text.splitlines() if not line.startswith("\x1b[36m(")]
+        assert "interrupted" in text and "--resume" in text
+        assert not [line for line in ours if "Traceback" in line]  # Ray workers' own aside
         runs = _runs(f"sqlite:///{db}", "faulty")
         assert not [r for r in runs if r.info.status == "RUNNING"]
         (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -119,8 +121,12 @@ def test_ctrl_c_mid_search_then_a_kill_in_the_seeds_phase_lose_nothing(tmp_path:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
         # The driver's watchdog kills its local Ray: no process of it is left listening.
-        wait_for(lambda: not _pids_with_env("RAY_TMPDIR", str(ray_tmp)), 60,
-                 f"the killed driver's Ray processes to go: {_describe(ray_tmp)}")
+        try:
+            wait_for(lambda: not _pids_with_env("RAY_TMPDIR", str(ray_tmp)), 60,
+                     "the killed driver's Ray processes to go")
+        except pytest.fail.Exception:
+            pytest.fail(f"the killed driver's Ray processes are still there after 60 s: "
+                        f"{_describe(ray_tmp)}")
 
         resumed = subprocess.run([sys.executable, str(REPO / "launch.py"), str(path),
                                   "--num-cpus", "2", "--resume"], cwd=tmp_path,

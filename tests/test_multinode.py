@@ -19,6 +19,22 @@ from tests.test_resume import _env, _ray_pids, kill_new_ray_processes
 pytestmark = pytest.mark.slow
 
 
+def _run_scenario(name: str, sweep_file: Path) -> str:
+    """Run tests/scenarios/NAME.py on the sweep file in its own process (its Ray stopped
+    after, whatever happens); returns its output, asserting it exited 0."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # AF_UNIX paths are short
+    before = _ray_pids()
+    try:
+        proc = subprocess.run([sys.executable, "-m", f"tests.scenarios.{name}", str(sweep_file)],
+                              cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        kill_new_ray_processes(before)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
 def test_losing_a_worker_node_mid_trial_loses_nothing(tmp_path: Path) -> None:
     epochs = 6
     # Both search trials start together, so each runs on its own 1-CPU worker (a warm worker
@@ -28,17 +44,7 @@ def test_losing_a_worker_node_mid_trial_loses_nothing(tmp_path: Path) -> None:
                        train={"epochs": epochs, "batch_size": 128, "lr": 0.05},
                        search={"algorithm": "random", "num_samples": 2,
                                "space": {"train.lr": {"float": [0.01, 0.1], "log": True}}})
-    path = write_sweep(tmp_path, sweep)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
-    before = _ray_pids()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "tests.scenarios.node_loss", str(path)],
-                              cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True,
-                              timeout=600)
-    finally:
-        kill_new_ray_processes(before)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = _run_scenario("node_loss", write_sweep(tmp_path, sweep))
     assert "SCENARIO: removed worker node" in log, log[-4000:]
     workers = log.split("SCENARIO: workers ")[1].splitlines()[0]
 
@@ -76,17 +82,7 @@ def test_each_shared_stage_is_computed_once_across_two_nodes(tmp_path: Path) -> 
                        train={"epochs": 3, "batch_size": 128, "lr": 0.05},
                        search={"algorithm": "grid", "space": {
                            "clusterfix.k": {"choice": [2, 3]}}})
-    path = write_sweep(tmp_path, sweep)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    before = _ray_pids()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "tests.scenarios.two_nodes", str(path)],
-                              cwd=REPO, env=_env(ray_tmp), capture_output=True, text=True,
-                              timeout=600)
-    finally:
-        kill_new_ray_processes(before)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    log = _run_scenario("two_nodes", write_sweep(tmp_path, sweep))
     workers = log.split("SCENARIO: workers ")[1].splitlines()[0]
 
     tasks = [json.loads(line) for line in

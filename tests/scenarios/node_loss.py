@@ -15,6 +15,7 @@ from ray.cluster_utils import Cluster
 
 from debias.spec import load_spec
 from debias.sweep import run_sweep
+from tests.scenarios import start_cluster, stop_cluster
 
 
 def kill_worker_after_checkpoints(cluster: Cluster, worker, storage: Path,
@@ -30,11 +31,7 @@ def kill_worker_after_checkpoints(cluster: Cluster, worker, storage: Path,
 
 def main() -> int:
     spec = load_spec(sys.argv[1])
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    print(f"SCENARIO: workers {[w.node_id for w in workers]}", flush=True)
+    cluster, workers = start_cluster()
     done = threading.Event()
     killer = threading.Thread(target=kill_worker_after_checkpoints,
                               args=(cluster, workers[1], spec.storage, done), daemon=True)
@@ -43,10 +40,7 @@ def main() -> int:
         run_sweep(spec, address=cluster.address)
     finally:
         done.set()
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)
     return 0
 
 

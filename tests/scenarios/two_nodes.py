@@ -7,26 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from ray.cluster_utils import Cluster
-
 from debias.spec import load_spec
 from debias.sweep import run_sweep
+from tests.scenarios import start_cluster, stop_cluster
 
 
 def main() -> int:
     spec = load_spec(sys.argv[1])
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    print(f"SCENARIO: workers {[w.node_id for w in workers]}", flush=True)
+    cluster, _ = start_cluster()
     try:
         run_sweep(spec, address=cluster.address)
     finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
+        stop_cluster(cluster)
     return 0
 
 
