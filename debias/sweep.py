@@ -320,10 +320,9 @@ def _slots(spec: Spec) -> int:
     """Trials the cluster can run at once now (and one node's worth more per autoscaling
     node type, so a waiting trial can ask for a node), capped by the sweep-wide cap."""
     res = spec.config["resources"]
-    live = sum(trials_per_node(res, r) for _, r, scaling in node_types() if not scaling)
-    more = sum(trials_per_node(res, r) for _, r, scaling in node_types() if scaling)
+    slots = sum(trials_per_node(res, r) for _, r, _scaling in node_types())
     cap = spec.search.get("max_concurrent_total")
-    return max(1, min(live + more, cap) if cap else live + more)
+    return max(1, min(slots, cap) if cap else slots)
 
 
 @contextlib.contextmanager
