@@ -938,6 +938,9 @@ class TrackingWriter:
         self._queue: deque[bytes] = deque()
         self._journaled = self._journal.count
         self._in_flight = 0
+        # The drop count status() shows; it changes under the condition together with the
+        # pending counters, so nobody sees an op both dropped and still pending.
+        self._dropped = self._drops.count
         self._applied = 0
         self._lost = 0
         self._closing = False
@@ -993,7 +996,7 @@ class TrackingWriter:
             return WriterStatus(
                 uri=_redact(self.uri), journal=self._journal.path, queued=len(self._queue),
                 journaled=self._journaled, in_flight=self._in_flight, applied=self._applied,
-                dropped=self._drops.count, lost=self._lost, down_since=self._down_since,
+                dropped=self._dropped, lost=self._lost, down_since=self._down_since,
                 last_error=self._last_error)
 
     @property
@@ -1132,6 +1135,7 @@ class TrackingWriter:
                     backoff = self._retry_initial_s
                     with self._cv:
                         self._journaled = self._journal.count
+                        self._dropped = self._drops.count
                         if error is None:
                             self._applied += 1
                         if error is None or not isinstance(exc, _Refused):
@@ -1174,6 +1178,7 @@ class TrackingWriter:
     def _done(self, applied: bool, answered: bool = True) -> None:
         with self._cv:
             self._in_flight = 0
+            self._dropped = self._drops.count
             if applied:
                 self._applied += 1
             if answered:
