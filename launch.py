@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """Entry point: `python launch.py sweeps/quickstart.yaml` (see --help)."""
 
-import sys
-
-from debias.cli import main
+from debias.cli import exit_now, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from debias.jobs import REMOTE_WORKDIR_ENV
 from debias.spec import Spec, SpecError, load_spec
@@ -97,6 +100,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --ui or --annotate: the port on 127.0.0.1 (default: 5000 / 8765 "
                         "if free, else any; 0: any free port)")
     return p
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once its exit handlers have run, without the
+    interpreter's teardown.
+
+    After a sweep that teardown (freeing torch's, Ray's and MLflow's module graphs and their
+    C++ state) takes 4-6 s on 2 cores and does nothing a sweep needs: the exit handlers still
+    run (Ray's shutdown, logging's flush, the MLflow writer's journal), threads that are not
+    daemons are joined, the streams are flushed. A quickstart user waits that much less, and
+    so does every test that launches a driver."""
+    main_thread = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

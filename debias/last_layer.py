@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import field_validator
-from scipy.special import log_softmax
 
 from debias.cache import CorruptFile, StageCache
 from debias.data import GroupedDataset, load_grouped
@@ -198,6 +197,8 @@ class LastLayerTrial:
 
     def _log_loss(self, head: LinearHead) -> float:
         """Mean cross-entropy of the averaged head on the subsets it was fitted on."""
+        from scipy.special import log_softmax
+
         x, y = self.fitted
         log_p = log_softmax(head.logits(x), axis=1)
         return float(-log_p[np.arange(len(y)), y].mean())

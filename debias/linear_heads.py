@@ -21,17 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn import __version__ as SKLEARN_VERSION
-from sklearn.linear_model import LogisticRegression
 
 __all__ = ["LinearHead", "class_weight_options", "fit_averaged_head", "split_halves",
            "standardiser"]
 
-#: How an L1 penalty is asked for: ``penalty`` is deprecated from scikit-learn 1.8 (which
-#: needs Python 3.11) in favour of ``l1_ratio``; older releases only know ``penalty``.
-_L1 = ({"l1_ratio": 1.0}
-       if tuple(map(int, re.findall(r"\d+", SKLEARN_VERSION)[:2])) >= (1, 8)
-       else {"penalty": "l1"})
+
+def _l1() -> dict[str, object]:
+    """How an L1 penalty is asked for: ``penalty`` is deprecated from scikit-learn 1.8 (which
+    needs Python 3.11) in favour of ``l1_ratio``; older releases only know ``penalty``.
+    (scikit-learn is imported here, not with the module: it takes ~1 s, and every trial
+    process imports this module whether or not it fits a head.)"""
+    from sklearn import __version__
+
+    return ({"l1_ratio": 1.0} if tuple(map(int, re.findall(r"\d+", __version__)[:2])) >= (1, 8)
+            else {"penalty": "l1"})
 
 
 def split_halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,9 +88,11 @@ class LinearHead:
 def _fit_one(x: np.ndarray, y: np.ndarray, c: float, class_weight: dict[int, float],
              n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(weight, bias) as n_classes logits on the given (standardised) features."""
+    from sklearn.linear_model import LogisticRegression
+
     solver = "liblinear" if n_classes == 2 else "saga"  # liblinear is binary-only
     model = LogisticRegression(C=c, solver=solver, class_weight=class_weight, random_state=seed,
-                               max_iter=1000 if n_classes == 2 else 5000, **_L1)
+                               max_iter=1000 if n_classes == 2 else 5000, **_l1())
     model.fit(x, y)
     coef, intercept = model.coef_, model.intercept_
     if n_classes == 2:  # one decision function -> two logits, (-f/2, f/2): softmax = sigmoid(f)

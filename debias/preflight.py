@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from debias.data import DatasetError, load_grouped
-from debias.environment import EnvironmentProblem, check_environment, redact_uri
+from debias.environment import EnvironmentProblem, check_environment, redact_uri, sqlite_path
 from debias.files import atomic_write_text
 from debias.methods.base import PreflightError
 from debias.spec import Spec
@@ -88,8 +88,11 @@ def check_state(spec: Spec, resume: bool) -> None:
     """A sweep whose results exist runs again only with ``--resume``; one that does not
     exist cannot be resumed."""
     where = ""
+    store = sqlite_path(spec.tracking_uri)
     if (sweep_dir(spec) / CONFIG_FILE).exists():
         where = f"in {sweep_dir(spec)}"
+    elif store is not None and not store.is_file():
+        pass  # no sqlite store yet, so no runs in it (and opening it would take ~2 s)
     else:  # same name and store, other storage: the runs would mix in one experiment
         try:
             if Tracker(spec.tracking_uri, spec.name, create=False).parent_runs():

@@ -103,6 +103,9 @@ class _Pipeline:
     grid: list[dict[str, Any]] | None = None
     best: str | None = None  # trial id of the best finished search trial
     seeds_released: bool = False
+    #: Its trials read shared stages (known once one was asked for): its seeds then wait for
+    #: stage tasks of their own, so its search is the longer road to the sweep's end.
+    has_stages: bool = False
 
     def live(self) -> int:
         return sum(not r.done for r in self.trials.values())
@@ -245,10 +248,20 @@ class SweepSearcher(Searcher):
     # ------------------------------------------------------------------ internals
 
     def _by_priority(self) -> list[_Pipeline]:
-        """Seeds waiting to run first (their pipeline is on the critical path), then the
-        pipeline with the fewest trials handed out (the searches advance together)."""
-        return sorted(self.pipes.values(),
-                      key=lambda p: (not (p.seeds_released and p.queue), len(p.trials)))
+        """Which pipeline's next trial goes first: the longest road to the sweep's end first
+        (critical-path list scheduling), so no slot idles at the end while one pipeline still
+        has a search, its seeds' stage tasks and its seeds ahead of it.
+
+        Search trials before seeds trials (a search trial holds up its pipeline's whole seeds
+        phase; a seeds trial holds up nothing); among searches, pipelines whose seeds need
+        stage tasks of their own first; then the pipeline with the fewest trials handed out
+        (the searches advance together)."""
+        def rank(p: _Pipeline) -> tuple[int, bool, int]:
+            searching = not p.seeds_released and (p.sampled < p.total_search()
+                                                  or p.parked is not None)
+            return (0 if searching else 1, not p.has_stages, len(p.trials))
+
+        return sorted(self.pipes.values(), key=rank)
 
     def _next(self, pipe: _Pipeline) -> tuple[str, dict[str, Any], int | None] | None:
         if pipe.queue:
@@ -300,7 +313,10 @@ class SweepSearcher(Searcher):
 
         config = trial_config(self.bases, {**params, "pipeline": pipeline})
         data = load_grouped(config["dataset"], config["target"], config["bias"])
-        return self.planner.ready(resolve_method(config["method"]).shared_stages(config, data))
+        requests = resolve_method(config["method"]).shared_stages(config, data)
+        if requests:
+            self.pipes[pipeline].has_stages = True
+        return self.planner.ready(requests)
 
     def _better(self, score: float, than: float) -> bool:
         return score > than if self.mode == "max" else score < than

@@ -12,13 +12,12 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import mlflow
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Any
 
 from debias.environment import redact_uri
+
+if TYPE_CHECKING:  # MLflow takes ~1 s to import; a trial process reads only the names here
+    import mlflow
 
 __all__ = ["ARTIFACT_PREFIX", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "ROLE_TAG",
            "STAGE_PREFIX",
@@ -63,6 +62,8 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, create: bool = True) -> None:
         # "Creating initial MLflow database tables..." tells a user nothing.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -110,6 +111,8 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
         stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
         for chunk in _chunks(batch, 1000):

@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 from tqdm import tqdm
 
 from debias.data.grouped import GroupedDataset, load_rgb
@@ -103,6 +102,8 @@ def _window_start(length: int, size: int, image_size: int) -> int:
 
 def decode_one(path: Path, image_size: int) -> np.ndarray:
     """One image as the stored S x S x 3 uint8 square."""
+    from torchvision import transforms as T  # imported where used: see data/transforms.py
+
     size = stored_size(image_size)
     img = T.Resize(size)(load_rgb(path))  # the eval transform's resize, same call
     w, h = img.size
@@ -262,6 +263,8 @@ class DecodedGroupedDataset(torch.utils.data.Dataset):
         self.crop_at = _centre(self.size, self.image_size)
         # Training: the train transform's augmentation on the stored square (PIL, same
         # classes); normalisation happens once per batch.
+        from torchvision import transforms as T
+
         self.augment = T.Compose([T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0)),
                                   T.RandomHorizontalFlip()]) if train else None
 

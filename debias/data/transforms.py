@@ -1,10 +1,18 @@
-"""Image transforms shared by all datasets (ImageNet statistics, so pretrained backbones fit)."""
+"""Image transforms shared by all datasets (ImageNet statistics, so pretrained backbones fit).
+
+torchvision is imported by the functions that build its transforms, not with the module: it
+takes ~1.5 s (it pulls in torch._dynamo), and a trial on in-memory images never needs it.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from torchvision import transforms as T
+
+if TYPE_CHECKING:
+    from torchvision import transforms as T
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -12,6 +20,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 def train_transform(image_size: int) -> T.Compose:
     """Light augmentation for on-disk photos; the crop keeps most of the scene (and its bias)."""
+    from torchvision import transforms as T
+
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
         T.RandomHorizontalFlip(),
@@ -22,6 +32,8 @@ def train_transform(image_size: int) -> T.Compose:
 
 def eval_transform(image_size: int) -> T.Compose:
     """Deterministic resize + centre crop (the usual 256/224 ratio) for evaluation."""
+    from torchvision import transforms as T
+
     return T.Compose([
         T.Resize(int(image_size * 256 / 224)),
         T.CenterCrop(image_size),

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from torch.nn import functional as F
 
 from debias.data.grouped import SPLITS
@@ -36,6 +35,8 @@ def kmeans_per_class(features: dict[str, torch.Tensor], labels: dict[str, np.nda
     Euclidean distance is 2 - 2 cos, so this is k-means under cosine distance. Val/test
     samples join the nearest (cosine) normalised centroid of their own class.
     """
+    from sklearn.cluster import KMeans  # where it runs: see debias/linear_heads.py
+
     out = {s: torch.empty(len(labels[s]), dtype=torch.long) for s in SPLITS}
     for t in range(n_classes):
         train_rows = np.flatnonzero(labels["train"] == t)

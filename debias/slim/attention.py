@@ -11,19 +11,20 @@ attention vectors of ALGORITHMS.md:
 
 Activations (C x h x w per image) are reduced to these two C-vectors straight away, so a
 split of ResNet-50 maps never has to be held in memory.
+
+grad-cam is imported by the functions that run it: it pulls in torchvision and OpenCV (~4 s
+on 2 cores), and every sweep reads SLIM's parameters to validate its file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -31,6 +32,10 @@ from debias.bars import bars_disabled
 from debias.data import GroupedDataset, make_torch_dataset
 from debias.models import Classifier, cam_layer
 from debias.slim.aiou import DEFAULT_DELTA, aiou_batch, minmax_batch, soft_iou_batch
+
+if TYPE_CHECKING:
+    from pytorch_grad_cam import GradCAM
+
 
 __all__ = ["attention_vectors", "compute_attention", "gradcam_images", "lowres_cam",
            "overlay_png"]
@@ -67,6 +72,8 @@ def gradcam_images(model: Classifier, images: torch.Tensor, targets: Sequence[in
     The input is marked as requiring grad so the backward pass reaches the CAM layer even
     when the model's parameters are frozen. The model is left in eval mode with no grads.
     """
+    from pytorch_grad_cam import GradCAM
+
     model.eval()
     with GradCAM(model=model, target_layers=[cam_layer(model)]) as tool:
         return _gradcam_batch(tool, images, targets, device)
@@ -74,6 +81,8 @@ def gradcam_images(model: Classifier, images: torch.Tensor, targets: Sequence[in
 
 def _gradcam_batch(tool: GradCAM, images: torch.Tensor, targets: Sequence[int],
                    device: torch.device | str) -> dict[str, torch.Tensor]:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     x = images.to(device).requires_grad_(True)
     cam = tool(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     acts = tool.activations_and_grads.activations[0].float()
@@ -96,6 +105,8 @@ def compute_attention(model: Classifier, data: GroupedDataset, split: str,
     ``keep_cams`` the image-size maps are kept too, as float16 (N, H, W): at 224 px they are
     100 KB per image, which is why callers that only need a few overlays pass False.
     """
+    from pytorch_grad_cam import GradCAM
+
     view = data.view(split)
     loader = DataLoader(make_torch_dataset(data, split, train=False), batch_size=batch_size,
                         shuffle=False)
@@ -146,6 +157,8 @@ def overlay_png(image_uint8: np.ndarray, cam: np.ndarray, path: str | Path,
     heat = minmax_batch(np.asarray(cam, dtype=np.float64)[None])[0].astype(np.float32)
     if heat.shape != img.shape[:2]:
         raise ValueError(f"CAM {heat.shape} is not at image size {img.shape[:2]}")
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
     rgb = img.astype(np.float32) / 255.0
     overlay = show_cam_on_image(rgb, heat, use_rgb=True)
     dim = np.where(heat[..., None] >= delta, 1.0, 0.25)

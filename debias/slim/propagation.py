@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.semi_supervised import LabelSpreading
 
 from debias.slim.space import standardise
 
@@ -91,6 +90,8 @@ def _class_scores(points: np.ndarray, targets: np.ndarray, gamma: float, alpha: 
         label = present.pop()
         return (_one_label_score(points, labelled, label),
                 f"all annotations are {label}: scored by similarity to them")
+    from sklearn.semi_supervised import LabelSpreading  # where it runs: see linear_heads.py
+
     if len(points) > max_dense:
         model = LabelSpreading(kernel="knn", n_neighbors=KNN_NEIGHBOURS, alpha=alpha,
                                max_iter=1000)

@@ -11,7 +11,6 @@ every class and every method.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.decomposition import PCA
 
 __all__ = ["EMBEDDINGS", "embed_2d", "embed_per_class", "standardise"]
 
@@ -28,6 +27,8 @@ def standardise(x: np.ndarray) -> np.ndarray:
 
 
 def _pca(x: np.ndarray, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA  # where it runs: see debias/linear_heads.py
+
     n_comp = min(2, *x.shape)
     out = np.zeros((len(x), 2))
     if n_comp > 0 and len(x) > 1:
