@@ -8,7 +8,10 @@ needs (JTT's identification model and its error set) as a Tune trial of its own 
     efficiency = (sum of Tune trials' busy time / parallel slots) / sweep wall time,
 
 the share of the slots' time that trials held. Stage tasks hold a slot like any trial and are
-counted as busy time. Reported three ways, from the broadest to the strictest "busy":
+counted as busy time. Three wall times: the trials' span (first trial running -> last trial's
+last result: what the trial order controls), the sweep with Ray up (what a sweep's fixed
+start and end costs add), and the whole command. Busy is reported three ways, from the
+broadest to the strictest:
 
 - slots busy: a Tune trial's span on the driver's clock, from Tune setting it RUNNING to its
   last result (from Tune's experiment state; MLflow's run start/end are shown beside it, for
@@ -300,6 +303,31 @@ def run_launch(sweep: Path, overrides: list[str], num_cpus: int, cwd: Path,
     return argv, {"wall_s": wall, "t0": t0, "t1": t1}
 
 
+def per_method_baseline(sweep: Path, overrides: list[str], methods: list[str], num_cpus: int,
+                        slots: float, root: Path, ray_tmp: Path) -> dict[str, float]:
+    """The same study as one sweep per method, run one after another (what a user of a
+    one-script-per-run tool does): per run, the Tune trials' busy time, their span and the
+    command's wall clock; summed over the runs."""
+    out = {"busy": 0.0, "span": 0.0, "wall": 0.0, "trials": 0.0}
+    for method in methods:
+        cwd = root / method
+        cwd.mkdir()
+        name = f"{load_spec(sweep, overrides).name}_{method}"
+        _, times = run_launch(sweep, [*overrides, f"methods=[{method}]", f"name={name}"],
+                              num_cpus, cwd, ray_tmp)
+        spec = load_spec(sweep, [*overrides, f"methods=[{method}]", f"name={name}"], cwd=cwd)
+        _, spans = experiment_state(tune_path(spec))
+        if not spans:
+            raise SystemExit(f"{method}: no Tune experiment state in {tune_path(spec)}")
+        out["busy"] += sum(e - s for s, e in spans.values())
+        out["span"] += max(e for _, e in spans.values()) - min(s for s, _ in spans.values())
+        out["wall"] += times["wall_s"]
+        out["trials"] += len(spans)
+    out["eff_span"] = out["busy"] / slots / out["span"]
+    out["eff_wall"] = out["busy"] / slots / out["wall"]
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -324,6 +352,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 search trials per pipeline, 1 seed, 2 epochs, JTT's "
                         "identification model 1 epoch, 1 calibration epoch")
+    p.add_argument("--per-method", action="store_true",
+                   help="with --launch: also run the study as one sweep per method, one after "
+                        "another, side by side (a few minutes more)")
     p.add_argument("--out", type=Path, default=None, help="append the section to this file")
     args = p.parse_args()
     sweep = args.sweep.resolve()
@@ -376,6 +407,13 @@ def main() -> None:
         config_file = sweep_dir(spec) / CONFIG_FILE
         ray_up = config_file.stat().st_mtime if config_file.is_file() else None
         session = ray_session_start(ray_tmp)
+        baseline = None
+        if args.per_method and args.launch and len(spec.methods) > 1:
+            (tmp / "per_method").mkdir()
+            baseline = per_method_baseline(
+                sweep, overrides, spec.methods, args.num_cpus,
+                args.num_cpus / float(spec.config["resources"]["cpu"]), tmp / "per_method",
+                ray_tmp)
 
     slots = args.num_cpus / float(spec.config["resources"]["cpu"])
     method_of = {pl.name: pl.method for pl in pipelines(spec)}
@@ -436,6 +474,7 @@ def main() -> None:
         sweep_s = times["sweep_s"]
         whole_s = sweep_s + times["ray_start"]
         window = ("`run_sweep`, Ray already up", "with Ray start-up (`ray.init` + `run_sweep`)")
+    span_s = last_end - first_start
     gap_t0 = tune_start if tune_start is not None else sweep_t0
     gaps = idle_gaps([(*busy_span(t), trials[t].label) for t in ids], gap_t0, end)
     no_trial = sum(g for _, g in gaps)
@@ -482,18 +521,21 @@ def main() -> None:
                   f"**{times['wall_s']:.0f} s** ({times['wall_s'] / 60:.1f} min) on "
                   f"{args.num_cpus} CPUs.", ""]
     lines += [
-        "| efficiency = (sum of busy times / slots) / wall time | "
+        "| efficiency = (sum of busy times / slots) / wall time | within the trials' span "
+        "(first trial running -> last trial's last result: what the scheduling controls) | "
         f"excluding start-up: {window[0]} | including it: {window[1]} |",
-        "|---|---|---|",
+        "|---|---|---|---|",
         f"| slots busy (Tune trial RUNNING -> last result, driver clock; stage tasks "
-        f"included) | **{eff(wall, sweep_s):.2f}** | {eff(wall, whole_s):.2f} |",
+        f"included) | {eff(wall, span_s):.2f} | **{eff(wall, sweep_s):.2f}** | "
+        f"{eff(wall, whole_s):.2f} |",
         f"| same, trials' spans from their MLflow runs (start -> end, whole-second end) | "
-        f"{eff(mlflow_busy, sweep_s):.2f} | {eff(mlflow_busy, whole_s):.2f} |",
-        f"| trainable time (Ray `time_total_s`) | {eff(total_s, sweep_s):.2f} | "
-        f"{eff(total_s, whole_s):.2f} |",
+        f"{eff(mlflow_busy, span_s):.2f} | {eff(mlflow_busy, sweep_s):.2f} | "
+        f"{eff(mlflow_busy, whole_s):.2f} |",
+        f"| trainable time (Ray `time_total_s`) | {eff(total_s, span_s):.2f} | "
+        f"{eff(total_s, sweep_s):.2f} | {eff(total_s, whole_s):.2f} |",
         f"| training compute (trials: epochs x samples x measured time per sample; stage "
-        f"tasks: their recorded compute) | {eff(compute, sweep_s):.2f} | "
-        f"{eff(compute, whole_s):.2f} |",
+        f"tasks: their recorded compute) | {eff(compute, span_s):.2f} | "
+        f"{eff(compute, sweep_s):.2f} | {eff(compute, whole_s):.2f} |",
         "",
         "| time | s |",
         "|---|---|",
@@ -567,9 +609,32 @@ def main() -> None:
         + " / ".join(f"{at_once.get(k, 0.0):.1f}"
                    for k in range(max(int(slots), *at_once) + 1)) + " |",
         "",
-        "Every pipeline runs in one Tuner: a slot idles only when no pipeline has a trial "
-        "ready (a JTT trial waits for its stage tasks; a pipeline's seeds wait for its whole "
-        "search; the last trials end one by one).",
+    ]
+    if baseline is not None:
+        one = {"busy": busy_total, "span": span_s, "wall": times["wall_s"]}
+        lines += [
+            "Side by side, in this run: the same study as one sweep per method "
+            f"({', '.join(spec.methods)}), run one after another (each its own `launch.py` "
+            "command, Ray start and report), against the one sweep above:",
+            "",
+            "| | one sweep, all pipelines in one Tuner | one sweep per method, one after another "
+            "| ratio |",
+            "|---|---|---|---|",
+            f"| efficiency within the trials' span(s) | {one['busy'] / slots / one['span']:.2f} "
+            f"| {baseline['eff_span']:.2f} | |",
+            f"| efficiency over the command(s), start to exit | "
+            f"{one['busy'] / slots / one['wall']:.2f} | {baseline['eff_wall']:.2f} | |",
+            f"| busy slot-seconds (Tune trials and stage tasks) | {one['busy']:.0f} | "
+            f"{baseline['busy']:.0f} | {one['busy'] / baseline['busy']:.2f} |",
+            f"| wall clock, start to exit (s) | {one['wall']:.0f} | {baseline['wall']:.0f} | "
+            f"**{one['wall'] / baseline['wall']:.2f}** |",
+            "",
+        ]
+    lines += [
+        "Every pipeline runs in one Tuner, its trials in critical-path order (search trials "
+        "before seeds trials, pipelines whose seeds need stage tasks first): a slot idles "
+        "only when no pipeline has a trial ready (a JTT trial waits for its stage tasks; a "
+        "pipeline's seeds wait for its whole search; the last trials end one by one).",
         "",
     ]
     if slots >= 2 and max(at_once) < 2:

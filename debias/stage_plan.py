@@ -101,11 +101,12 @@ class StagePlanner:
         return {**self.__dict__, "_running": set(), "_queue": {}}
 
     def ready(self, requests: list[StageRequest]) -> bool:
-        """Whether every stage in ``requests`` exists; queues the missing ones."""
+        """Whether every stage in ``requests`` exists, its task over; queues the missing
+        ones."""
         done = True
         for r in requests:
             self._known.setdefault(r.key, r)
-            if r.key in self._failed or self._exists(r):
+            if self._done(r.key):
                 continue
             done = False
             if r.key not in self._running:
@@ -138,7 +139,17 @@ class StagePlanner:
         return bool(self._running or self._queue)
 
     def _done(self, key: str) -> bool:
-        return key in self._failed or (key in self._known and self._exists(self._known[key]))
+        """The stage exists and no task of it is still running. A stage's file appears just
+        before its task ends: handing out its trials then would have Tune ask for a new worker
+        for them and, a moment later, give them the stage task's freed worker instead,
+        removing that request while Ray is still placing it. Ray 2.60 can then leak the
+        node's CPU and stop placing any later placement group (ray-project/ray#64693): a
+        two-node sweep ran on one node for good. Waiting for the task's end lets Tune hand its
+        worker straight to the next trial."""
+        if key in self._failed:
+            return True
+        return key not in self._running and key in self._known and \
+            self._exists(self._known[key])
 
     def _exists(self, r: StageRequest) -> bool:
         return _cache_file(self.cache_dir, r.stage, r.key).is_file()
