@@ -71,6 +71,7 @@ from typing import Any
 
 import ray
 import torch
+import yaml
 from bench_common import command, machine, publish, stamp
 from mlflow.tracking import MlflowClient
 
@@ -309,13 +310,20 @@ def per_method_baseline(sweep: Path, overrides: list[str], methods: list[str], n
     one-script-per-run tool does): per run, the Tune trials' busy time, their span and the
     command's wall clock; summed over the runs."""
     out = {"busy": 0.0, "span": 0.0, "wall": 0.0, "trials": 0.0}
+    study = yaml.safe_load(sweep.read_text())
     for method in methods:
         cwd = root / method
         cwd.mkdir()
-        name = f"{load_spec(sweep, overrides).name}_{method}"
-        _, times = run_launch(sweep, [*overrides, f"methods=[{method}]", f"name={name}"],
-                              num_cpus, cwd, ray_tmp)
-        spec = load_spec(sweep, [*overrides, f"methods=[{method}]", f"name={name}"], cwd=cwd)
+        # The study's file with one method: its search space keeps the shared keys and this
+        # method's own (another method's keys are refused in a sweep that does not run it).
+        one = {**study, "methods": [method], "name": f"{study['name']}_{method}"}
+        one["search"] = {**study["search"], "space": {
+            k: v for k, v in study["search"].get("space", {}).items()
+            if k.split(".")[0] not in set(methods) - {method}}}
+        path = cwd / sweep.name
+        path.write_text(yaml.safe_dump(one, sort_keys=False))
+        _, times = run_launch(path, overrides, num_cpus, cwd, ray_tmp)
+        spec = load_spec(path, overrides, cwd=cwd)
         _, spans = experiment_state(tune_path(spec))
         if not spans:
             raise SystemExit(f"{method}: no Tune experiment state in {tune_path(spec)}")
