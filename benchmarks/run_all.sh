@@ -66,6 +66,7 @@ run benchmarks/bench_data_path.py "${quick[@]}"
 run benchmarks/bench_decoded_cache.py "${quick[@]}"
 # --launch: the quickstart as a user runs it (`python launch.py sweeps/quickstart.yaml`, timed
 # start to exit), so the section also states the quickstart's wall clock on this machine.
+run benchmarks/bench_startup.py "${quick[@]}"
 run benchmarks/bench_sweep_efficiency.py --launch --per-method "${quick[@]}"
 if ((${#quick[@]})); then
     run benchmarks/bench_stage_cache.py --epochs 1 --ref-epochs 2

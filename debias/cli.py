@@ -107,7 +107,7 @@ def exit_now(code: int) -> NoReturn:
     interpreter's teardown.
 
     After a sweep that teardown (freeing torch's, Ray's and MLflow's module graphs and their
-    C++ state) takes 4-6 s on 2 cores and does nothing a sweep needs: the exit handlers still
+    C++ state) takes seconds on 2 cores and does nothing a sweep needs: the exit handlers still
     run (Ray's shutdown, logging's flush, the MLflow writer's journal), threads that are not
     daemons are joined, the streams are flushed. A quickstart user waits that much less, and
     so does every test that launches a driver."""
