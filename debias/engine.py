@@ -143,7 +143,9 @@ class Trainer:
         # On-disk datasets are decoded once per node into a shared memory-mapped array in the
         # stage cache (debias/data/decoded.py); in-memory ones (synthetic) ignore cache_dir.
         cache_dir = decoded_cache_dir(config)
-        self.train_set = make_torch_dataset(self.data, "train", train=True, cache_dir=cache_dir)
+        # Augmentation follows the method's reference code unless train.augment says otherwise.
+        self.train_set = make_torch_dataset(self.data, "train", train=method.augments(t),
+                                            cache_dir=cache_dir)
         self.eval_sets = {s: make_torch_dataset(self.data, s, train=False, cache_dir=cache_dir)
                           for s in ("val", "test")}
 

@@ -88,6 +88,10 @@ class Train(Section):
     momentum: Number = Float(0.9, 0, 1, hi_open=True)
     scheduler: Literal["none", "cosine"] = Choice("none")
     num_workers: int = Int(0, 0, 64, searchable=False)
+    augment: Literal["auto", "on", "off"] = Choice(
+        "auto", doc="random-resized-crop + flip of on-disk training images; auto: what the "
+                    "method's reference code does (off for GroupDRO and JTT, on for the "
+                    "others); in-memory (synthetic) images are never augmented")
     # GPU path: bf16 autocast (CUDA only; ignored on CPU), channels_last tensors, torch.compile.
     amp: bool = Flag(False)
     channels_last: bool = Flag(False)

@@ -148,6 +148,9 @@ class Method:
     #: Selection metrics this method adds to every method's (e.g. a worst pseudo-group
     #: accuracy, which needs no bias labels).
     extra_selection_metrics: ClassVar[tuple[str, ...]] = ()
+    #: Whether the method's reference code augments training images (random resized crop and
+    #: flip) by default; ``train.augment: auto`` follows it (docs/methods.md says per method).
+    reference_augments: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ sweep-time hooks
 
@@ -167,6 +170,13 @@ class Method:
         of logistic regressions on frozen features, :mod:`debias.last_layer`)."""
         del params
         return "epochs"
+
+    @classmethod
+    def augments(cls, train: Mapping[str, Any]) -> bool:
+        """Whether this method's trials augment training images: ``train.augment``, where
+        ``auto`` is the reference code's default (:attr:`reference_augments`)."""
+        choice = train.get("augment", "auto")
+        return cls.reference_augments if choice == "auto" else choice == "on"
 
     @classmethod
     def uses_train_knobs(cls, params: Section) -> bool:

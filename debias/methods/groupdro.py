@@ -63,6 +63,8 @@ class GroupWeights:
 
 
 class GroupDRO(Method):
+    #: The reference code trains without augmentation unless asked (docs/methods.md).
+    reference_augments = False
     name = "groupdro"
     section = "groupdro"
     Params = GroupDROParams

@@ -71,6 +71,8 @@ def compute_errors(config: dict[str, Any], epochs: int) -> None:
 
 
 class JTT(Method):
+    #: The reference code trains without augmentation unless asked (docs/methods.md).
+    reference_augments = False
     name = "jtt"
     section = "jtt"
     Params = JTTParams
