@@ -23,7 +23,6 @@ or methods are never compared) and never stops a seeds trial.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import pickle
@@ -31,12 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from debias.params import SearchDomain
-from debias.seeding import derive_seed
 from debias.spec import PIPELINE_KEYS, trial_config
 from debias.stage_plan import STAGE_PHASE, StagePlanner
 from debias.tracking import FAILURE_KEY
@@ -67,6 +64,17 @@ class DefineByRun:
         return chosen
 
 
+def startup_trials(num_samples: int, given: int | None = None) -> int:
+    """How many of a TPE search's trials are drawn at random before the model takes over.
+
+    Optuna's default (10) exceeds every small budget, so a 3- to 16-trial search would never
+    get a model-based suggestion: a third of the budget (at least 2, at most Optuna's 10)
+    explores at random, the rest is TPE. ``search.startup_trials`` sets it explicitly."""
+    if given is not None:
+        return min(given, num_samples)
+    return min(num_samples, max(2, min(10, math.ceil(num_samples / 3))))
+
+
 @dataclass(frozen=True)
 class PipelinePlan:
     """What the searcher needs to know of one pipeline."""
@@ -77,6 +85,25 @@ class PipelinePlan:
     num_samples: int
     seeds: tuple[int, ...]
     max_concurrent: int | None = None
+    #: TPE's random start-up trials (``algorithm: optuna`` only); None: :func:`startup_trials`.
+    startup: int | None = None
+    #: Per-trial step count by config, to tell a trial ASHA stopped from one that ran out.
+    planned_steps: Callable[[Mapping[str, Any]], int] | None = None
+
+    def n_startup(self) -> int:
+        return startup_trials(self.num_samples, self.startup)
+
+    def samplers(self) -> dict[str, int]:
+        """How many search trials each sampler produces, for the plan: ``random``, ``grid``,
+        ``tpe-startup`` (TPE's random start) and ``tpe`` (model-based)."""
+        if not self.domains:
+            return {"fixed": 1}
+        if self.algorithm != "optuna":
+            total = (math.prod(len(d.values) for d in self.domains)
+                     if self.algorithm == "grid" else self.num_samples)
+            return {self.algorithm: total}
+        start = self.n_startup()
+        return {"tpe-startup": start, "tpe": self.num_samples - start}
 
 
 @dataclass
@@ -89,18 +116,26 @@ class TrialRecord:
     done: bool = False
     ok: bool = False
     score: float = math.nan
+    #: Which sampler drew the config (``search/sampler``): random, grid, tpe-startup, tpe,
+    #: fixed (no search space) or seeds (the seeds phase re-runs the best).
+    sampler: str = "seeds"
+    #: Stopped early by the scheduler (ASHA): told to Optuna as pruned, not complete.
+    pruned: bool = False
+    #: Steps (epochs) it reported.
+    steps: int = 0
 
 
 @dataclass
 class _Pipeline:
     plan: PipelinePlan
     trials: dict[str, TrialRecord] = field(default_factory=dict)
-    queue: list[tuple[str, dict[str, Any], int | None]] = field(default_factory=list)
+    queue: list[Draw] = field(default_factory=list)
     #: The next config, drawn but waiting for its shared stages (the planner computes them).
-    parked: tuple[str, dict[str, Any], int | None] | None = None
+    parked: Draw | None = None
     sampled: int = 0
     study: Any = None
-    grid: list[dict[str, Any]] | None = None
+    #: Optuna trials asked and not yet told, by number (a pruned one reports its last score).
+    asked: dict[int, Any] = field(default_factory=dict)
     best: str | None = None  # trial id of the best finished search trial
     seeds_released: bool = False
     #: Its trials read shared stages (known once one was asked for): its seeds then wait for
@@ -116,21 +151,16 @@ class _Pipeline:
             and all(r.done for r in search)
 
     def total_search(self) -> int:
-        if not self.plan.domains:
-            return 1
-        if self.plan.algorithm == "grid":
-            return len(self._grid())
-        return self.plan.num_samples
+        return sum(self.plan.samplers().values())
 
     def finished(self) -> bool:
         return self.seeds_released and not self.queue and self.parked is None and all(
             r.done for r in self.trials.values())
 
-    def _grid(self) -> list[dict[str, Any]]:
-        if self.grid is None:
-            axes = [[(d.path, v) for v in d.values] for d in self.plan.domains]
-            self.grid = [dict(combo) for combo in itertools.product(*axes)]
-        return self.grid
+
+
+#: A drawn config waiting to be handed out: (phase, params, Optuna trial number, sampler).
+Draw = tuple[str, dict[str, Any], "int | None", str]
 
 
 class SweepSearcher(Searcher):
@@ -179,11 +209,12 @@ class SweepSearcher(Searcher):
             if not self._stages_ready(pipe.plan.name, pipe.parked[1]):
                 waiting = True  # its stages are being computed; other pipelines go on
                 continue
-            phase, params, number = pipe.parked
+            phase, params, number, sampler = pipe.parked
             pipe.parked = None
-            pipe.trials[trial_id] = TrialRecord(phase, params, number)
+            pipe.trials[trial_id] = TrialRecord(phase, params, number, sampler=sampler)
             self.owner[trial_id] = pipe.plan.name
-            return {**params, "pipeline": pipe.plan.name, "phase": phase, "trial": trial_id}
+            return {**params, "pipeline": pipe.plan.name, "phase": phase, "trial": trial_id,
+                    "sampler": sampler}
         return None if waiting else Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
@@ -206,6 +237,13 @@ class SweepSearcher(Searcher):
         # A trial counts only if it ended without error *and* reported a selection score.
         record.ok = not error and result is not None and not math.isnan(score)
         record.score = score
+        steps = pipe.plan.planned_steps
+        if record.ok and steps is not None and record.phase == "search":
+            # Ended without error before its last step: the scheduler (ASHA) stopped it.
+            planned = steps(trial_config(self.bases, {**record.params, "pipeline": name})
+                            if name in self.bases else record.params)
+            record.steps = int((result or {}).get("training_iteration", planned))
+            record.pruned = record.steps < planned
         if record.phase == "search":
             self._tell(pipe, record)
             if pipe.search_done() and not pipe.seeds_released:
@@ -263,42 +301,57 @@ class SweepSearcher(Searcher):
 
         return sorted(self.pipes.values(), key=rank)
 
-    def _next(self, pipe: _Pipeline) -> tuple[str, dict[str, Any], int | None] | None:
+    def _next(self, pipe: _Pipeline) -> Draw | None:
         if pipe.queue:
             return pipe.queue.pop(0)
         if pipe.seeds_released or pipe.sampled >= pipe.total_search():
             return None
-        index = pipe.sampled
         pipe.sampled += 1
         plan = pipe.plan
         if not plan.domains:
-            return "search", {}, None
-        if plan.algorithm == "grid":
-            return "search", dict(pipe._grid()[index]), None
-        if plan.algorithm == "random":
-            rng = np.random.default_rng(derive_seed(self.seed, plan.name, "random", index))
-            return "search", {d.path: _sample(d, rng) for d in plan.domains}, None
-        trial = self._study(pipe).ask()
-        return "search", DefineByRun(plan.domains)(trial), trial.number
+            return "search", {}, None, "fixed"
+        study = self._study(pipe)
+        sampler = plan.algorithm
+        if plan.algorithm == "optuna":
+            # What TPE will do for this ask: it samples at random while fewer than its
+            # start-up count of trials are complete or pruned (running ones do not count).
+            import optuna
+
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            told = len(study.get_trials(deepcopy=False, states=states))
+            sampler = "tpe-startup" if told < plan.n_startup() else "tpe"
+        trial = study.ask()
+        pipe.asked[trial.number] = trial
+        return "search", DefineByRun(plan.domains)(trial), trial.number, sampler
 
     def _study(self, pipe: _Pipeline) -> Any:
+        """The pipeline's Optuna study: every algorithm is a sampler behind one ask/tell."""
         if pipe.study is None:
             import optuna
+
+            from debias.samplers import make_sampler
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             pipe.study = optuna.create_study(
                 direction="maximize" if self.mode == "max" else "minimize",
-                sampler=optuna.samplers.TPESampler(seed=self.seed))
+                sampler=make_sampler(pipe.plan, self.seed))  # imports optuna
         return pipe.study
 
     def _tell(self, pipe: _Pipeline, record: TrialRecord) -> None:
         if record.number is not None:
             import optuna
 
-            if record.ok and math.isfinite(record.score):
-                self._study(pipe).tell(record.number, record.score)
+            study = self._study(pipe)
+            if record.ok and math.isfinite(record.score) and record.pruned:
+                # TPE ranks a pruned trial by its last intermediate value and step.
+                asked = pipe.asked.pop(record.number)
+                asked.report(record.score, record.steps)
+                study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+            elif record.ok and math.isfinite(record.score):
+                study.tell(pipe.asked.pop(record.number), record.score)
             else:
-                self._study(pipe).tell(record.number, state=optuna.trial.TrialState.FAIL)
+                study.tell(pipe.asked.pop(record.number),
+                           state=optuna.trial.TrialState.FAIL)
         if record.ok and (pipe.best is None or self._better(record.score,
                                                             pipe.trials[pipe.best].score)):
             pipe.best = next(t for t, r in pipe.trials.items() if r is record)
@@ -328,8 +381,8 @@ class SweepSearcher(Searcher):
                         pipe.plan.name)
             return
         best = pipe.trials[pipe.best].params
-        pipe.queue = [("seeds", {**best, "seed": s}, None) for s in pipe.plan.seeds]
-        for _, params, _ in pipe.queue:  # start every seed's stages now, side by side
+        pipe.queue = [("seeds", {**best, "seed": s}, None, "seeds") for s in pipe.plan.seeds]
+        for _, params, _, _ in pipe.queue:  # start every seed's stages now, side by side
             self._stages_ready(pipe.plan.name, params)
         if self.tied(pipe.plan.name):
             log.warning("%s: every search trial scored %s on the selection metric: the search "
@@ -360,38 +413,70 @@ class SweepSearcher(Searcher):
         self.on_search_done = callback
 
 
-def _sample(d: SearchDomain, rng: np.random.Generator) -> Any:
-    if d.kind == "choice":
-        return d.values[int(rng.integers(len(d.values)))]
-    assert d.low is not None and d.high is not None
-    if d.kind == "float":
-        if d.log:
-            return float(math.exp(rng.uniform(math.log(d.low), math.log(d.high))))
-        return float(rng.uniform(d.low, d.high))
-    if d.log:  # log-uniform integers, both ends included
-        return int(min(d.high, math.floor(math.exp(rng.uniform(math.log(d.low),
-                                                               math.log(d.high + 1))))))
-    return int(rng.integers(int(d.low), int(d.high) + 1))
+def trial_steps(config: Mapping[str, Any]) -> int:
+    """The steps a trial of this resolved config reports when nothing stops it: its epochs,
+    or a last-layer trial's grid points."""
+    from debias.methods import resolve_method
+
+    method = resolve_method(config["method"])
+    params = method.params_of(config)
+    if method.trial_kind(params) == "epochs":
+        return int(config["train"]["epochs"])
+    from debias.last_layer import grid_size
+
+    return grid_size(params)  # type: ignore[arg-type]
 
 
 class PipelineScheduler(FIFOScheduler):
     """One ASHA per pipeline's search (trials of other targets or methods are never
-    compared); seeds trials always run to the end."""
+    compared); seeds trials always run to the end.
+
+    Ray restores a scheduler as it was when the experiment started (its state is not saved),
+    so ASHA's rungs would start empty on ``--resume`` and resumed trials would be compared
+    with nobody. With ``state_path`` the rungs are written there (atomically) after every
+    decision and read back on the first call after a restore."""
 
     def __init__(self, metric: str, mode: str, asha: Mapping[str, Any] | None,
-                 max_t: Mapping[str, int]) -> None:
+                 max_t: Mapping[str, int], state_path: str | None = None) -> None:
         super().__init__()
         self._asha_settings = dict(asha) if asha else None
         self._max_t = dict(max_t)
         self._metric, self._mode = metric, mode
         self._per_pipeline: dict[str, ASHAScheduler] = {}
+        self._state_path = state_path
+        self._loaded = False
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return True  # metric and mode are the sweep's, given at construction
 
+    def _load(self) -> None:
+        """The rungs a previous driver of this sweep saved, once per process."""
+        self._loaded = True
+        if self._state_path is None:
+            return
+        try:
+            with open(self._state_path, "rb") as fh:
+                saved = pickle.load(fh)
+        except FileNotFoundError:
+            return
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            log.warning("ASHA's saved rungs at %s do not load (%s); they restart empty: "
+                        "trials resumed now are compared only with trials that report from "
+                        "here on", self._state_path, exc)
+            return
+        self._per_pipeline.update(saved)
+
+    def _save(self) -> None:
+        if self._state_path is not None and self._per_pipeline:
+            from debias.files import atomic_write_bytes
+
+            atomic_write_bytes(self._state_path, pickle.dumps(self._per_pipeline))
+
     def _asha(self, trial: Any) -> ASHAScheduler | None:
         if self._asha_settings is None or trial.config.get("phase") != "search":
             return None
+        if not self._loaded:
+            self._load()
         name = trial.config["pipeline"]
         if name not in self._per_pipeline:
             self._per_pipeline[name] = ASHAScheduler(
@@ -401,21 +486,27 @@ class PipelineScheduler(FIFOScheduler):
         return self._per_pipeline[name]
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if (asha := self._asha(trial)) is not None:
+        asha = self._asha(trial)
+        if asha is not None and trial.trial_id not in asha._trial_info:
             asha.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         asha = self._asha(trial)
-        return asha.on_trial_result(tune_controller, trial, result) if asha else \
-            TrialScheduler.CONTINUE
+        if asha is None:
+            return TrialScheduler.CONTINUE
+        decision = asha.on_trial_result(tune_controller, trial, result)
+        self._save()
+        return decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         if (asha := self._asha(trial)) is not None and trial.trial_id in asha._trial_info:
             asha.on_trial_complete(tune_controller, trial, result)
+            self._save()
 
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         if (asha := self._asha(trial)) is not None and trial.trial_id in asha._trial_info:
             asha.on_trial_remove(tune_controller, trial)
+            self._save()
 
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         self.on_trial_remove(tune_controller, trial)

@@ -144,6 +144,9 @@ class Search(Section):
     max_concurrent_total: int | None = Int(None, 1, 100_000,
                                            doc="running trials of the whole sweep")
     seed: int = Int(0, 0, doc="the sampler's seed")
+    startup_trials: int | None = Int(
+        None, 1, 100_000, doc="optuna: TPE's random start-up trials per pipeline before its "
+                              "model-based ones; default a third of num_samples (2 to 10)")
     trial_seed: int = Int(
         1000, 0, doc="the seed every search trial trains with; never one of `seeds`, so the "
                      "reported seeds are fresh runs, not the search's own trials")
@@ -398,8 +401,9 @@ def with_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str,
 
 
 #: Config keys the sweep's searcher adds to every trial's params (never hyperparameters): which
-#: pipeline (``target`` or ``method/target``) and phase it belongs to, and its Tune trial id.
-PIPELINE_KEYS = ("pipeline", "phase", "trial")
+#: pipeline (``target`` or ``method/target``) and phase it belongs to, its Tune trial id, and
+#: the sampler that drew its config.
+PIPELINE_KEYS = ("pipeline", "phase", "trial", "sampler")
 
 
 def trial_config(bases: Mapping[str, Mapping[str, Any]], params: Mapping[str, Any]
@@ -915,6 +919,13 @@ def _check_asha(spec: Spec, problems: list[str]) -> None:
                             "class-weight grid, not epochs, so stopping early would skip grid "
                             "points, not epochs)")
     epochs = next((d for d in spec.space if d.path == "train.epochs"), None)
+    schedules = next((set(d.values) for d in spec.space if d.path == "train.scheduler"),
+                     {spec.config["train"]["scheduler"]})
+    if epochs is not None and "cosine" in schedules:
+        problems.append("scheduler: got ASHA with train.epochs searched and train.scheduler "
+                        "cosine; expected one of them fixed (ASHA compares trials at equal "
+                        "epochs, and a cosine schedule of fewer epochs has annealed further "
+                        "by then, so short schedules would win the rungs)")
     fewest = spec.config["train"]["epochs"] if epochs is None else (
         min(epochs.values) if epochs.kind == "choice" else epochs.low)
     if epochs and grace > fewest:

@@ -44,7 +44,7 @@ from debias.preflight import (
     resume_command,
     sweep_dir,
 )
-from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher
+from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher, trial_steps
 from debias.spec import LABEL_FREE_METRICS, Spec
 from debias.stage_plan import StagePlanner
 from debias.sweep_log import MlflowTrialCallback, SweepLog
@@ -88,15 +88,7 @@ def tune_path(spec: Spec) -> Path:
 
 
 def num_search_trials(spec: Spec, method: str) -> int:
-    space = spec.space_for(method)
-    if not space:
-        return 1
-    if spec.search["algorithm"] == "grid":
-        n = 1
-        for d in space:
-            n *= len(d.values)
-        return n
-    return spec.search["num_samples"]
+    return sum(_plan(spec, method, method).samplers().values())
 
 
 def describe_plan(spec: Spec) -> str:
@@ -116,9 +108,11 @@ def describe_plan(spec: Spec) -> str:
         cls = spec.method_class(method)
         uses = ", ".join(sorted({cls.bias_labels(p).describe() for p in
                                  spec.param_variants(method)}))
-        lines.append(f"  {method}: {s['algorithm']} search, {n_search} trial(s) per target; "
-                     f"steps per trial: {cls.steps(spec.context(method))}; bias labels for "
-                     f"training: {uses}")
+        samplers = ", ".join(f"{n} {name}" for name, n in
+                             _plan(spec, method, method).samplers().items() if n)
+        lines.append(f"  {method}: {s['algorithm']} search, {n_search} trial(s) per target "
+                     f"({samplers}); steps per trial: {cls.steps(spec.context(method))}; bias "
+                     f"labels for training: {uses}")
         for d in spec.space_for(method):
             lines.append(f"    {d.path}: {d.describe()}")
     if spec.config["scheduler"]:
@@ -134,12 +128,17 @@ def describe_plan(spec: Spec) -> str:
     return "\n".join(lines)
 
 
-def _plans(spec: Spec) -> list[PipelinePlan]:
+def _plan(spec: Spec, method: str, name: str) -> PipelinePlan:
     s = spec.search
-    return [PipelinePlan(name=p.name, domains=spec.space_for(p.method),
-                         algorithm=s["algorithm"], num_samples=s["num_samples"],
-                         seeds=tuple(spec.seeds), max_concurrent=s.get("max_concurrent"))
-            for p in pipelines(spec)]
+    return PipelinePlan(name=name, domains=spec.space_for(method), algorithm=s["algorithm"],
+                        num_samples=s["num_samples"], seeds=tuple(spec.seeds),
+                        max_concurrent=s.get("max_concurrent"),
+                        startup=s.get("startup_trials"),
+                        planned_steps=trial_steps if spec.config["scheduler"] else None)
+
+
+def _plans(spec: Spec) -> list[PipelinePlan]:
+    return [_plan(spec, p.method, p.name) for p in pipelines(spec)]
 
 
 def _max_epochs(spec: Spec, method: str) -> int:
@@ -289,7 +288,8 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
                                  seed=spec.search["seed"], bases=bases, planner=planner)
         scheduler = PipelineScheduler(TUNE_METRIC, spec.search["mode"],
                                       (spec.config["scheduler"] or {}).get("asha"),
-                                      {p.name: _max_epochs(spec, p.method) for p in pipes})
+                                      {p.name: _max_epochs(spec, p.method) for p in pipes},
+                                      state_path=str(sweep_dir(spec) / "asha_rungs.pkl"))
         # The searcher says when it is done: stage tasks are trials too, and how many a sweep
         # needs is known only as configs are drawn.
         total = 10**9

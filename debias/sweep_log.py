@@ -126,7 +126,8 @@ class SweepLog:
                 ROLE_TAG: "trial", "phase": phase, "ray_trial_id": trial_id,
                 "seed": str(config["seed"]), "method": str(config["method"]),
                 "config_hash": config_hash(config), "target_attribute": config["target"],
-                "bias_attribute": config["bias"]}))
+                "bias_attribute": config["bias"],
+                **({"search/sampler": str(params["sampler"])} if "sampler" in params else {})}))
         return key
 
     def _last_logged(self, key: tuple[str, ...]) -> int:

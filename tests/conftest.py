@@ -126,6 +126,8 @@ def check_sweep_runs(uri: str, name: str, targets: dict[str, str], n_search: int
         for run in finished:
             t, p, m = run.data.tags, run.data.params, run.data.metrics
             assert {"seed", "config_hash", "phase", "ray_trial_id"} <= set(t)
+            if t["phase"] == "search":  # which sampler drew the config
+                assert t["search/sampler"] in ("fixed", "random", "grid", "tpe-startup", "tpe")
             assert p["target"] == target and p["dataset.name"] == "synthetic"
             assert p["seed"] == t["seed"] and "train.lr" in p
             for key in ("train/loss", "val/avg_acc", "val/worst_group_acc", "test/avg_acc",
