@@ -353,4 +353,5 @@ def _reporter(spec: Spec) -> Any:
             parameter_columns=["pipeline", "phase", "seed"], max_report_frequency=10)
     from debias.progress import SweepProgress
 
-    return SweepProgress(spec.name, TUNE_METRIC, spec.search["mode"])
+    return SweepProgress(spec.name, TUNE_METRIC, spec.search["mode"],
+                         label=spec.search["metric"])
