@@ -8,7 +8,7 @@ per pipeline, the best config's model for every reported seed with its logged me
 (the same evaluation loop and batches, so on a CPU the same numbers).
 
 A last-layer trial's model is the reference trunk with the fitted head as its ``target``
-head, applied to L2-normalised features in float64, exactly as it was fitted and scored.
+head, applied to the trunk's raw features in float64, exactly as it was fitted and scored.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def evaluate(exported: ExportedModel, split: str = "test", device: str = "cpu",
     if exported.last_layer:
         from debias.stages import extract_features
 
-        feats = torch.nn.functional.normalize(
-            extract_features(exported.model, data, split, dev), dim=1).numpy()
+        # The head was fitted on the trunk's raw features (debias/last_layer.py).
+        feats = extract_features(exported.model, data, split, dev).numpy()
         head = exported.model.heads["target"]
         logits = feats.astype(np.float64) @ head.weight.cpu().numpy().T + head.bias.cpu().numpy()
         preds = logits.argmax(axis=1)
@@ -88,26 +88,60 @@ def evaluate(exported: ExportedModel, split: str = "test", device: str = "cpu",
 
 def export_sweep(tracker: Tracker, folder: Path) -> list[Path]:
     """Per pipeline, the best config's model of every reported seed, with its metrics:
-    ``folder/<pipeline>/seed_<s>/{state_dict.pt, config.yaml, metrics.json}``."""
+    ``folder/<pipeline>/seed_<s>/{state_dict.pt, config.yaml, metrics.json}``.
+
+    Each model is downloaded to a staging folder and checked to load (``torch.load`` with
+    ``weights_only=True``, its config as YAML) before it is put in place; one that does not
+    (a truncated upload) is named and skipped, never written."""
+    import shutil
+    import tempfile
+
     written = []
     for name, parent in sorted(tracker.parent_runs().items()):
         for run in tracker.child_runs(parent.info.run_id, "seeds"):
             if run.info.status != "FINISHED":
                 continue
-            out = folder / name.replace("/", "__") / f"seed_{run.data.tags.get('seed', '?')}"
-            out.mkdir(parents=True, exist_ok=True)
-            try:
-                tracker.client.download_artifacts(run.info.run_id, MODEL_DIR, str(out))
-            except Exception as exc:  # a run from before models were logged
-                print(f"note: {name} seed {run.data.tags.get('seed')}: no logged model ({exc})")
-                continue
-            for file in (out / MODEL_DIR).iterdir():
-                file.replace(out / file.name)
-            (out / MODEL_DIR).rmdir()
+            seed = run.data.tags.get("seed", "?")
+            out = folder / name.replace("/", "__") / f"seed_{seed}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as staging:
+                try:
+                    tracker.client.download_artifacts(run.info.run_id, MODEL_DIR, staging)
+                except Exception as exc:  # a run from before models were logged
+                    print(f"note: {name} seed {seed}: no logged model ({exc})")
+                    continue
+                model = Path(staging) / MODEL_DIR
+                problem = _check_model(model)
+                if problem:
+                    print(f"note: {name} seed {seed}: the logged model is not exported: "
+                          f"{problem} (run {run.info.run_id})")
+                    continue
+                out.mkdir(parents=True, exist_ok=True)
+                for file in model.iterdir():
+                    shutil.move(str(file), out / file.name)
             metrics = {k: v for k, v in run.data.metrics.items()
                        if k.startswith(("test/", "selected/"))}
             (out / "metrics.json").write_text(json.dumps(
-                {"pipeline": name, "seed": run.data.tags.get("seed"), "run_id": run.info.run_id,
+                {"pipeline": name, "seed": seed, "run_id": run.info.run_id,
                  "metrics": metrics}, indent=1, sort_keys=True) + "\n")
             written.append(out)
     return written
+
+
+def _check_model(folder: Path) -> str | None:
+    """Why the model in ``folder`` cannot be used (None: it loads, weights only)."""
+    weights, config = folder / "state_dict.pt", folder / "config.yaml"
+    if not weights.is_file() or not config.is_file():
+        return "state_dict.pt or config.yaml is missing"
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        return f"state_dict.pt does not load with weights_only=True ({type(exc).__name__})"
+    if not isinstance(state, dict) or not state:
+        return "state_dict.pt holds no state_dict"
+    try:
+        if not isinstance(yaml.safe_load(config.read_text()), dict):
+            return "config.yaml holds no mapping"
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return f"config.yaml does not parse ({type(exc).__name__})"
+    return None

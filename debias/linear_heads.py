@@ -5,13 +5,16 @@ logistic regression on frozen features, shared by DFR (group-balanced subsets) a
 
 Why these pieces:
 
-- The validation split is cut in two, per class: a method fits in one half; the other half,
-  never fitted, is what model selection (and the grid over C and class weights) is scored on.
-- Each grid point is fitted once per subset (``retrains`` of them, drawn with different
-  seeds) and the coefficients are averaged: DFR's variance reduction.
-- The head is folded back through the standardisation, so it is one linear layer on the
-  features it was given (here the reference trunk's L2-normalised features, the stage
-  ClusterFix shares; DFR uses raw embeddings): the checkpoint is a plain weight and bias.
+- The validation split is cut in two: a method fits in one half; the other half, never
+  fitted, is what model selection (and the grid over C and class weights) is scored on.
+- Each fit standardises its features with a scaler (the reference DFR code fits it on the
+  very subset it fits while tuning, and on all of validation for the final head), and is
+  then folded back through that standardisation, so every head is one linear layer on the
+  raw penultimate features (DFR's embeddings: the trunk's average-pooled output, not
+  L2-normalised): the checkpoint is a plain weight and bias.
+- Several fits (``retrains``, on subsets drawn with different seeds) are averaged: DFR's
+  variance reduction. Averaging folded heads equals averaging the standardised coefficients
+  when the fits share one scaler, which is how the reference averages its final head.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LinearHead", "class_weight_options", "fit_averaged_head", "split_halves",
-           "standardiser"]
+__all__ = ["LinearHead", "class_weight_options", "fit_averaged_head", "random_halves",
+           "split_halves", "standardiser"]
 
 
 def _l1() -> dict[str, object]:
@@ -52,6 +55,13 @@ def split_halves(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         held.append(members[n_fit:])
     empty = np.zeros(0, dtype=np.int64)
     return (np.sort(np.concatenate(fit or [empty])), np.sort(np.concatenate(held or [empty])))
+
+
+def random_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) positions of ``n``: DFR's tuning split, a random permutation cut in
+    two (not stratified), the fit half being the second (the larger when ``n`` is odd)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n // 2:]), np.sort(order[:n // 2])
 
 
 def class_weight_options(ratios: Sequence[float], n_classes: int) -> list[dict[int, float]]:
@@ -87,12 +97,14 @@ class LinearHead:
 
 def _fit_one(x: np.ndarray, y: np.ndarray, c: float, class_weight: dict[int, float],
              n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, bias) as n_classes logits on the given (standardised) features."""
+    """(weight, bias) as n_classes logits on the given (standardised) features: the
+    reference's ``LogisticRegression(penalty="l1", C=c, solver="liblinear")`` with
+    scikit-learn's other defaults (``tol`` 1e-4, ``max_iter`` 100), seeded."""
     from sklearn.linear_model import LogisticRegression
 
     solver = "liblinear" if n_classes == 2 else "saga"  # liblinear is binary-only
     model = LogisticRegression(C=c, solver=solver, class_weight=class_weight, random_state=seed,
-                               max_iter=1000 if n_classes == 2 else 5000, **_l1())
+                               max_iter=100 if n_classes == 2 else 5000, **_l1())
     model.fit(x, y)
     coef, intercept = model.coef_, model.intercept_
     if n_classes == 2:  # one decision function -> two logits, (-f/2, f/2): softmax = sigmoid(f)
@@ -102,10 +114,12 @@ def _fit_one(x: np.ndarray, y: np.ndarray, c: float, class_weight: dict[int, flo
 
 
 def fit_averaged_head(subsets: Sequence[tuple[np.ndarray, np.ndarray]], c: float,
-                      class_weight: dict[int, float], n_classes: int, mean: np.ndarray,
-                      std: np.ndarray, seed: int) -> LinearHead:
-    """One L1 logistic regression per (features, labels) subset, on features standardised
-    with (``mean``, ``std``), coefficients averaged and folded back to raw features.
+                      class_weight: dict[int, float], n_classes: int, seed: int,
+                      scaler: tuple[np.ndarray, np.ndarray] | None = None) -> LinearHead:
+    """One L1 logistic regression per (raw features, labels) subset, each on its features
+    standardised with ``scaler`` (``(mean, std)``; None: each subset's own statistics, as
+    the reference standardises while tuning), folded back to raw features and averaged.
+    Retrain r is seeded ``seed + r``.
 
     Every subset must hold every class (a curated subset does: it is drawn per class).
     """
@@ -116,12 +130,11 @@ def fit_averaged_head(subsets: Sequence[tuple[np.ndarray, np.ndarray]], c: float
             raise ValueError(f"retrain {r}: the fitted subset holds classes {present.tolist()}"
                              f", expected all {n_classes}; give it more images (e.g. raise "
                              "slim.curated_size)")
+        mean, std = scaler if scaler is not None else standardiser(x)
         w, b = _fit_one((x - mean) / std, y, c, class_weight, n_classes, seed + r)
-        weights.append(w)
-        biases.append(b)
-    w_std, b_std = np.mean(weights, axis=0), np.mean(biases, axis=0)
-    weight = w_std / std
-    return LinearHead(weight=weight, bias=b_std - weight @ mean)
+        weights.append(w / std)
+        biases.append(b - (w / std) @ mean)
+    return LinearHead(weight=np.mean(weights, axis=0), bias=np.mean(biases, axis=0))
 
 
 def standardiser(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

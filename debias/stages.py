@@ -136,7 +136,7 @@ def predict(model: Classifier, data: GroupedDataset, split: str, device: torch.d
 
 
 def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,
-                    splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+                    splits: tuple[str, ...] = SPLITS, normalize: bool = True) -> dict[str, Any]:
     """What determines the frozen features of `source` ('backbone' or 'reference')."""
     if source == "backbone":
         identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
@@ -145,23 +145,28 @@ def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,
     inputs = {"data": data.identity(), "source": source, **identity}
     if tuple(splits) != SPLITS:
         inputs["splits"] = list(splits)
+    if not normalize:
+        inputs["normalize"] = False
     return inputs
 
 
 def features_key(config: dict[str, Any], data: GroupedDataset, source: str,
-                 splits: tuple[str, ...] = SPLITS) -> str:
+                 splits: tuple[str, ...] = SPLITS, normalize: bool = True) -> str:
     """The features' cache key: what stages built on them (k-means) key on."""
-    return stage_key("features", FEATURES_VERSION, features_inputs(config, data, source, splits))
+    return stage_key("features", FEATURES_VERSION,
+                     features_inputs(config, data, source, splits, normalize))
 
 
 def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                    device: torch.device, source: str,
-                    splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
-    """L2-normalised features of ``splits`` (default: every split, what ClusterFix shares),
-    from a frozen pretrained backbone (`source='backbone'`) or from the ERM reference model
-    (`source='reference'`). Last-layer retraining asks for validation and test only: on
-    CelebA the training split alone is 160k forward passes."""
-    inputs = features_inputs(config, data, source, splits)
+                    device: torch.device, source: str, splits: tuple[str, ...] = SPLITS,
+                    normalize: bool = True) -> dict[str, Any]:
+    """Trunk features of ``splits`` (default: every split, what ClusterFix shares), from a
+    frozen pretrained backbone (`source='backbone'`) or from the ERM reference model
+    (`source='reference'`); L2-normalised (ClusterFix clusters directions) or raw
+    (``normalize=False``: the penultimate embeddings DFR and SLIM's last layer refit on, as
+    their reference code extracts them). Last-layer retraining asks for validation and test
+    only: on CelebA the training split alone is 160k forward passes."""
+    inputs = features_inputs(config, data, source, splits, normalize)
 
     def compute() -> dict[str, Any]:
         if source == "backbone":
@@ -171,6 +176,8 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
         else:
             model = reference_model(config, data, cache, device)
         feats = {s: extract_features(model, data, s, device) for s in splits}
+        if not normalize:
+            return feats
         return {s: torch.nn.functional.normalize(f, dim=1) for s, f in feats.items()}
 
     return cache.get_or_compute("features", FEATURES_VERSION, inputs, compute)
@@ -195,9 +202,10 @@ def compute_reference(config: dict[str, Any], seed: int | None = None,
     reference_model(config, data, cache, device, seed, epochs)
 
 
-def compute_features(config: dict[str, Any], source: str, splits: list[str]) -> None:
+def compute_features(config: dict[str, Any], source: str, splits: list[str],
+                     normalize: bool = True) -> None:
     data, cache, device = _task_inputs(config)
-    frozen_features(config, data, cache, device, source, tuple(splits))
+    frozen_features(config, data, cache, device, source, tuple(splits), normalize)
 
 
 def reference_request(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
@@ -208,7 +216,8 @@ def reference_request(config: dict[str, Any], data: GroupedDataset, seed: int | 
 
 
 def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
-                      splits: tuple[str, ...] = SPLITS) -> list[StageRequest]:
+                      splits: tuple[str, ...] = SPLITS, normalize: bool = True
+                      ) -> list[StageRequest]:
     """The features of ``source`` and, for the reference model's, the model first."""
     out = []
     after: tuple[str, ...] = ()
@@ -216,7 +225,8 @@ def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
         ref = reference_request(config, data)
         out.append(ref)
         after = (ref.key,)
-    out.append(StageRequest("features", features_key(config, data, source, splits),
+    out.append(StageRequest("features", features_key(config, data, source, splits, normalize),
                             "debias.stages:compute_features", config,
-                            {"source": source, "splits": list(splits)}, after))
+                            {"source": source, "splits": list(splits), "normalize": normalize},
+                            after))
     return out

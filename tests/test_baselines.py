@@ -54,12 +54,14 @@ def test_groupdro_weight_update_matches_the_paper_by_hand() -> None:
     assert torch.allclose(still.q, torch.full((4,), 0.25, dtype=torch.float64))
 
 
-def test_jtt_upsamples_every_error_lambda_times() -> None:
+def test_jtt_adds_lambda_copies_of_every_error_to_the_training_set() -> None:
+    """The reference's ConcatDataset([train, Subset(train, E * lambda_up)]): every error
+    example lambda_up + 1 times, every other example once."""
     errors = np.array([False, True, False, True, True])
     positions = upsampled_positions(5, errors, lambda_up=4)
-    counts = np.bincount(positions, minlength=5)
-    assert counts.tolist() == [1, 4, 1, 4, 4]
-    assert upsampled_positions(5, errors, 1).tolist() == [0, 1, 2, 3, 4]
+    assert np.bincount(positions, minlength=5).tolist() == [1, 5, 1, 5, 5]
+    assert np.bincount(upsampled_positions(5, errors, 1), minlength=5).tolist() == [
+        1, 2, 1, 2, 2]
 
 
 def test_balancing_samplers_subsample_and_reweight_groups() -> None:
@@ -92,9 +94,10 @@ def _config(tmp_path: Path, method: str, **sections: Any) -> dict[str, Any]:
     return with_params(spec.trial_base("Odd"), {"seed": 0})
 
 
-def test_jtt_error_set_is_what_the_cached_identification_model_gets_wrong(
+def test_jtt_error_set_eval_after_is_what_the_cached_identification_model_gets_wrong(
         tmp_path: Path) -> None:
-    config = _config(tmp_path, "jtt", jtt={"epochs_id": 1, "lambda_up": 3})
+    config = _config(tmp_path, "jtt", jtt={"epochs_id": 1, "lambda_up": 3,
+                                           "error_predictions": "eval_after"})
     trial = build_trial(config, "cpu")
     assert trial.cache_events["cache/computed/reference"] == 1
     data = trial.data
@@ -102,7 +105,7 @@ def test_jtt_error_set_is_what_the_cached_identification_model_gets_wrong(
     wrong = (predict(model, data, "train", torch.device("cpu")).numpy()
              != data.view("train").y)
     assert np.array_equal(trial.method.errors, wrong) and 0 < wrong.sum() < len(wrong)
-    assert len(trial.method.train_positions()) == len(wrong) + 2 * wrong.sum()
+    assert len(trial.method.train_positions()) == len(wrong) + 3 * wrong.sum()
     first = next(trial.epochs())
     assert first["jtt/error_set_size"] == wrong.sum()
     assert first["stage/jtt_errors"] and first["stage/reference"]

@@ -18,20 +18,19 @@ def _weights(**kw: object) -> ClusterWeights:
     return ClusterWeights(torch.tensor([0, 0, 1, 2]), 3, **args)  # sizes 2, 1, 1; N = 4
 
 
-def test_first_weights_are_inverse_cluster_frequency_then_momentum() -> None:
+def test_first_weights_are_loss_share_times_inverse_frequency_then_momentum() -> None:
+    """Buffers start unseen: after the first batch only its clusters have a loss."""
     w = _weights()
-    # Equal buffered losses: share 1/3 each, times N / n_c = (2, 4, 4).
+    w.update_losses(torch.tensor([0, 2]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0]))
+    # L = (1, 3, 0) (cluster 2 unseen): share (1/4, 3/4, 0) x N / n_c (2, 4, 4).
     torch.testing.assert_close(w.raw_cluster_weights(),
-                               torch.tensor([2 / 3, 4 / 3, 4 / 3], dtype=torch.float64))
+                               torch.tensor([0.5, 3.0, 0.0], dtype=torch.float64))
     batch = w.batch_weights(torch.tensor([0, 2]))
-    # Raw (2/3, 4/3) has batch mean 1; EMA with m = 0.3 weighting the new value:
-    # 0.7 * 1 + 0.3 * (2/3, 4/3) = (0.9, 1.1), batch mean 1 again.
-    torch.testing.assert_close(batch, torch.tensor([0.9, 1.1]))
-    torch.testing.assert_close(w.sample_ema[[0, 2]], torch.tensor([0.9, 1.1],
-                                                                   dtype=torch.float64))
-    again = w.batch_weights(torch.tensor([0, 2]))
-    expected = 0.7 * torch.tensor([0.9, 1.1]) + 0.3 * torch.tensor([2 / 3, 4 / 3])
-    torch.testing.assert_close(again, expected / expected.mean())
+    # Raw (0.5, 3) / batch mean 1.75 = (2/7, 12/7); EMA from 1 with m = 0.3 weighting the new
+    # value: (0.7 + 0.3 * 2/7, 0.7 + 0.3 * 12/7), stored, then divided by its mean again.
+    ema = torch.tensor([0.7 + 0.3 * 2 / 7, 0.7 + 0.3 * 12 / 7], dtype=torch.float64)
+    torch.testing.assert_close(w.sample_ema[[0, 2]], ema)
+    torch.testing.assert_close(batch, (ema / ema.mean()).float())
 
 
 def test_running_sums_equal_a_full_scan_and_cluster_loss_modes() -> None:
@@ -41,22 +40,24 @@ def test_running_sums_equal_a_full_scan_and_cluster_loss_modes() -> None:
     scan_pseudo = torch.stack([w.pseudo_loss[w.clusters == c].mean() for c in range(3)])
     scan_target = torch.stack([w.target_loss[w.clusters == c].mean() for c in range(3)])
     torch.testing.assert_close(w.cluster_losses(), scan_pseudo)
-    torch.testing.assert_close(w.cluster_losses(), torch.tensor([3.0, 1.0, 4.0],
+    # Cluster 1 (sample 2) is unseen: its loss is 0, not a mean over unseen buffers.
+    torch.testing.assert_close(w.cluster_losses(), torch.tensor([3.0, 0.0, 4.0],
                                                                 dtype=torch.float64))
     both = _weights(cluster_loss="both", beta=0.5)
     both.load_state_dict(w.state_dict())
     torch.testing.assert_close(both.cluster_losses(), 0.5 * scan_pseudo + scan_target)
     # Loss share x inverse frequency: cluster 2 (loss 4, size 1) gets the largest weight.
     raw = w.raw_cluster_weights()
-    torch.testing.assert_close(raw, torch.tensor([3 / 8 * 2, 1 / 8 * 4, 4 / 8 * 4],
+    torch.testing.assert_close(raw, torch.tensor([3 / 7 * 2, 0.0, 4 / 7 * 4],
                                                  dtype=torch.float64))
 
 
 def test_cluster_ema_smooths_per_cluster() -> None:
     w = _weights(ema="cluster", momentum=0.5)
+    w.update_losses(torch.arange(4), torch.ones(4), torch.ones(4))
     batch = w.batch_weights(torch.tensor([0, 1, 2, 3]))
-    # Per-cluster raw weights normalised to a dataset mean of 1: (2/3, 4/3, 4/3) already is
-    # (2*2/3 + 4/3 + 4/3) / 4 = 1; EMA from 1 with m = 0.5: (5/6, 7/6, 7/6).
+    # Equal losses: per-cluster raw weights (2/3, 4/3, 4/3), already of dataset mean 1;
+    # EMA from 1 with m = 0.5: (5/6, 7/6, 7/6).
     torch.testing.assert_close(w.cluster_ema, torch.tensor([5 / 6, 7 / 6, 7 / 6],
                                                            dtype=torch.float64))
     expected = torch.tensor([5 / 6, 5 / 6, 7 / 6, 7 / 6])

@@ -55,7 +55,7 @@ def test_folded_head_predicts_what_the_standardised_regression_predicts() -> Non
     x, y = _toy(200, 0)
     mean, std = standardiser(x)
     head = fit_averaged_head([(x, y)], c=0.5, class_weight={0: 1.0, 1: 2.0}, n_classes=2,
-                             mean=mean, std=std, seed=7)
+                             seed=7)  # standardised with the subset's own statistics
     reference = LogisticRegression(C=0.5, l1_ratio=1.0, solver="liblinear",
                                    class_weight={0: 1.0, 1: 2.0}, random_state=7)
     reference.fit((x - mean) / std, y)
@@ -68,8 +68,8 @@ def test_folded_head_predicts_what_the_standardised_regression_predicts() -> Non
 def test_retrains_are_averaged_and_l1_makes_the_head_sparse() -> None:
     (x1, y1), (x2, y2) = _toy(150, 1), _toy(150, 2)
     mean, std = standardiser(np.concatenate([x1, x2]))
-    kw: dict[str, Any] = {"class_weight": {0: 1.0, 1: 1.0}, "n_classes": 2, "mean": mean,
-                          "std": std}
+    kw: dict[str, Any] = {"class_weight": {0: 1.0, 1: 1.0}, "n_classes": 2,
+                          "scaler": (mean, std)}
     both = fit_averaged_head([(x1, y1), (x2, y2)], c=0.3, seed=5, **kw)
     first = fit_averaged_head([(x1, y1)], c=0.3, seed=5, **kw)
     second = fit_averaged_head([(x2, y2)], c=0.3, seed=6, **kw)  # retrain r gets seed + r
@@ -85,7 +85,7 @@ def test_a_subset_missing_a_class_is_refused_with_the_knob_to_turn() -> None:
     mean, std = standardiser(x)
     with pytest.raises(ValueError, match="curated_size"):
         fit_averaged_head([(x, y), (x[y == 0], y[y == 0])], c=1.0, class_weight={0: 1, 1: 1},
-                          n_classes=2, mean=mean, std=std, seed=0)
+                          n_classes=2, seed=0, scaler=(mean, std))
 
 
 def test_group_annotator_takes_the_majority_from_the_training_split() -> None:
@@ -98,7 +98,8 @@ def test_group_annotator_takes_the_majority_from_the_training_split() -> None:
 # --------------------------------------------------------------------------- the trial
 
 SLIM = {"retrain": "last_layer", "budget_per_class": 5, "curated_size": 60, "keep_quantile": 0.0,
-        "retrains": 2, "c_grid": [1.0, 0.1], "class_weight_ratios": [1, 3]}
+        "retrains": 2, "c_grid": [1.0, 0.1], "class_weight_ratios": [1, 3], "embedding": "pca",
+        "final_retrains": 3}
 GRID_SIZE = 2 * 3
 
 
@@ -124,7 +125,11 @@ def first_run(store: Path) -> tuple[Any, list[dict[str, Any]]]:
     return trial, list(trial.epochs())
 
 
-def test_one_step_per_grid_point_with_test_from_the_selected_point(first_run) -> None:
+def test_one_step_per_grid_point_with_test_from_the_final_head(first_run) -> None:
+    """The held-out half selects the point; the final head refits it on the curated sets
+    (final_retrains fits, standardised with all of validation) and scores the test split."""
+    from debias.seeding import derive_seed
+
     trial, history = first_run
     assert [m["epoch"] for m in history] == list(range(1, GRID_SIZE + 1))
     assert {(m["last_layer/C"], m["last_layer/class_weight/1"]) for m in history} == {
@@ -133,19 +138,24 @@ def test_one_step_per_grid_point_with_test_from_the_selected_point(first_run) ->
     best = int(np.argmax(scores))  # first of the ties, as selection only moves on improvement
     final = history[-1]
     assert final["selected/epoch"] == best + 1 and final["selected/score"] == scores[best]
-    chosen = history[best]
-    head = fit_averaged_head(trial.subsets, chosen["last_layer/C"],
-                             {0: chosen["last_layer/class_weight/0"],
-                              1: chosen["last_layer/class_weight/1"]},
-                             2, trial.mean, trial.std, seed=trial_seed(trial, best))
+    assert not any(k.startswith("test/") for m in history[:-1] for k in m)
+    c, weights = trial.grid[best]
+    subsets = trial.method.final_subsets()
+    assert len(subsets) == 3  # the curated sets of the two retrains, taken in turn
+    view = trial.data.view("val")
+    head = fit_averaged_head([(trial.val_x[np.sort(p)], view.y[np.sort(p)]) for p in subsets],
+                             c, weights, 2, seed=derive_seed(trial.seed, "last-layer-final"),
+                             scaler=standardiser(trial.val_x))
     assert final["test/worst_group_acc"] == trial.evaluate("test", head)["test/worst_group_acc"]
+    assert final["last_layer/final_fit_size"] == pytest.approx(
+        np.mean([len(p) for p in subsets]))
     assert final["train/loss"] >= 0.0 and history[0]["last_layer/grid_size"] == GRID_SIZE
 
 
 def trial_seed(trial: Any, index: int) -> int:
     from debias.seeding import derive_seed
 
-    return derive_seed(trial.seed, "dfr", index)
+    return derive_seed(trial.seed, "last-layer", index)
 
 
 def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -> None:
@@ -166,8 +176,7 @@ def test_validation_is_split_into_a_fitted_half_and_a_held_out_half(first_run) -
     counts = sum(v for k, v in history[0].items() if k.startswith("val/group_count/"))
     assert counts == len(trial.held_out) == history[0]["last_layer/val_selection_size"]
     c, weights = trial.grid[0]
-    head = fit_averaged_head(trial.subsets, c, weights, 2, trial.mean, trial.std,
-                             seed=trial_seed(trial, 0))
+    head = fit_averaged_head(trial.subsets, c, weights, 2, seed=trial_seed(trial, 0))
     view = trial.data.view("val")
     y, a = view.y[trial.held_out], view.a[trial.held_out]
     correct = head.predict(trial.features["val"]) == y

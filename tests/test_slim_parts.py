@@ -159,14 +159,19 @@ def test_propagation_separates_two_blobs() -> None:
 
 
 def test_propagation_with_one_label_or_none() -> None:
+    """The reference's rule: a class whose answers lack a 0 or a 1 scores 1 everywhere (no
+    contrast to spread, nothing dropped)."""
     e = _blobs(50, [(-3, -3), (3, 3)])
-    y = np.zeros(100, dtype=int)
-    ones = propagate(e, y, np.array([0, 1]), np.array([1, 1]), gamma=[10.0])
-    np.testing.assert_array_equal(ones.keep, np.arange(100) < 50)
-    zeros = propagate(e, y, np.array([0, 1]), np.array([0, 0]), gamma=[10.0])
-    np.testing.assert_array_equal(zeros.keep, np.arange(100) >= 50)
-    unsure = propagate(e, y, np.array([0]), np.array([-1]), gamma=10.0)
-    assert unsure.keep.all() and "kept whole" in unsure.notes[0]
+    y = np.repeat([0, 1], 50)
+    both = np.array([50, 51, 52, 75, 76])
+    answers = np.array([1, 1, 0, 0, 0])
+    for labels in (np.array([1, 1]), np.array([0, 0]), np.array([-1, -1])):
+        result = propagate(e, y, np.concatenate([[0, 1], both]),
+                           np.concatenate([labels, answers]), gamma=[10.0, 5.0])
+        assert (result.scores[:50] == 1.0).all() and result.keep[:50].all()
+        assert "every score 1" in result.notes[0] and "spreading" in result.notes[1]
+        # the global median cut falls inside class 1, which is cut by its scores
+        assert 0 < result.keep[50:].sum() < 50
     # Ties at the median: strict "above" would keep nothing, so the ties are kept.
     assert keep_above_quantile(np.array([0.0, 1.0, 1.0, 1.0]), 0.5).tolist() == [
         False, True, True, True]
@@ -330,10 +335,12 @@ def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> 
     from debias.slim.pipeline import curated_subset
 
     data, model = trained
-    first = curated_subset(SLIMParams(curated_size=60, budget_per_class=10), data, model,
+    first = curated_subset(SLIMParams(curated_size=60, budget_per_class=10, embedding="pca"),
+                           data, model,
                            shared_cache, "cpu", "ref-a")
     StageCache.reset_events()
-    second = curated_subset(SLIMParams(curated_size=40, budget_per_class=10), data, model,
+    second = curated_subset(SLIMParams(curated_size=40, budget_per_class=10, embedding="pca"),
+                           data, model,
                             shared_cache, "cpu", "ref-a")
     # Only the curation is redone for another curated_size; GradCAM and the 2-D embeddings
     # come from the cache.
@@ -342,8 +349,9 @@ def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> 
     n_train = len(data.view("train"))
     for out, size in ((first, 60), (second, 40)):
         pos = out["positions"]
-        assert pos.dtype == torch.long and len(pos) == size
-        assert len(set(pos.tolist())) == size and 0 <= int(pos.min()) < int(pos.max()) < n_train
+        # the reference's int(total x weight) per cell: at most one short per cell
+        assert pos.dtype == torch.long and size - 25 <= len(pos) <= size
+        assert 0 <= int(pos.min()) < int(pos.max()) < n_train
         assert out["annotated"] == 20 and out["annotated_fraction"] < 0.03
         assert out["annotated_fraction"] == pytest.approx(20 / n_train)
         assert 0.0 <= out["aiou_mean"] <= 1.0
@@ -351,7 +359,8 @@ def test_pipeline_reuses_gradcam_and_annotates_little(trained, shared_cache) -> 
         assert size <= out["propagated_kept"] < n_train
     # Same knobs again: nothing recomputed.
     StageCache.reset_events()
-    again = curated_subset(SLIMParams(curated_size=60, budget_per_class=10), data, model,
+    again = curated_subset(SLIMParams(curated_size=60, budget_per_class=10, embedding="pca"),
+                           data, model,
                            shared_cache, "cpu", "ref-a")
     assert torch.equal(again["positions"], first["positions"])
     assert StageCache.computed == {} and StageCache.reused["curation"] == 1
@@ -363,10 +372,11 @@ def test_pipeline_without_masks_uses_group_annotator(trained, tmp_path: Path) ->
 
     data, model = trained
     no_masks = dataclasses.replace(data, masks=None, source=data.source + "|no-masks")
-    out = curated_subset(SLIMParams(curated_size=30), no_masks, model, StageCache(tmp_path),
+    out = curated_subset(SLIMParams(curated_size=30, embedding="pca"), no_masks, model,
+                         StageCache(tmp_path),
                          "cpu", oracle=lambda split: np.asarray(no_masks.view(split).a))
     assert math.isnan(out["aiou_mean"]) and out["annotator"] == "simulated-group"
-    assert len(out["positions"]) == 30
+    assert 5 <= len(out["positions"]) <= 30
 
 
 def test_pipeline_csv_request_then_answers(trained, shared_cache, tmp_path: Path) -> None:
@@ -376,7 +386,7 @@ def test_pipeline_csv_request_then_answers(trained, shared_cache, tmp_path: Path
     data, model = trained
     path = tmp_path / "people" / "answers.csv"
     config = SLIMParams(annotator="csv", annotations=str(path), budget_per_class=3,
-                        curated_size=20)
+                        curated_size=20, embedding="pca")
     cache = shared_cache
     with pytest.raises(AnnotationError, match=r"answers\.csv does not exist: build the "
                                               r"request with .*--annotate"):
@@ -391,4 +401,4 @@ def test_pipeline_csv_request_then_answers(trained, shared_cache, tmp_path: Path
     _fill(path, ["1", "0", "-1", "1", "0", "1"])
     out = curated_subset(config, data, model, cache, "cpu", "ref-a")
     assert out["annotator"] == "csv" and not out["simulated"] and out["unsure"] == 1
-    assert len(out["positions"]) == 20
+    assert 10 <= len(out["positions"]) <= 20

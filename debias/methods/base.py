@@ -278,8 +278,13 @@ class Method:
         return self.seed
 
     def fit_subsets(self, fit_half: np.ndarray) -> list[np.ndarray]:
-        """Last-layer methods: the validation positions (within ``fit_half``) each retrain
-        fits on; the last-layer trial averages one fit per array."""
+        """Last-layer methods: the validation positions (within ``fit_half``) each tuning
+        retrain fits on; the last-layer trial averages one fit per array."""
+        raise NotImplementedError(f"{self.name} runs no last-layer trial")
+
+    def final_subsets(self) -> list[np.ndarray]:
+        """Last-layer methods: the validation positions (of the whole split) each fit of the
+        final head is fitted on (``final_fit: all_val``); the trial averages them."""
         raise NotImplementedError(f"{self.name} runs no last-layer trial")
 
     def fit_report(self) -> dict[str, Any]:

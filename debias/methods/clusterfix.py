@@ -1,9 +1,27 @@
 """ClusterFix: k-means pseudo-groups on frozen features, a multi-head model, and per-cluster
-loss re-weighting smoothed with momentum (ALGORITHMS.md, "ClusterFix").
+loss re-weighting smoothed with momentum (ALGORITHMS.md, "ClusterFix"), as its reference
+code computes them (ICCV11624/ICCV11624, ``trainers/cfix.py``, ``trainer: cfix``):
 
-The expensive stage (features, k-means) is cached and shared by every trial; the trial is the
-multi-head training. The per-sample weight arithmetic lives in :class:`ClusterWeights`, apart
-from the model, so it can be checked on hand-made tensors.
+- k-means per target class with **cosine** distance on L2-normalised features (the reference
+  calls ``kmeans_pytorch.kmeans(distance="cosine")``: Lloyd iterations assigning by
+  1 - cos, each centre the plain mean of its members, until the centres move less than
+  1e-4), initialised from k random points drawn from the trial's seed (the reference's draw
+  is unseeded); validation and test images join the nearest centre (cosine) of their own
+  class, and so do training images, by the final centres (:func:`cosine_kmeans`);
+- per-sample loss buffers that start *unseen* (the reference's -1): a cluster's loss L_c is
+  the mean buffered pseudo-head loss of its members seen so far (0 before any is seen), so
+  the first epoch's weights are the reference's;
+- weights w_i = (L_c / Σ L) · (N / n_c), divided by their batch mean, smoothed by a
+  per-sample EMA that weights the *new* value by the momentum and is stored before the
+  second normalisation; loss mean(CE_target · w) + β · mean(CE_pseudo);
+- ``class_mix`` (the reference's CelebA sampler): every batch holds a fixed count per class,
+  round(B · (α / n_classes + (1 - α) · p_c)), drawn in turn from each class's shuffled list
+  (wrapping around, so a rare class repeats), N // B batches an epoch; off (a permutation)
+  for Waterbirds, as in the reference.
+
+The expensive stage (features) is cached and shared by every trial; k-means (seconds) is
+cached per k and seed. The per-sample weight arithmetic lives in :class:`ClusterWeights`,
+apart from the model, so it can be checked on hand-made tensors.
 """
 
 from __future__ import annotations
@@ -22,42 +40,90 @@ from debias.seeding import derive_seed
 from debias.stage_plan import StageRequest
 from debias.stages import features_key, features_requests, frozen_features
 
-__all__ = ["ClusterFix", "ClusterFixParams", "ClusterWeights", "kmeans_per_class"]
+__all__ = ["ClusterFix", "ClusterFixParams", "ClusterWeights", "class_mix_order", "cosine_kmeans",
+           "kmeans_per_class", "nearest_centre"]
 
-KMEANS_VERSION = 3  # 2: keyed on the features stage key; 3: seeded from the trial's seed
+KMEANS_VERSION = 4  # 4: cosine Lloyd iterations (the reference's), not scikit-learn's
+
+#: kmeans_pytorch's stopping rule: (sum of the centres' shifts)^2 < tol.
+KMEANS_TOL = 1e-4
+#: A cap the reference does not have (it loops until converged): never reached in practice.
+KMEANS_MAX_ITER = 1000
+
+
+def cosine_kmeans(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The centres of k-means under cosine distance, as ``kmeans_pytorch.kmeans(...,
+    distance="cosine")`` computes them: k distinct random points to start, then assign each
+    point to its most similar centre and move each centre to the mean of its members, until
+    the squared sum of the centres' shifts is below 1e-4. A centre left without members is
+    moved to a random point (kmeans_pytorch's current rule; its 0.3 produced NaN)."""
+    x = x.double()
+    rng = np.random.default_rng(seed)
+    centres = x[torch.from_numpy(rng.choice(len(x), size=k, replace=False))].clone()
+    unit = F.normalize(x, dim=1)
+    for _ in range(KMEANS_MAX_ITER):
+        assign = (unit @ F.normalize(centres, dim=1).T).argmax(1)
+        previous = centres.clone()
+        for c in range(k):
+            members = x[assign == c]
+            centres[c] = members.mean(0) if len(members) else x[int(rng.integers(len(x)))]
+        if float((centres - previous).norm(dim=1).sum()) ** 2 < KMEANS_TOL:
+            break
+    return centres
+
+
+def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of the most cosine-similar centre of every row (``kmeans_predict``)."""
+    return (F.normalize(x.double(), dim=1) @ F.normalize(centres.double(), dim=1).T).argmax(1)
 
 
 def kmeans_per_class(features: dict[str, torch.Tensor], labels: dict[str, np.ndarray], k: int,
                      n_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """Global cluster ids c = local id + class * k for every split.
-
-    k-means runs on each class's L2-normalised train features; with unit vectors, squared
-    Euclidean distance is 2 - 2 cos, so this is k-means under cosine distance. Val/test
-    samples join the nearest (cosine) normalised centroid of their own class.
-    """
-    from sklearn.cluster import KMeans  # where it runs: see debias/linear_heads.py
-
+    """Global cluster ids c = local id + class * k for every split: cosine k-means on each
+    class's training features, every image of every split then joining the nearest final
+    centre of its own class (so identical images share a cluster in every split)."""
     out = {s: torch.empty(len(labels[s]), dtype=torch.long) for s in SPLITS}
     for t in range(n_classes):
         train_rows = np.flatnonzero(labels["train"] == t)
-        x = features["train"][train_rows].numpy().astype(np.float64)
-        n_clusters = min(k, len(train_rows))
-        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
-        centroids = F.normalize(torch.as_tensor(km.cluster_centers_, dtype=torch.float32), dim=1)
-        out["train"][train_rows] = torch.as_tensor(km.labels_, dtype=torch.long) + t * k
-        for s in ("val", "test"):
+        centres = cosine_kmeans(features["train"][train_rows], min(k, len(train_rows)),
+                                derive_seed(seed, "class", t))
+        for s in SPLITS:
             rows = np.flatnonzero(labels[s] == t)
             if len(rows):
-                sims = features[s][rows] @ centroids.T
-                out[s][rows] = sims.argmax(1) + t * k
+                out[s][rows] = nearest_centre(features[s][rows], centres) + t * k
     return out
+
+
+def class_mix_order(y: np.ndarray, batch_size: int, alpha: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """One epoch of the reference's CelebA sampler: N // B batches, each holding
+    round(B · (α / n_classes + (1 - α) · p_c)) examples of class c (the rounding's remainder
+    to the largest class), taken in turn from each class's list, shuffled at the epoch's
+    start and read round and round; each batch shuffled."""
+    y = np.asarray(y)
+    classes = np.unique(y)
+    p = np.array([np.mean(y == c) for c in classes])
+    counts = np.round(batch_size * (alpha / len(classes) + (1 - alpha) * p)).astype(int)
+    counts[np.argmax(counts)] += batch_size - counts.sum()
+    lists = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
+    cursor = [0] * len(classes)
+    batches = []
+    for _ in range(len(y) // batch_size):
+        batch = []
+        for i, n in enumerate(counts):
+            take = np.arange(cursor[i], cursor[i] + n) % len(lists[i])
+            batch.append(lists[i][take])
+            cursor[i] += n
+        batches.append(rng.permutation(np.concatenate(batch)))
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
 
 class ClusterWeights:
     """Per-sample loss buffers, per-cluster running sums and the momentum-smoothed weights.
 
-    Cluster losses are kept as running sums updated by the difference between a sample's new
-    and old buffered loss, so a step costs O(batch), not the original's O(2k * N) scan.
+    Cluster losses are kept as running sums (and counts of members seen) updated by the
+    difference between a sample's new and old buffered loss, so a step costs O(batch), not
+    the original's O(2k * N) scan. Buffers start unseen, as the reference's -1.
     """
 
     def __init__(self, clusters: torch.Tensor, n_clusters: int, momentum: float,
@@ -70,32 +136,40 @@ class ClusterWeights:
         self.ema = ema
         n = len(clusters)
         self.sizes = torch.bincount(self.clusters, minlength=n_clusters).double()
-        # Buffers start equal (1.0), so the first weights are pure inverse cluster frequency.
-        self.target_loss = torch.ones(n, dtype=torch.float64)
-        self.pseudo_loss = torch.ones(n, dtype=torch.float64)
-        self.target_sum = self.sizes.clone()
-        self.pseudo_sum = self.sizes.clone()
+        # Unseen until a training batch writes them (the reference's -1 marker).
+        self.seen = torch.zeros(n, dtype=torch.bool)
+        self.target_loss = torch.zeros(n, dtype=torch.float64)
+        self.pseudo_loss = torch.zeros(n, dtype=torch.float64)
+        self.seen_count = torch.zeros(n_clusters, dtype=torch.float64)
+        self.target_sum = torch.zeros(n_clusters, dtype=torch.float64)
+        self.pseudo_sum = torch.zeros(n_clusters, dtype=torch.float64)
         self.sample_ema = torch.ones(n, dtype=torch.float64)
         self.cluster_ema = torch.ones(n_clusters, dtype=torch.float64)
 
     def update_losses(self, idx: torch.Tensor, target_loss: torch.Tensor,
                       pseudo_loss: torch.Tensor) -> None:
         """Write a training batch's latest losses into the buffers and the running sums."""
-        idx = idx.long()
-        c = self.clusters[idx]
+        idx = idx.long().cpu()
         t_new, p_new = target_loss.detach().double().cpu(), pseudo_loss.detach().double().cpu()
+        if len(torch.unique(idx)) < len(idx):  # a repeated example: its last loss is kept
+            _, last = np.unique(idx.numpy()[::-1], return_index=True)
+            keep = torch.from_numpy(len(idx) - 1 - last)
+            idx, t_new, p_new = idx[keep], t_new[keep], p_new[keep]
+        c = self.clusters[idx]
+        self.seen_count.index_add_(0, c, (~self.seen[idx]).double())
         self.target_sum.index_add_(0, c, t_new - self.target_loss[idx])
         self.pseudo_sum.index_add_(0, c, p_new - self.pseudo_loss[idx])
         self.target_loss[idx] = t_new
         self.pseudo_loss[idx] = p_new
+        self.seen[idx] = True
 
     def cluster_losses(self) -> torch.Tensor:
-        """L_c: mean buffered loss of each cluster (0 for an empty cluster)."""
-        size = self.sizes.clamp(min=1)
-        pseudo = self.pseudo_sum / size
+        """L_c: mean buffered loss of each cluster's members seen so far (0 before any)."""
+        seen = self.seen_count.clamp(min=1)
+        pseudo = self.pseudo_sum / seen
         if self.cluster_loss == "pseudo":
             return pseudo
-        return self.beta * pseudo + self.target_sum / size
+        return self.beta * pseudo + self.target_sum / seen
 
     def raw_cluster_weights(self) -> torch.Tensor:
         """(L_c / sum L) * (N / n_c): loss share times inverse cluster frequency."""
@@ -124,11 +198,13 @@ class ClusterWeights:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"target_loss": self.target_loss, "pseudo_loss": self.pseudo_loss,
                 "target_sum": self.target_sum, "pseudo_sum": self.pseudo_sum,
-                "sample_ema": self.sample_ema, "cluster_ema": self.cluster_ema}
+                "sample_ema": self.sample_ema, "cluster_ema": self.cluster_ema,
+                "seen": self.seen, "seen_count": self.seen_count}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, value in state.items():
-            setattr(self, name, value.clone().double())
+            setattr(self, name, value.clone() if value.dtype == torch.bool
+                    else value.clone().double())
 
 
 class ClusterFixParams(Section):
@@ -140,6 +216,10 @@ class ClusterFixParams(Section):
     ema: Literal["sample", "cluster"] = Choice("sample")
     features: Literal["auto", "backbone", "reference"] = Choice(
         "auto", doc="auto: the pretrained backbone, or the ERM reference model without one")
+    class_mix: Number | None = Float(
+        None, 0, 1, searchable=False,
+        doc="alpha of the reference's CelebA batches: per batch, round(B * (alpha / classes "
+            "+ (1 - alpha) * p_c)) of class c (its CelebA runs: 0.1); null: shuffled")
 
 
 class ClusterFix(Method):
@@ -190,6 +270,12 @@ class ClusterFix(Method):
                                       p.cluster_loss, p.beta, p.ema)
         self._batch_weights: list[torch.Tensor] = []
         self._first_epoch = True
+
+    def epoch_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
+        if self.params.class_mix is None:
+            return rng.permutation(self.train_positions())
+        return class_mix_order(self.data.view("train").y, int(self.config["train"]["batch_size"]),
+                               float(self.params.class_mix), rng)
 
     def heads(self) -> dict[str, int]:
         heads = {"target": self.data.n_classes}

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import field_validator
 
 from debias.last_layer import LastLayerParams, grid_size
 from debias.methods.base import Method, SweepContext
-from debias.params import Choice, Float, Int, Number, Text
+from debias.params import Choice, Float, Floats, Int, Number, Text
 from debias.slim.modes import (
     MODE_SPLITS,
     curation,
@@ -51,27 +52,63 @@ __all__ = ["SLIM", "SLIMParams"]
 SAMPLING_KEYS = ("slim.budget_per_class", "slim.neighbours", "slim.embedding", "backbone.arch")
 
 
+#: The reference's last-layer grid (``linear_model_training.py``): 11 C values x 28 class
+#: weights ({0: 1, 1: w} and {0: w, 1: 1} for 14 ratios).
+SLIM_C_GRID = [1.0, 0.7, 0.5, 0.3, 0.1, 0.07, 0.05, 0.03, 0.01, 0.007, 0.003]
+SLIM_CLASS_WEIGHTS = [1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0, 50.0, 80.0, 100.0, 200.0, 300.0,
+                      500.0, 1000.0]
+
+
 class SLIMParams(LastLayerParams):
     retrain: Literal["full", "last_layer"] = Choice("full")
     budget_per_class: int = Int(15, 1, 100_000, doc="images shown to the annotator per class")
     neighbours: int = Int(5, 1, 1000, doc="per centroid, pick among this many nearest")
-    gamma: Number = Float(10.0, 0, 1e6, lo_open=True, doc="LabelSpreading's rbf gamma")
-    alpha: Number = Float(0.01, 0, 1, lo_open=True, hi_open=True, searchable=False,
-                          doc="LabelSpreading's clamping (about 0: keep the answers)")
+    gamma: list[Number] = Floats(
+        [10.0, 5.0], expected="a non-empty list of numbers > 0, one per class",
+        doc="LabelSpreading's rbf gamma per class (the reference: 10 and 5)")
+    alpha: Number = Float(1e-6, 0, 1, lo_open=True, hi_open=True, searchable=False,
+                          doc="LabelSpreading's clamping (the reference: 1e-6, keep the answers)")
     keep_quantile: Number = Float(0.5, 0, 1, hi_open=True,
-                                  doc="keep instances scored above this quantile")
+                                  doc="keep instances scored above this quantile (the "
+                                      "reference: the median)")
+    keep_scope: Literal["global", "per_class"] = Choice(
+        "global", doc="global: the quantile of all scores (the reference); per_class: each "
+                      "class cut at its own")
     curated_size: int = Int(120, 2, 10_000_000)
     k_max: int = Int(5, 2, 50, doc="elbow search over K in [2, k_max] on each space")
     cell_share: Literal["spread", "uniform"] = Choice("spread")
-    embedding: Literal["pca", "umap"] = Choice("pca")
+    curation: Literal["reference", "class_balanced"] = Choice(
+        "reference", doc="reference: the notebook's cells over all kept images; "
+                         "class_balanced: half the budget per class, cells within each")
+    embedding: Literal["pca", "umap"] = Choice("umap", doc="umap: the reference's; pca: fast")
+    embedding_scope: Literal["joint", "per_class"] = Choice(
+        "joint", doc="joint: one embedding of the whole pool (the reference); per_class")
     annotator: Literal["simulated", "csv", "random"] = Choice(
         "simulated", searchable=False,
         doc="simulated: a stand-in person; csv: a person's answers; random: the ablation")
     annotations: str | None = Text(None, expected="the path of the annotation CSV")
     aiou_threshold: Number = Float(0.3, 0, 1)
+    retrains: int = Int(10, 1, 1000, doc="last_layer: curations per grid point, one fit each, "
+                                         "averaged (the reference tunes with 10)")
+    c_grid: list[Number] = Floats(SLIM_C_GRID,
+                                  expected="a non-empty list of distinct numbers > 0",
+                                  doc="last_layer: inverse L1 strengths (the reference's 11)")
+    class_weight_ratios: list[Number] = Floats(
+        SLIM_CLASS_WEIGHTS, expected="a non-empty list of distinct numbers > 0",
+        doc="last_layer: class weight ratios (the reference's 14, both ways)")
+
+    @field_validator("gamma")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(not v > 0 for v in values):
+            raise ValueError("needs numbers > 0")
+        return values
 
 
 class SLIM(Method):
+    #: The reference's full retraining (model_training.py) augments only with
+    #: --basic_data_aug, off by default.
+    reference_augments = False
     name = "slim"
     section = "slim"
     Params = SLIMParams
@@ -93,7 +130,7 @@ class SLIM(Method):
         if "umap" in ctx.values_of("slim.embedding") and importlib.util.find_spec(
                 "umap") is None:
             ctx.problems.append("slim.embedding: got 'umap'; expected 'pca' here, or install "
-                                "umap-learn first (pip install -e '.[umap]')")
+                                "umap-learn first (pip install umap-learn)")
         if slim["annotator"] != "csv":
             return
         if not slim.get("annotations"):
@@ -188,8 +225,17 @@ class SLIM(Method):
         subsets = [np.sort(c["positions"].numpy()) for c in curations]
         assert all(np.isin(s, fit_half).all() for s in subsets), "curated outside the fit half"
         self.curations = curations
+        self._subsets = subsets
         self._fit_report = self._report(curations[0], subsets[0])
         return subsets
+
+    def final_subsets(self) -> list[np.ndarray]:
+        """The reference refits its final head ``final_retrains`` times on its curated set,
+        standardised with all of validation; here the curated sets are those of the fit half
+        (one annotation round: the held-out half selects, the reference selects in-sample on
+        group labels), taken in turn."""
+        return [self._subsets[r % len(self._subsets)]
+                for r in range(self.params.final_retrains)]
 
     def fit_report(self) -> dict[str, Any]:
         return self._fit_report

@@ -1,4 +1,18 @@
-"""Balanced curation of the kept instances (ALGORITHMS.md item 7).
+"""Balanced curation of the kept instances (ALGORITHMS.md item 7), two ways.
+
+``reference`` (the default; :func:`curate_reference`) is the SLIM notebook's procedure
+(xiweix/SLIM, cells 21-27, ``compute_optimal_clusters``): over all kept instances at once,
+K1 clusters on E and K2 on Ebar chosen by its elbow rule (SSE for K = 2..5; d1 = diff(SSE)/2,
+d2 = diff(d1)/2; K = the (argmax d2 + 1)-th candidate), cells (E-cluster i, Ebar-cluster j)
+weighted p1[i] x p2[i][j] where p1 is the E-clusters' spread (median distance to the members'
+mean) and p2[i] the Ebar-clusters' spread *within* E-cluster i, each normalised to sum 1; a
+cell gets int(total x weight) images: k-means with that many centres on its Ebar
+coordinates, one of the 3 nearest images per centre; a cell with fewer images than its share
+gives them all and repeats random ones. Two defects of the notebook are not repeated: it
+assumes K1 == K2 (its loop runs over K2 for both) and pairs the sizes with the non-empty
+cells only, misaligning them when a cell is empty.
+
+``class_balanced`` (:func:`curate`, this project's earlier rule) is described below.
 
 The kept instances of a class are clustered twice: on E (what the model attends to) and on
 Ebar (the background it ignores). Each (E-cluster, Ebar-cluster) pair is a cell, and a
@@ -34,7 +48,7 @@ from debias.slim.clustering import kmeans
 from debias.slim.sampling import pick_near_centroids
 
 __all__ = ["CELL_SHARES", "Curation", "allocate", "cluster_spread", "curate", "curate_class",
-           "elbow_k", "pick_in_cell"]
+           "curate_reference", "elbow_k", "pick_in_cell", "reference_elbow"]
 
 CELL_NEIGHBOURS = 3
 
@@ -192,3 +206,72 @@ def curate(e: np.ndarray, e_bar: np.ndarray, y: np.ndarray, candidates: np.ndarr
         chosen.append(pos[rows])
     positions = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
     return Curation(positions=positions.astype(np.int64), details=details)
+
+
+def reference_elbow(x: np.ndarray, k_range: Sequence[int] = (2, 5), seed: int = 0) -> int:
+    """The notebook's elbow: with SSE(K) for K in the range, d1 = diff(SSE) / 2,
+    d2 = diff(d1) / 2, the K at index argmax(d2) + 1 (so neither end of the range, unless the
+    range or the distinct points are too few for a second difference)."""
+    x = np.asarray(x, dtype=np.float64)
+    n_distinct = len(np.unique(x, axis=0)) if len(x) else 0
+    ks = [k for k in range(int(k_range[0]), int(k_range[-1]) + 1) if k <= n_distinct]
+    if not ks:
+        return max(1, n_distinct)
+    if len(ks) < 3:
+        return ks[-1]
+    sse = np.array([_inertia(x, k, n_distinct, seed) for k in ks])
+    d2 = np.diff(np.diff(sse) / 2) / 2
+    return ks[int(np.argmax(d2)) + 1]
+
+
+def _spread_about_mean(x: np.ndarray) -> float:
+    """Median distance of points to their mean (the notebook's spread of a cluster)."""
+    return float(np.median(np.linalg.norm(x - x.mean(axis=0), axis=1))) if len(x) else 0.0
+
+
+def _normalised(v: np.ndarray) -> np.ndarray:
+    total = v.sum()
+    return v / total if total > 0 else np.full(len(v), 1.0 / max(1, len(v)))
+
+
+def curate_reference(e: np.ndarray, e_bar: np.ndarray, candidates: np.ndarray, total: int,
+                     k_range: Sequence[int] = (2, 5), seed: int = 0,
+                     cell_share: str = "spread") -> Curation:
+    """The reference's curation (see the module docstring) of ``total`` positions among
+    ``candidates`` (positions into ``e`` and ``e_bar``); positions may repeat where a cell
+    is padded. ``cell_share='uniform'`` weights every non-empty cell equally (an ablation)."""
+    candidates = np.unique(np.asarray(candidates, dtype=np.int64))
+    if total <= 0 or len(candidates) == 0:
+        return Curation(positions=np.zeros(0, dtype=np.int64))
+    pe = np.asarray(e, dtype=np.float64)[candidates]
+    pb = np.asarray(e_bar, dtype=np.float64)[candidates]
+    k1, k2 = reference_elbow(pe, k_range, seed), reference_elbow(pb, k_range, seed)
+    l1, l2 = kmeans(pe, k1, seed).labels_, kmeans(pb, k2, seed).labels_
+    p1 = _normalised(np.array([_spread_about_mean(pe[l1 == i]) for i in range(k1)]))
+    weights = np.zeros((k1, k2))
+    for i in range(k1):
+        inside = l1 == i
+        p2 = _normalised(np.array([_spread_about_mean(pb[inside & (l2 == j)])
+                                   for j in range(k2)]))
+        weights[i] = p1[i] * p2 * np.array([(inside & (l2 == j)).any() for j in range(k2)])
+    if cell_share == "uniform":
+        weights = (weights > 0).astype(np.float64)
+    weights = _normalised(weights.ravel())
+    rng = np.random.default_rng([seed, 7])
+    chosen: list[np.ndarray] = []
+    sizes = (total * weights).astype(np.int64)  # int(), as the notebook: the sum may fall short
+    cells = l1 * k2 + l2
+    for c in np.flatnonzero(sizes):
+        members = np.flatnonzero(cells == c)
+        n = int(sizes[c])
+        if n <= len(members):
+            local = kmeans(pb[members], n, seed)
+            picks = pick_near_centroids(pb[members], local.cluster_centers_, CELL_NEIGHBOURS,
+                                        rng)
+            chosen.append(members[np.asarray(picks, dtype=np.int64)])
+        else:  # every image of the cell, then random repeats up to its share
+            chosen.append(np.concatenate([members, rng.choice(members, n - len(members))]))
+    positions = np.sort(candidates[np.concatenate(chosen)]) if chosen else np.zeros(
+        0, dtype=np.int64)
+    return Curation(positions=positions.astype(np.int64),
+                    details={-1: {"k_e": k1, "k_ebar": k2, "allocation": sizes.tolist()}})

@@ -42,17 +42,17 @@ from debias.slim.annotations import (
     simulated_annotator,
 )
 from debias.slim.attention import compute_attention, gradcam_images, overlay_png
-from debias.slim.curation import curate
+from debias.slim.curation import curate, curate_reference
 from debias.slim.propagation import class_gammas, propagate
 from debias.slim.sampling import sample_for_annotation
-from debias.slim.space import embed_per_class
+from debias.slim.space import embed_space
 
 __all__ = ["ANNOTATORS", "GRADCAM_BATCH", "SlimKnobs", "attention_stage", "curated_subset",
            "model_fingerprint", "request_rows", "write_overlays"]
 
 GRADCAM_VERSION = 1
-SPACE_VERSION = 2  # 2: seeded by the caller (the trial's or the annotation's seed)
-CURATION_VERSION = 4  # 4: seeds passed explicitly; one schema for the knobs
+SPACE_VERSION = 3  # 3: joint (the reference's) or per-class embedding
+CURATION_VERSION = 5  # 5: the reference's propagation (scalar standardisation, global cut)
 ANNOTATORS = ("simulated", "csv", "random")
 #: Images per GradCAM batch (it needs gradients, so smaller than an evaluation batch).
 GRADCAM_BATCH = 64
@@ -64,13 +64,16 @@ class SlimKnobs(Protocol):
 
     budget_per_class: int
     neighbours: int
-    gamma: float
+    gamma: list[float]
     alpha: float
     keep_quantile: float
+    keep_scope: str
     curated_size: int
     k_max: int
     cell_share: str
+    curation: str
     embedding: str
+    embedding_scope: str
     annotator: str
     annotations: str | None
     aiou_threshold: float
@@ -163,15 +166,15 @@ def _pooled_attention(data: GroupedDataset, model: Classifier, cache: StageCache
                        "pool": None if len(pool) == len(view) else _pool_digest(pool)}}
 
 
-def _space(cache: StageCache, pooled: dict[str, Any], embedding: str, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """(E, E-bar): the pool's attention and background vectors embedded in 2-D per class,
-    cached: curations that differ in any other knob share them."""
-    inputs = {**pooled["inputs"], "embedding": embedding, "seed": seed}
+def _space(cache: StageCache, pooled: dict[str, Any], embedding: str, seed: int,
+           scope: str) -> tuple[np.ndarray, np.ndarray]:
+    """(E, E-bar): the pool's attention and background vectors embedded in 2-D (jointly or
+    per class), cached: curations that differ in any other knob share them."""
+    inputs = {**pooled["inputs"], "embedding": embedding, "seed": seed, "scope": scope}
 
     def compute() -> dict[str, Any]:
-        return {name: torch.from_numpy(embed_per_class(pooled[key], pooled["y"], embedding,
-                                                       seed))
+        return {name: torch.from_numpy(embed_space(pooled[key], pooled["y"], embedding, seed,
+                                                   scope))
                 for name, key in (("e", "v"), ("e_bar", "v_bar"))}
 
     space = cache.get_or_compute("space", SPACE_VERSION, inputs, compute)
@@ -190,8 +193,8 @@ def request_rows(s: SlimKnobs, data: GroupedDataset, model: Classifier,
     """The rows a person must answer for this sampling (overlays written beside ``path``):
     what :func:`curated_subset` reads back for the same knobs, split, pool and seed."""
     pooled = _pooled_attention(data, model, cache, device, model_key, split, pool)
-    positions = pooled["pool"][_sample(_space(cache, pooled, s.embedding, seed)[0],
-                                       pooled["y"], s, seed)]
+    positions = pooled["pool"][_sample(
+        _space(cache, pooled, s.embedding, seed, s.embedding_scope)[0], pooled["y"], s, seed)]
     view = data.view(split)
     written = write_overlays(path.with_name(f"{path.stem}_overlays"), data, model, device,
                              positions, split)
@@ -239,8 +242,9 @@ def curated_subset(s: SlimKnobs, data: GroupedDataset, model: Classifier,
     inputs: dict[str, Any] = {
         **pooled["inputs"],
         **{k: getattr(s, k) for k in ("budget_per_class", "neighbours", "alpha",
-                                      "keep_quantile", "curated_size", "embedding",
-                                      "cell_share")},
+                                      "keep_quantile", "keep_scope", "curated_size",
+                                      "embedding", "embedding_scope", "cell_share",
+                                      "curation")},
         "gamma": gamma, "k_range": k_range, "seed": seed, "curation_seed": curation_seed,
         "annotator": annotator,
         "threshold": s.aiou_threshold if annotator == "simulated-aiou" else None,
@@ -255,7 +259,7 @@ def curated_subset(s: SlimKnobs, data: GroupedDataset, model: Classifier,
         inputs["annotations_sha256"] = _file_digest(csv_path)
 
     def compute() -> dict[str, Any]:
-        e, e_bar = _space(cache, pooled, s.embedding, seed)
+        e, e_bar = _space(cache, pooled, s.embedding, seed, s.embedding_scope)
         sampled = _sample(e, y, s, seed)
         if annotator == "csv":
             assert csv_path is not None
@@ -274,9 +278,15 @@ def curated_subset(s: SlimKnobs, data: GroupedDataset, model: Classifier,
             train = data.view("train")
             labels = group_annotator(view.y[pool[sampled]], oracle(split)[pool[sampled]],
                                      majority_of=(train.y, oracle("train")))
-        prop = propagate(e, y, sampled, labels, gamma, s.alpha, s.keep_quantile)
+        prop = propagate(e, y, sampled, labels, gamma, s.alpha, s.keep_quantile,
+                         keep_scope=s.keep_scope)
         kept = np.flatnonzero(prop.keep)
-        cur = curate(e, e_bar, y, kept, s.curated_size, k_range, curation_seed, s.cell_share)
+        if s.curation == "reference":
+            cur = curate_reference(e, e_bar, kept, s.curated_size, k_range, curation_seed,
+                                   s.cell_share)
+        else:
+            cur = curate(e, e_bar, y, kept, s.curated_size, k_range, curation_seed,
+                         s.cell_share)
         return {
             "split": split,
             "positions": torch.from_numpy(pool[cur.positions]),

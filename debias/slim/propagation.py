@@ -1,26 +1,25 @@
-"""From a few attention labels to a score for every training image (ALGORITHMS.md item 6).
+"""From a few attention labels to a score for every image (ALGORITHMS.md item 6), as the
+reference code computes it (xiweix/SLIM, ``utils/analysis.py::propagate_core_spurious`` and
+the sampling notebook):
 
-Per class, scikit-learn's LabelSpreading (rbf kernel, a per-class gamma, small alpha so the
-given labels stay as they are) runs on the class's standardised embedding E with the
-annotated images as the labelled points; unsure answers (-1) count as unlabelled. The score
-is P(label 1) ("attention on the core object"), min-max scaled within the class, and the
-instances above the class's ``keep_quantile`` of scores are kept.
+* per class, the class's 2-D embedding E standardised with ONE mean and ONE standard
+  deviation over all its coordinates (not per axis);
+* scikit-learn's LabelSpreading on it (rbf kernel, the class's own gamma: the notebook's 10
+  for class 0 and 5 for class 1, alpha 1e-6 so the answers stay as given, max_iter 1e5);
+  unsure answers (-1) count as unlabelled;
+* the score is P(label 1) ("attention on the core object"), min-max scaled within the class;
+* where a class's answers lack a 0 or a 1 (all one answer, or none), every score of the class
+  is 1: no contrast to spread, nothing dropped;
+* the instances scored above the median of *all* scores (both classes together:
+  ``keep_scope: global``, the notebook's ``score > np.median(score)``) are kept;
+  ``keep_quantile`` moves the cut, ``keep_scope: per_class`` cuts each class at its own.
 
-Cases LabelSpreading cannot handle, and what is done instead (recorded in ``notes``):
-
-* only one label among a class's annotations (say every sampled image was a 1): there is
-  no contrast to spread, so the score is closeness to the nearest annotated image (all 1s)
-  or distance from it (all 0s) -- "how much like what the person saw". Distances rather
-  than rbf similarities, because exp(-gamma d^2) underflows to 0 for far points and would
-  make every far point tie;
-* no usable annotation in a class: every score is equal and the whole class is kept, since
-  there is no evidence to drop anything;
-* images with no kernel connection to any labelled image get P = 0.5 (no evidence);
-* classes above ``max_dense`` images (CelebA): a dense rbf kernel would need n^2 memory, so
-  the k-nearest-neighbour kernel is used there instead.
-
-Ties: keeping is strict (score > the quantile), but when that would keep nothing (e.g. most
-scores saturate at 1) the instances *at* the quantile are kept too.
+Where this departs from the reference (docs/methods.md): images with no kernel connection to
+any labelled image get P = 0.5 (scikit-learn would divide by zero); classes above
+``max_dense`` images (CelebA) use the k-nearest-neighbour kernel (a dense rbf kernel needs
+n^2 memory; the reference fits on 50,000 sampled unlabelled images instead). Keeping is
+strict (score > the quantile), but when that would keep nothing (every score 1) the
+instances *at* the quantile are kept too.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from debias.slim.space import standardise
-
-__all__ = ["Propagation", "class_gammas", "keep_above_quantile", "propagate"]
+__all__ = ["Propagation", "class_gammas", "keep_above_quantile", "propagate",
+           "scalar_standardise"]
 
 MAX_DENSE = 20_000
 KNN_NEIGHBOURS = 10
@@ -51,6 +49,8 @@ def class_gammas(gamma: float | Sequence[float], n_classes: int) -> list[float]:
     """One gamma per class, from a single float or a per-class list."""
     values = [float(gamma)] * n_classes if isinstance(gamma, int | float) else [
         float(g) for g in gamma]
+    if len(values) == 1:  # one value for every class
+        values = values * n_classes
     if len(values) < n_classes or any(g <= 0 for g in values):
         raise ValueError(f"gamma must be a positive number or one per class ({n_classes}), "
                          f"got {gamma!r}")
@@ -73,47 +73,53 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
 
-def _one_label_score(points: np.ndarray, labelled: np.ndarray, label: int) -> np.ndarray:
-    d2 = ((points[:, None, :] - points[None, labelled, :]) ** 2).sum(axis=2)
-    nearest = np.sqrt(d2.min(axis=1))
-    return -nearest if label == 1 else nearest
+def scalar_standardise(x: np.ndarray) -> np.ndarray:
+    """``(x - x.mean()) / x.std()`` over every coordinate at once, as the reference
+    standardises a class's embedding (one scale for both axes keeps its shape)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return x.copy()
+    std = x.std()
+    return (x - x.mean()) / (std if std > 0 else 1.0)
 
 
 def _class_scores(points: np.ndarray, targets: np.ndarray, gamma: float, alpha: float,
                   max_dense: int) -> tuple[np.ndarray, str]:
-    """Raw P(label 1) for one class's standardised points; targets are 1/0/-1 (unlabelled)."""
+    """Min-max scaled P(label 1) for one class's standardised points; targets are 1/0/-1
+    (unlabelled)."""
     labelled = np.flatnonzero(targets >= 0)
     present = set(targets[labelled].tolist())
-    if not present:
-        return np.full(len(points), 0.5), "no usable annotation: class kept whole"
-    if len(present) == 1:
-        label = present.pop()
-        return (_one_label_score(points, labelled, label),
-                f"all annotations are {label}: scored by similarity to them")
+    if present != {0, 1}:
+        what = f"all answers are {present.pop()}" if present else "no usable answer"
+        return np.ones(len(points)), f"{what}: every score 1 (the reference's rule)"
     from sklearn.semi_supervised import LabelSpreading  # where it runs: see linear_heads.py
 
     if len(points) > max_dense:
         model = LabelSpreading(kernel="knn", n_neighbors=KNN_NEIGHBOURS, alpha=alpha,
-                               max_iter=1000)
+                               max_iter=100_000)
         note = f"{len(points)} images > {max_dense}: knn kernel instead of rbf"
     else:
-        model = LabelSpreading(kernel="rbf", gamma=gamma, alpha=alpha, max_iter=1000)
+        model = LabelSpreading(kernel="rbf", gamma=gamma, alpha=alpha, max_iter=100_000)
         note = "label spreading"
     model.fit(points, targets)
     dist = model.label_distributions_
     prob = dist[:, list(model.classes_).index(1)]
-    disconnected = dist.sum(axis=1) <= 0
-    return np.where(disconnected, 0.5, prob), note
+    disconnected = ~np.isfinite(dist).all(axis=1) | (np.nan_to_num(dist).sum(axis=1) <= 0)
+    return _minmax(np.where(disconnected, 0.5, np.nan_to_num(prob))), note
 
 
 def propagate(embedding: np.ndarray, y: np.ndarray, annotated_positions: np.ndarray,
-              labels: np.ndarray, gamma: float | Sequence[float], alpha: float = 0.01,
-              keep_quantile: float = 0.5, max_dense: int = MAX_DENSE) -> Propagation:
-    """Spread the annotations over each class and keep its best-scoring instances.
+              labels: np.ndarray, gamma: float | Sequence[float], alpha: float = 1e-6,
+              keep_quantile: float = 0.5, max_dense: int = MAX_DENSE,
+              keep_scope: str = "global") -> Propagation:
+    """Spread the annotations over each class and keep the best-scoring instances (above the
+    ``keep_quantile`` of all scores, or of each class's with ``keep_scope="per_class"``).
 
-    ``embedding`` (N, 2) and ``y`` are aligned with training positions; ``labels`` holds the
+    ``embedding`` (N, 2) and ``y`` are aligned with the pool's positions; ``labels`` holds the
     answer (1, 0 or -1) for each of ``annotated_positions``.
     """
+    if keep_scope not in ("global", "per_class"):
+        raise ValueError(f"keep_scope must be 'global' or 'per_class', got {keep_scope!r}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     embedding = np.asarray(embedding, dtype=np.float64)
@@ -135,8 +141,10 @@ def propagate(embedding: np.ndarray, y: np.ndarray, annotated_positions: np.ndar
         rows = np.flatnonzero(y == c)
         if len(rows) == 0:
             continue
-        raw, notes[c] = _class_scores(standardise(embedding[rows]), targets[rows], gammas[c],
-                                      alpha, max_dense)
-        scores[rows] = _minmax(raw)
-        keep[rows] = keep_above_quantile(scores[rows], keep_quantile)
+        scores[rows], notes[c] = _class_scores(scalar_standardise(embedding[rows]),
+                                               targets[rows], gammas[c], alpha, max_dense)
+        if keep_scope == "per_class":
+            keep[rows] = keep_above_quantile(scores[rows], keep_quantile)
+    if keep_scope == "global":
+        keep = keep_above_quantile(scores, keep_quantile)
     return Propagation(scores=scores, keep=keep, notes=notes)
