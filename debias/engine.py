@@ -12,6 +12,7 @@ the last digits differ.)
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from debias.cache import CorruptFile, StageCache
-from debias.data import GroupedDataset, decoded_cache_dir, load_grouped, make_torch_dataset
+from debias.data import GroupedDataset, SplitView, decoded_cache_dir, load_grouped
+from debias.data.pipeline import InputPipeline, loader_workers
 from debias.methods.base import BiasAudit, Method
 from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
 from debias.seeding import derive_seed, seed_everything
 
-__all__ = ["Selection", "Trainer", "method_for", "predict_classes", "trial_device"]
+__all__ = ["STARVED_WAIT_FRAC", "Selection", "Trainer", "method_for", "predict_classes",
+           "trial_device"]
+
+#: A trial that spends more than this share of its training time waiting for batches is
+#: starved: its device idles on the input pipeline (the live view and the report flag it).
+STARVED_WAIT_FRAC = 1.0 / 3.0
 
 
 @dataclass
@@ -66,12 +73,14 @@ class Selection:
 
 @torch.no_grad()
 def predict_classes(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int,
-                    device: torch.device, num_workers: int = 0,
+                    device: torch.device, num_workers: int | str = 0,
                     memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """Predicted classes of a dataset of (image, position) items, in position order: the one
     evaluation loop, for trials, stages and exported models alike (same batches, so the same
     numbers on a CPU)."""
     model.eval()
+    if not isinstance(num_workers, int):  # train.num_workers: auto, outside a trial
+        num_workers = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     preds = np.empty(len(dataset), dtype=np.int64)  # type: ignore[arg-type]
     for images, positions in loader:
@@ -140,14 +149,24 @@ class Trainer:
         self.train_mix = (None if "train" in self.data.hidden_bias
                           else self.data.group_counts("train"))
 
-        # On-disk datasets are decoded once per node into a shared memory-mapped array in the
-        # stage cache (debias/data/decoded.py); in-memory ones (synthetic) ignore cache_dir.
-        cache_dir = decoded_cache_dir(config)
-        # Augmentation follows the method's reference code unless train.augment says otherwise.
-        self.train_set = make_torch_dataset(self.data, "train", train=method.augments(t),
-                                            cache_dir=cache_dir)
-        self.eval_sets = {s: make_torch_dataset(self.data, s, train=False, cache_dir=cache_dir)
-                          for s in ("val", "test")}
+        # The input pipeline: on-disk datasets are decoded once per node into a shared
+        # memory-mapped array (debias/data/decoded.py) and served as uint8 batches, cropped
+        # and normalised on the trial's device (debias/data/pipeline.py); in-memory ones
+        # (synthetic) are sliced. Augmentation follows the method's reference code unless
+        # train.augment says otherwise. Workers follow the CPUs the trial holds (the
+        # trainable sets torch's threads to them) unless train.num_workers is a number.
+        self.pipeline = InputPipeline(
+            self.data, cache_dir=decoded_cache_dir(config), device=self.device,
+            augment=method.augments(t), seed=self.seed,
+            workers=loader_workers(t["num_workers"], self.device, torch.get_num_threads(),
+                                   in_memory=self.data.images is not None),
+            memory_format=self.memory_format)
+        self.train_labels = torch.tensor(self.data.view("train").y, device=self.device)
+
+    @property
+    def train_set(self) -> SplitView:
+        """The training split (its length is the epoch's size before the method's sampler)."""
+        return self.data.view("train")
 
     def _autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
@@ -207,37 +226,41 @@ class Trainer:
         epoch = self.epoch
         seed_everything(derive_seed(self.seed, "epoch", epoch))
         # The method decides which positions an epoch visits (a subset, draws with
-        # replacement for reweighting samplers); the order is a stream of its own.
+        # replacement for reweighting samplers); the order is a stream of its own, and each
+        # batch's augmentation one more (the pipeline derives it from seed, epoch, batch).
         rng = np.random.default_rng(derive_seed(self.seed, "order", epoch))
-        order = self.method.epoch_order(epoch, rng).tolist()
-        loader = DataLoader(self.train_set, batch_size=self.train_cfg["batch_size"],
-                            sampler=order, drop_last=False,
-                            num_workers=self.train_cfg["num_workers"],
-                            pin_memory=self.device.type == "cuda")
+        order = self.method.epoch_order(epoch, rng)
         self.model.train()
         total, count = 0.0, 0
-        for images, positions in loader:
-            images = images.to(self.device, non_blocking=True,
-                               memory_format=self.memory_format)
-            labels = torch.as_tensor(self.data.view("train").y[positions.numpy()],
-                                     device=self.device)
+        self.pipeline.wait_s = 0.0
+        start = time.perf_counter()
+        for images, positions in self.pipeline.epoch(order, self.train_cfg["batch_size"],
+                                                     epoch):
+            labels = self.train_labels[positions.to(self.device, non_blocking=True)]
             with self._autocast():
                 loss = self.method.loss(self.step_model, images, positions, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            # Reading the loss waits for the step: the time to the next batch is then time
+            # the device idles for data, which is what perf/data_wait_frac measures.
             total += float(loss.detach()) * len(positions)
             count += len(positions)
+        elapsed = max(time.perf_counter() - start, 1e-9)
         if self.scheduler:
             self.scheduler.step()
         self.epoch = epoch + 1
 
-        metrics: dict[str, float] = {"epoch": self.epoch, "train/loss": total / max(count, 1)}
+        metrics: dict[str, float] = {"epoch": self.epoch, "train/loss": total / max(count, 1),
+                                     "perf/train_images_per_s": count / elapsed,
+                                     "perf/data_wait_frac": self.pipeline.wait_s / elapsed}
         metrics.update(self.method.epoch_metrics())
         metrics.update(self.cache_events)
         metrics.update(self.stage_tags)
         metrics.update(self.evaluate("val"))
         metrics.update(self.selection.record(metrics, self.epoch, self._select))
+        if self.epoch >= self.train_cfg["epochs"]:
+            self.pipeline.close()  # the workers' memory back as soon as training ends
         return metrics
 
     def _select(self) -> dict[str, float]:
@@ -252,10 +275,14 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, split: str) -> np.ndarray:
+        """Predicted classes of a split, in position order, through the trial's pipeline."""
+        self.step_model.eval()
+        preds = np.empty(len(self.data.view(split)), dtype=np.int64)
         with self._autocast():
-            return predict_classes(self.step_model, self.eval_sets[split],
-                                   self.train_cfg["eval_batch_size"], self.device,
-                                   self.train_cfg["num_workers"], self.memory_format)
+            for images, positions in self.pipeline.split(split,
+                                                         self.train_cfg["eval_batch_size"]):
+                preds[positions.numpy()] = self.step_model(images).argmax(1).cpu().numpy()
+        return preds
 
     def group_metrics(self, split: str, preds: np.ndarray) -> GroupMetrics:
         view = self.data.view(split)

@@ -22,10 +22,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import annotated_types as at
 import yaml
-from pydantic import field_validator
+from pydantic import Field, Strict, field_validator
 
 from debias.data import DATASETS, check_pair, dataset_attributes
 from debias.methods import Method, MethodLoadError, known_methods, resolve_method
@@ -87,7 +88,11 @@ class Train(Section):
     weight_decay: Number = Float(1e-4, 0, 10)
     momentum: Number = Float(0.9, 0, 1, hi_open=True)
     scheduler: Literal["none", "cosine"] = Choice("none")
-    num_workers: int = Int(0, 0, 64, searchable=False)
+    num_workers: Literal["auto"] | Annotated[int, Strict(), at.Ge(0), at.Le(64)] = Field(
+        "auto", description="DataLoader workers per trial; auto: none for in-memory data, "
+        "else resources.cpu on a GPU trial, one fewer on a CPU trial",
+        json_schema_extra={"x-searchable": False,
+                           "x-expected": "'auto' or an integer in [0, 64]"})
     augment: Literal["auto", "on", "off"] = Choice(
         "auto", doc="random-resized-crop + flip of on-disk training images; auto: what the "
                     "method's reference code does (off for GroupDRO and JTT, on for the "

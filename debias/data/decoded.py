@@ -18,17 +18,17 @@ roundings of "centre" are composed, see :func:`_window_start`), hence:
 
 - evaluation: ``CenterCrop(image_size)`` of the stored square == the on-disk
   ``Resize(S) + CenterCrop(image_size)``, exactly (identical tensors, tested);
-- training: the same ``RandomResizedCrop(image_size, scale=(0.7, 1.0))`` and
-  ``RandomHorizontalFlip`` (same torchvision classes, same PIL resampling, drawing from
-  torch's global generator like the on-disk path, so a fixed torch seed fixes the
-  augmentation), applied to the stored square instead of the original photo. Two
-  differences: crops come from the centre square only (for CelebA's 178 x 218 portraits,
-  82% of the frame: the top and bottom ~20 px strips of hair and neck are never seen; for
-  landscape Waterbirds photos, the left and right edges), and they are cut from an S-pixel
-  image rather than the full-resolution one, so a crop (sides ~0.8-1.14x the output size)
-  is resampled at about the output resolution instead of being downscaled from a larger
-  photo (slightly softer). Both are the usual trade of decode-once pipelines and keep the
-  scene (and its bias) that the augmentation is meant to keep.
+- training: the same ``RandomResizedCrop(image_size, scale=(0.7, 1.0))`` algorithm and
+  horizontal flip, as batched tensor ops on the stored square where the model runs
+  (:mod:`debias.data.augment`: antialiased bilinear like PIL, random draws from one seed per
+  batch), instead of per item on the original photo. Two differences: crops come from the
+  centre square only (for CelebA's 178 x 218 portraits, 82% of the frame: the top and bottom
+  ~20 px strips of hair and neck are never seen; for landscape Waterbirds photos, the left
+  and right edges), and they are cut from an S-pixel image rather than the full-resolution
+  one, so a crop (sides ~0.8-1.14x the output size) is resampled at about the output
+  resolution instead of being downscaled from a larger photo (slightly softer). Both are the
+  usual trade of decode-once pipelines and keep the scene (and its bias) that the
+  augmentation is meant to keep.
 
 Size on disk and in the page cache: N * S * S * 3 bytes; CelebA (202,599 images) is 3.2 GB
 at image_size 64 and 40 GB at 224, so at 224 it pays off on nodes whose RAM (or local SSD)
@@ -61,15 +61,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from debias.data.batches import BatchRequest, HostBatch, finish, host_empty
 from debias.data.grouped import GroupedDataset, load_rgb
-from debias.data.transforms import normalize_uint8
 from debias.files import atomic_output, atomic_write_text, locked
 
-__all__ = ["SUBDIR", "VERSION", "DecodedGroupedDataset", "decoded_array", "decoded_path",
-           "events", "reset_events", "stored_size"]
+__all__ = ["SUBDIR", "VERSION", "DecodedGroupedDataset", "DecodedSource", "decoded_array",
+           "decoded_bytes", "decoded_path", "events", "reset_events", "stored_size"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,13 @@ _open: dict[Path, tuple[tuple[int, int, int], np.ndarray]] = {}  # path -> (stat
 def stored_size(image_size: int) -> int:
     """S, the side of the stored squares: the evaluation transform's resize target."""
     return int(image_size * 256 / 224)
+
+
+def decoded_bytes(n_images: int, image_size: int) -> int:
+    """Size of the decoded array of ``n_images`` at ``image_size`` (the .npy header aside):
+    what ``cache.decoded`` needs on disk, and in the page cache to train from memory."""
+    size = stored_size(image_size)
+    return int(n_images) * size * size * 3
 
 
 def _centre(length: int, crop: int) -> int:
@@ -179,6 +185,12 @@ def _decode_rows(tmp: str, paths: Sequence[Path], start: int, image_size: int) -
     return len(paths)
 
 
+#: A pool process starts in about a second and a half (a fresh interpreter importing torch),
+#: about what decoding this many images at 224 px takes: below it, a process costs more
+#: than it saves, so small datasets (tests, rehearsals) decode in the calling process.
+MIN_IMAGES_PER_PROCESS = 500
+
+
 def build_workers() -> int:
     """The CPUs this process may use (the node's, where nothing narrows it)."""
     try:
@@ -193,8 +205,8 @@ def _build(data: GroupedDataset, path: Path, shape: tuple[int, ...], inputs: dic
     writing its own rows of the memory-mapped file (decoding is CPU-bound; one process would
     take an hour on CelebA at 224 px)."""
     assert data.image_paths is not None
-    workers = workers or build_workers()
     paths = list(data.image_paths)
+    workers = workers or min(build_workers(), max(1, len(paths) // MIN_IMAGES_PER_PROCESS))
     chunk = max(64, -(-len(paths) // (workers * 8)))
     with atomic_output(path) as tmp:  # synced, then renamed into place when whole
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -247,26 +259,23 @@ def decoded_array(data: GroupedDataset, cache_dir: str | Path, progress: bool = 
     return arr, path
 
 
-class DecodedGroupedDataset(torch.utils.data.Dataset):
-    """One split read from the shared decoded array; items as every grouped dataset's:
-    (normalised float 3 x image_size x image_size tensor, position into the split's view)."""
+class DecodedSource:
+    """Batches of a dataset's decoded array, every split: one sorted gather per batch.
 
-    def __init__(self, data: GroupedDataset, split: str, train: bool,
-                 cache_dir: str | Path, progress: bool = True) -> None:
-        self.view = data.view(split)
-        self.rows = self.view.index  # rows of the array (positions in the full table)
-        self.train = train
+    Training requests (with a seed) get the stored S x S squares, to be cropped with the
+    batch's seed where the model runs (:func:`debias.data.batches.finish`); evaluation
+    requests get the centre ``image_size`` crop at once (the bytes the device needs, no
+    more). Picklable without the array (a DataLoader worker maps the file again)."""
+
+    def __init__(self, data: GroupedDataset, cache_dir: str | Path, progress: bool = True
+                 ) -> None:
+        self.data = data
         self.image_size = int(data.image_size)
         self.size = stored_size(self.image_size)
         self.shape = (len(data), self.size, self.size, 3)
+        self._array: np.ndarray | None
         self._array, self.path = decoded_array(data, cache_dir, progress)
         self.crop_at = _centre(self.size, self.image_size)
-        # Training: the train transform's augmentation on the stored square (PIL, same
-        # classes); normalisation happens once per batch.
-        from torchvision import transforms as T
-
-        self.augment = T.Compose([T.RandomResizedCrop(self.image_size, scale=(0.7, 1.0)),
-                                  T.RandomHorizontalFlip()]) if train else None
 
     @property
     def array(self) -> np.ndarray:
@@ -280,6 +289,43 @@ class DecodedGroupedDataset(torch.utils.data.Dataset):
         # Pickling a memmap would copy the whole array into the message; send the path.
         return {**self.__dict__, "_array": None}
 
+    def fetch(self, request: BatchRequest) -> HostBatch:
+        rows = self.data.view(request.split).index[request.positions]
+        positions = torch.as_tensor(np.asarray(request.positions, dtype=np.int64))
+        arr, n = self.array, len(rows)
+        if request.seed is not None:
+            squares = host_empty((n, self.size, self.size, 3))
+            np.take(arr, rows, axis=0, out=squares.numpy())
+            return HostBatch(squares, positions, "squares", request.seed)
+        a, s = self.crop_at, self.image_size
+        crops = host_empty((n, s, s, 3))
+        out = crops.numpy()
+        for i, row in enumerate(rows):
+            out[i] = arr[row, a:a + s, a:a + s]
+        return HostBatch(crops, positions, "crops")
+
+
+class DecodedGroupedDataset(torch.utils.data.Dataset):
+    """One split of the decoded array as a map-style torch Dataset, for code that iterates a
+    plain DataLoader (stages, export); items as every grouped dataset's: (normalised float
+    3 x image_size x image_size tensor, position into the split's view). A batch asked for
+    with ``__getitems__`` is one gather and one batched crop, seeded by one draw from torch's
+    global generator (so a fixed torch seed fixes the augmentation). Trials use
+    :class:`debias.data.pipeline.InputPipeline` instead, whose seeds are per batch."""
+
+    def __init__(self, data: GroupedDataset, split: str, train: bool,
+                 cache_dir: str | Path, progress: bool = True) -> None:
+        self.view = data.view(split)
+        self.split = split
+        self.train = train
+        self.source = DecodedSource(data, cache_dir, progress)
+        self.image_size = self.source.image_size
+        self.path = self.source.path
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.source.array
+
     def __len__(self) -> int:
         return len(self.view)
 
@@ -288,14 +334,8 @@ class DecodedGroupedDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         positions = [int(p) for p in positions]
-        rows = self.rows[np.asarray(positions, dtype=np.int64)]
-        arr = self.array
-        if self.augment is not None:
-            # In the order given, one item after another, like the on-disk dataset, so the
-            # random draws per item do not depend on how items are batched.
-            crops = [np.asarray(self.augment(Image.fromarray(arr[r]))) for r in rows]
-            batch = normalize_uint8(np.stack(crops)) if crops else torch.empty(0)
-        else:
-            a, s = self.crop_at, self.image_size
-            batch = normalize_uint8(arr[rows, a:a + s, a:a + s])
-        return [(batch[i], p) for i, p in enumerate(positions)]
+        seed = int(torch.randint(0, 2**31 - 1, ())) if self.train else None
+        batch = self.source.fetch(BatchRequest(self.split, np.asarray(positions, np.int64),
+                                               seed))
+        images = finish(batch, self.image_size, torch.device("cpu"))
+        return [(images[i], p) for i, p in enumerate(positions)]
