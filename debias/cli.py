@@ -280,7 +280,8 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
     print(render_text(rows))
     for note in notes:
         print(f"  - {note}")
-    plots = sweep_plots(tracker, folder / "plots")
+    plots = sweep_plots(tracker, folder / "plots", log_params={d.path for d in spec.space
+                                                               if d.log})
     print(f"\nwritten: {md}, {csv_path}")
     if plots:
         print(f"plots: {', '.join(str(p) for p in plots.values())}")

@@ -6,6 +6,12 @@ search found a plateau or a lucky spike (metric against each hyperparameter), wh
 worst-group number comes from (per-group accuracy), and for ClusterFix whether the clusters
 found the bias attribute at all (purity).
 
+Each figure explains itself without the README: one colour per method everywhere (the same
+method has the same colour in every figure of a sweep) and a legend, axis labels with units,
+accuracies in percent as in the report table, log axes for keys the search sampled on a log
+scale, and a caption saying what bars, error bars (95% Student-t intervals, as in the table)
+and dots are. No figure has an empty panel.
+
 Each ``plot_*`` function takes plain data, so it is testable without MLflow, writes one PNG
 and returns its :class:`~matplotlib.figure.Figure`. The figures are built on the Agg canvas
 directly, never through ``pyplot``: no display is needed, no global figure list grows in a
@@ -21,7 +27,7 @@ import math
 import re
 import statistics
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +35,19 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
 from debias.tracking import Tracker
 
 __all__ = [
+    "CI_CAPTION",
     "SELECTION_METRIC",
     "TargetRuns",
+    "draw_sweep",
     "load_target_runs",
+    "method_colors",
     "plot_cluster_purity",
     "plot_group_accuracy",
     "plot_metric_vs_params",
@@ -51,9 +62,13 @@ SELECTION_METRIC = "selected/score"
 TEST_WGA = "test/worst_group_acc"
 GROUP_ACC_PREFIX = "test/group_acc/"
 PNG_DATA_KEY = "Description"
-#: A numeric hyperparameter whose values span more than this ratio gets a log axis.
+#: Without the search space at hand (``--compare``), a numeric hyperparameter whose values
+#: span more than this ratio gets a log axis.
 LOG_SPAN = 100.0
 DPI = 100
+CI_CAPTION = ("error bars: 95% confidence interval of the mean over seeds (Student t), as in "
+              "the table")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -100,10 +115,45 @@ def _set_title(ax: Axes, text: str) -> None:
     ax.set_title(textwrap.fill(text, width=max(20, int(width_in * 9))), fontsize="medium")
 
 
-def _as_percent(ax: Axes) -> None:
+def _as_percent(ax: Axes, full: bool = True) -> None:
     """Accuracies are stored as fractions and read as percentages, as in the report."""
-    ax.set_ylim(0.0, 1.05)
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    if full:
+        ax.set_ylim(0.0, 1.05)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0) if full else
+                                 FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
+
+
+def _log_x(ax: Axes) -> None:
+    """A log x axis labelled in plain numbers (0.02, 0.05, 0.1), not as powers of ten."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _is_accuracy(metric: str) -> bool:
+    return "acc" in metric.rsplit("/", 1)[-1]
+
+
+def _caption(fig: Figure, text: str) -> None:
+    """What the marks mean, under the figure (laid out with it, so never cut off)."""
+    fig.supxlabel(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 13))),
+                  fontsize="small", color="0.3")
+
+
+def method_colors(methods: Iterable[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure: built-in methods in the report's
+    order take fixed colours, others the next free ones."""
+    from debias.methods import BUILTIN
+
+    names = list(BUILTIN) + sorted({m for m in methods if m is not None} - set(BUILTIN))
+    return {m: f"C{i % 10}" for i, m in enumerate(names)}
+
+
+def _ordered_methods(methods: Iterable[str]) -> list[str]:
+    unique = set(methods)
+    order = list(method_colors(unique))
+    return sorted(unique, key=order.index)
 
 
 def _as_numbers(values: Sequence[Any]) -> list[float] | None:
@@ -148,12 +198,13 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
     between methods can be judged against seed noise.
 
     ``runs_by_target_method`` maps (target, method) to one value per seed. Each bar's gid is
-    ``"<target>|<method>"``."""
+    ``"<target>|<method>"``; methods keep their colour (:func:`method_colors`)."""
     data = {key: _finite(values) for key, values in runs_by_target_method.items()}
     data = {key: values for key, values in data.items() if values}
     targets = sorted({target for target, _ in data})
-    methods = sorted({method for _, method in data})
-    fig = _new_figure(max(5.5, 3.0 + (0.6 + 0.5 * len(methods)) * len(targets)), 3.6)
+    methods = _ordered_methods(method for _, method in data)
+    colors = method_colors(methods)
+    fig = _new_figure(max(5.5, 3.0 + (0.6 + 0.5 * len(methods)) * len(targets)), 4.0)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(methods))
     drawn = []
@@ -164,7 +215,7 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
         means = [statistics.fmean(data[t, method]) for t in present]
         stds = [_spread(data[t, method]) for t in present]
         cis = [_ci95(data[t, method]) for t in present]
-        bars = ax.bar(xs, means, width * 0.9, yerr=cis, capsize=3, color=f"C{i}",
+        bars = ax.bar(xs, means, width * 0.9, yerr=cis, capsize=3, color=colors[method],
                       alpha=0.75, label=method)
         for bar, target in zip(bars, present, strict=True):
             bar.set_gid(f"{target}|{method}")
@@ -176,11 +227,14 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
                   for t, m, s, c in zip(present, means, stds, cis, strict=True)]
     ax.set_xticks(range(len(targets)), targets)
     ax.set_xlabel("target attribute")
-    ax.set_ylabel("test worst-group accuracy")
-    _set_title(ax, "Test worst-group accuracy (bar: mean ± 95% CI over seeds; dots: seeds)")
+    ax.set_ylabel("test worst-group accuracy (%)")
+    _set_title(ax, "Test worst-group accuracy of each method's best config")
     _as_percent(ax)
     if methods:
         fig.legend(title="method", loc="outside right upper")
+    seeds = sorted({len(v) for v in data.values()})
+    _caption(fig, f"bars: mean over {'/'.join(map(str, seeds)) or 0} seed(s); dots: each seed; "
+                  + CI_CAPTION)
     _save(fig, path, drawn)
     return fig
 
@@ -188,59 +242,106 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
 # ---------------------------------------------------------------------------- 2. search
 
 
+def _series(trials: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(method, target) pairs in a stable order: methods as in the report, then targets."""
+    methods = _ordered_methods({t.get("method", "?") for t in trials})
+    targets = sorted({t["target"] for t in trials})
+    present = {(t.get("method", "?"), t["target"]) for t in trials}
+    return [(m, g) for m in methods for g in targets if (m, g) in present]
+
+
 def _plot_param(ax: Axes, trials: Sequence[Mapping[str, Any]], param: str,
-                targets: Sequence[str]) -> list[dict[str, Any]]:
-    """One hyperparameter's subplot: a marker series per target, categorical or numeric."""
+                series: Sequence[tuple[str, str]], colors: Mapping[str, str],
+                markers: Mapping[str, str], log: bool | None) -> list[dict[str, Any]]:
+    """One hyperparameter's panel: a marker series per (method, target) that has it,
+    categorical or numeric; ``log`` None: decide from the values' span."""
     having = [t for t in trials if param in t["params"]]
     raw = [t["params"][param] for t in having]
     numbers = _as_numbers(raw)
     categories = sorted({str(v) for v in raw}) if numbers is None else []
     position = dict(zip(raw, numbers, strict=True)) if numbers is not None else {}
     drawn = []
-    for i, target in enumerate(targets):
-        mine = [t for t in having if t["target"] == target]
+    mine_series = [(m, g) for m, g in series
+                   if any(t.get("method", "?") == m and t["target"] == g for t in having)]
+    for i, (method, target) in enumerate(mine_series):
+        mine = [t for t in having if t.get("method", "?") == method and t["target"] == target]
         if numbers is None:
-            # A small per-target shift keeps targets' markers on one category apart.
-            shift = (i - (len(targets) - 1) / 2) * 0.08
+            # A small per-series shift keeps series' markers on one category apart.
+            shift = (i - (len(mine_series) - 1) / 2) * 0.08
             xs = [categories.index(str(t["params"][param])) + shift for t in mine]
         else:
             xs = [position[t["params"][param]] for t in mine]
         ys = [float(t["metric"]) for t in mine]
-        ax.plot(xs, ys, marker="o", linestyle="none", alpha=0.8, color=f"C{i}", label=target)
-        drawn.append({"target": target, "x": xs, "y": ys})
+        ax.plot(xs, ys, marker=markers[target], linestyle="none", alpha=0.85,
+                color=colors[method], label=f"{method} / {target}", markeredgecolor="black",
+                markeredgewidth=0.4)
+        drawn.append({"method": method, "target": target, "x": xs, "y": ys})
     if numbers is None:
         ax.set_xticks(range(len(categories)), categories)
-    elif numbers and min(numbers) > 0 and max(numbers) / min(numbers) > LOG_SPAN:
-        ax.set_xscale("log")
-    ax.set_xlabel(param)
+    elif log or (log is None and numbers and min(numbers) > 0
+                 and max(numbers) / min(numbers) > LOG_SPAN):
+        _log_x(ax)
+    ax.set_xlabel(param + (" (log scale)" if ax.get_xscale() == "log" else ""))
     return drawn
 
 
-def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: Sequence[str],
-                          metric: str, path: Path | str) -> Figure:
-    """The selection metric of every search trial against each searched hyperparameter, one
-    subplot per hyperparameter and one marker series per target: shows whether the chosen
-    value sits on a plateau or is one lucky trial, and which knobs matter at all.
+def _panel_grid(fig: Figure, n: int) -> list[Axes]:
+    """``n`` panels, at most 3 a row, the last row centred: no empty panel is left."""
+    ncols = min(3, max(1, n))
+    nrows = max(1, math.ceil(n / ncols))
+    grid = fig.add_gridspec(nrows, 2 * ncols)
+    axes = []
+    for i in range(n):
+        row, col = divmod(i, ncols)
+        in_row = min(ncols, n - row * ncols)
+        start = (ncols - in_row) + 2 * col  # half-cell offsets centre a short last row
+        axes.append(fig.add_subplot(grid[row, start:start + 2]))
+    return axes
 
-    ``trials``: dicts ``{"target", "params": {name: value}, "metric": float}``; trials whose
-    metric is not finite are left out. Numeric params on a log axis where they span more than
-    two decades; anything non-numeric as categories."""
+
+def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: Sequence[str],
+                          metric: str, path: Path | str,
+                          log_params: Collection[str] | None = None) -> Figure:
+    """The selection metric of every search trial against each searched hyperparameter, one
+    panel per hyperparameter, one colour per method (a marker per target): shows whether the
+    chosen value sits on a plateau or is one lucky trial, and which knobs matter at all.
+
+    ``trials``: dicts ``{"method", "target", "params": {name: value}, "metric": float}``;
+    trials whose metric is not finite are left out, and so is a hyperparameter no trial has.
+    ``log_params``: the keys the search sampled on a log scale (log x axes); None decides from
+    the values (more than two decades: log). Anything non-numeric is shown as categories."""
     trials = [t for t in trials if _finite([t["metric"]])]
-    targets = sorted({t["target"] for t in trials})
-    params = list(searched_params)
+    # Keys every method searches (train.*, backbone.*) first, then each method's own.
+    params = sorted((p for p in searched_params if any(p in t["params"] for t in trials)),
+                    key=lambda p: (p.partition(".")[0] not in ("train", "backbone"), p))
+    series = _series(trials)
+    colors = method_colors(m for m, _ in series)
+    targets = sorted({g for _, g in series})
+    markers = {g: MARKERS[i % len(MARKERS)] for i, g in enumerate(targets)}
     ncols = min(3, max(1, len(params)))
     nrows = max(1, math.ceil(len(params) / ncols))
-    fig = _new_figure(4.2 * ncols, 3.4 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig = _new_figure(4.2 * ncols + 1.6, 3.4 * nrows + 0.9)
+    axes = _panel_grid(fig, len(params))
     drawn: dict[str, Any] = {"metric": metric, "params": {}}
-    for ax, param in zip(axes, params, strict=False):
-        drawn["params"][param] = _plot_param(ax, trials, param, targets)
-        ax.set_ylabel(metric)
-    for ax in axes[len(params):]:
-        ax.set_visible(False)
-    if targets and params:
-        axes[0].legend(title="target", fontsize="small")
-    fig.suptitle(f"Search: {metric} (validation) per hyperparameter")
+    percent = _is_accuracy(metric)
+    for ax, param in zip(axes, params, strict=True):
+        log = None if log_params is None else param in log_params
+        drawn["params"][param] = _plot_param(ax, trials, param, series, colors, markers, log)
+        ax.set_ylabel(f"{metric} (%)" if percent else metric)
+        if percent:
+            _as_percent(ax, full=False)
+    methods = _ordered_methods(m for m, _ in series)
+    if methods and params:
+        handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none", label=m)
+                   for m in methods]
+        if len(targets) > 1:
+            handles += [Line2D([], [], color="0.4", marker=markers[g], linestyle="none",
+                               label=f"target {g}") for g in targets]
+        fig.legend(handles=handles, title="method", loc="outside right upper")
+    fig.suptitle(f"Search: {metric} (validation, the selection metric) per searched "
+                 "hyperparameter")
+    _caption(fig, "each point: one search trial (search seed), at the epoch its selection "
+                  "metric chose; a panel shows only the methods that search its key")
     _save(fig, path, drawn)
     return fig
 
@@ -248,42 +349,57 @@ def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: 
 # ---------------------------------------------------------------------------- 3. groups
 
 
-def _group_label(group: Any) -> str:
+def _group_label(group: Any, target: str = "y", bias: str = "a") -> str:
     if isinstance(group, tuple) and len(group) == 2:
-        return f"y={group[0]}, a={group[1]}"
+        return f"{target}={group[0]}, {bias}={group[1]}"
     return str(group)
 
 
 def plot_group_accuracy(group_acc: Mapping[Any, Sequence[float]], path: Path | str,
-                        title: str) -> Figure:
-    """Per-group test accuracy of the best config (mean ± std over seeds, a dot per seed),
-    the worst group in red: shows which (target, bias) combination the WGA comes from and how
-    far it trails the others.
+                        title: str, target: str = "y", bias: str = "a",
+                        method: str | None = None) -> Figure:
+    """Per-group test accuracy of the best config (mean over seeds, error bar its 95%
+    interval as in the table, a dot per seed), the worst group highlighted: shows which
+    (target, bias) combination the WGA comes from and how far it trails the others.
 
-    ``group_acc`` maps a group ``(y, a)`` to one accuracy per seed; bars are ordered by group
-    and labelled ``y=…, a=…``."""
+    ``group_acc`` maps a group ``(y, a)`` (target value, bias value) to one accuracy per seed;
+    bars are ordered by group and labelled with the attribute names
+    (``Odd=1, Background=0``). The legend says which bar is the worst group."""
     data = {group: _finite(values) for group, values in group_acc.items()}
     groups = sorted((g for g, v in data.items() if v), key=lambda g: (str(type(g)), g))
     means = [statistics.fmean(data[g]) for g in groups]
     stds = [_spread(data[g]) for g in groups]
+    cis = [_ci95(data[g]) for g in groups]
     worst = means.index(min(means)) if means else -1
-    colors = ["C3" if i == worst else "C0" for i in range(len(groups))]
-    fig = _new_figure(max(4.0, 1.5 + 0.9 * len(groups)), 3.6)
+    base = method_colors([method])[method] if method else "C0"
+    colors = ["C3" if i == worst else base for i in range(len(groups))]
+    labels = [_group_label(g, target, bias) for g in groups]
+    fig = _new_figure(max(5.5, 2.5 + 1.3 * len(groups)), 4.0)
     ax = fig.add_subplot()
     several = any(len(data[g]) > 1 for g in groups)
-    bars = ax.bar(range(len(groups)), means, 0.7, yerr=stds if several else None, capsize=3,
+    bars = ax.bar(range(len(groups)), means, 0.7, yerr=cis if several else None, capsize=3,
                   color=colors, alpha=0.8)
-    for bar, group in zip(bars, groups, strict=True):
-        bar.set_gid(_group_label(group))
+    for bar, label in zip(bars, labels, strict=True):
+        bar.set_gid(label)
     if several:
         for i, group in enumerate(groups):
             ax.scatter([i] * len(data[group]), data[group], s=14, color="black", zorder=3)
-    ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups])
-    ax.set_ylabel("test accuracy")
+    ax.set_xticks(range(len(groups)), [label.replace(", ", "\n") for label in labels])
+    ax.set_xlabel(f"group: target {target} (y) and bias attribute {bias} (a)")
+    ax.set_ylabel("test accuracy (%)")
     _set_title(ax, title)
     _as_percent(ax)
-    _save(fig, path, [{"group": _group_label(g), "mean": m, "std": s, "values": data[g]}
-                      for g, m, s in zip(groups, means, stds, strict=True)])
+    if groups:
+        fig.legend(handles=[Patch(color="C3", alpha=0.8,
+                                  label="worst group:\nits accuracy is the WGA"),
+                            Patch(color=base, alpha=0.8, label="other groups")],
+                   loc="outside right upper", fontsize="small")
+    n = sorted({len(data[g]) for g in groups})
+    _caption(fig, f"bars: mean over {'/'.join(map(str, n)) or 0} seed(s)"
+                  + ("; dots: each seed; " + CI_CAPTION if several else " (no error bars)"))
+    _save(fig, path, [{"group": _group_label(g), "mean": m, "std": s, "ci95": c,
+                       "values": data[g]}
+                      for g, m, s, c in zip(groups, means, stds, cis, strict=True)])
     return fig
 
 
@@ -325,15 +441,23 @@ def plot_cluster_purity(sizes: Mapping[int, float], purity: Mapping[int, float],
                     bar.get_height()), xytext=(0, 2), textcoords="offset points",
                     ha="center", va="bottom", fontsize="x-small", rotation=90)
     mean = weighted_purity(dict(zip(clusters, counts, strict=True)), purity)
+    handles: list[Any] = []
     if math.isfinite(mean):
-        ax.axhline(mean, color="black", linestyle="--", linewidth=1, gid="weighted_mean",
-                   label=f"size-weighted mean {mean:.2f}")
-        ax.legend(loc="lower right", fontsize="small")
+        handles.append(ax.axhline(mean, color="black", linestyle="--", linewidth=1,
+                                  gid="weighted_mean", label=f"size-weighted mean {mean:.2f}"))
+    if clusters_per_class:
+        handles += [Patch(color=f"C{k}", alpha=0.8, label=f"clusters of target class {k}")
+                    for k in sorted(set(classes))]
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize="small")
     ax.set_xticks(range(len(clusters)), [str(c) for c in clusters])
-    ax.set_xlabel("cluster" + (" (coloured by target class)" if clusters_per_class else ""))
-    ax.set_ylabel("purity w.r.t. bias attribute")
+    ax.set_xlabel("cluster" + (" (coloured by the target class it splits)"
+                               if clusters_per_class else ""))
+    ax.set_ylabel("purity w.r.t. the bias attribute")
     ax.set_ylim(0.0, 1.15)
     _set_title(ax, title)
+    _caption(fig, "purity: the share of a cluster's training images that have its most "
+                  "common bias value (1 = the cluster is one bias group); n: images in it")
     _save(fig, path, {"clusters": clusters, "sizes": counts, "purity": heights,
                       "weighted_mean": mean})
     return fig
@@ -354,6 +478,8 @@ class TargetRuns:
     seeds: tuple[Any, ...]
     #: The parent run's name: the target, or ``method/target`` in a study.
     name: str = ""
+    #: The search metric (the parent's ``selection_metric`` tag).
+    selection: str = ""
 
     @property
     def key(self) -> str:
@@ -384,7 +510,8 @@ def load_target_runs(tracker: Tracker) -> list[TargetRuns]:
         seeds.sort(key=lambda r: int(r.data.tags.get("seed", 0)))
         tags = parent.data.tags
         out.append(TargetRuns(target, tags.get("method", "?"), tags.get("bias_attribute", "?"),
-                              _searched(parent, search), tuple(search), tuple(seeds), name))
+                              _searched(parent, search), tuple(search), tuple(seeds), name,
+                              tags.get("selection_metric", "")))
     return out
 
 
@@ -394,7 +521,7 @@ def _test_wga(targets: Sequence[TargetRuns]) -> dict[tuple[str, str], list[float
 
 
 def _search_trials(targets: Sequence[TargetRuns]) -> list[dict[str, Any]]:
-    return [{"target": t.target, "params": dict(r.data.params),
+    return [{"method": t.method, "target": t.target, "params": dict(r.data.params),
              "metric": r.data.metrics[SELECTION_METRIC]}
             for t in targets for r in t.search if SELECTION_METRIC in r.data.metrics]
 
@@ -431,21 +558,23 @@ def _clusters_per_class(run: Any) -> int | None:
     return int(k) if k.isdigit() and int(k) > 0 else None
 
 
-def sweep_plots(tracker: Tracker, folder: Path | str) -> dict[str, Path]:
-    """Write the sweep's figures into ``folder`` from MLflow alone, like ``--report``.
+def draw_sweep(tracker: Tracker, folder: Path | str,
+               log_params: Collection[str] | None = None) -> dict[str, tuple[Path, Figure]]:
+    """Write the sweep's figures into ``folder`` from MLflow alone, like ``--report``;
+    returns {file stem: (path, figure)}.
 
-    Returns {file stem: path} for what was written: ``test_wga``, ``metric_vs_params``,
-    ``group_accuracy_<target>``, ``cluster_purity_<target>`` (ClusterFix targets). A figure
-    with no data yet (no finished seed runs, no searched params, no cluster metrics) is
-    skipped rather than drawn empty."""
+    Stems: ``test_wga``, ``metric_vs_params``, ``group_accuracy_<pipeline>``,
+    ``cluster_purity_<pipeline>`` (methods that log clusters). A figure with no data yet (no
+    finished seed runs, no searched params, no cluster metrics) is skipped rather than drawn
+    empty. ``log_params``: the keys the search sampled on a log scale (the sweep file's
+    ``log: true``); None (``--compare``, no file at hand) decides from the values."""
     folder = Path(folder)
     targets = load_target_runs(tracker)
-    written: dict[str, Path] = {}
+    written: dict[str, tuple[Path, Figure]] = {}
 
     def emit(stem: str, draw: Any, *args: Any, **kwargs: Any) -> None:
         path = folder / f"{stem}.png"
-        draw(*args, path, **kwargs)
-        written[stem] = path
+        written[stem] = (path, draw(*args, path, **kwargs))
 
     wga = {k: v for k, v in _test_wga(targets).items() if v}
     if wga:
@@ -453,13 +582,16 @@ def sweep_plots(tracker: Tracker, folder: Path | str) -> dict[str, Path]:
     trials = _search_trials(targets)
     searched = sorted({p for t in targets for p in t.searched})
     if trials and searched:
-        emit("metric_vs_params", plot_metric_vs_params, trials, searched, SELECTION_METRIC)
+        metric = next((t.selection for t in targets if t.selection), SELECTION_METRIC)
+        emit("metric_vs_params", plot_metric_vs_params, trials, searched, metric,
+             log_params=log_params)
     for t in targets:
         groups = _group_accuracy(t.seeds)
         if groups:
             emit(f"group_accuracy_{_safe_name(t.key)}", plot_group_accuracy, groups,
-                 title=f"{t.target} ({t.method}, bias {t.bias}): per-group test accuracy, "
-                       f"best config, {len(t.seeds)} seed(s)")
+                 title=f"{t.method}: per-group test accuracy of its best config "
+                       f"(target {t.target}, bias {t.bias}, {len(t.seeds)} seed(s))",
+                 target=t.target, bias=t.bias, method=t.method)
         first = next((r for r in t.seeds if _per_cluster(r.data.metrics, "purity")), None)
         if first is not None:
             metrics = first.data.metrics
@@ -469,3 +601,9 @@ def sweep_plots(tracker: Tracker, folder: Path | str) -> dict[str, Path]:
                        f"(seed {first.data.tags.get('seed', '?')})",
                  clusters_per_class=_clusters_per_class(first))
     return written
+
+
+def sweep_plots(tracker: Tracker, folder: Path | str,
+                log_params: Collection[str] | None = None) -> dict[str, Path]:
+    """:func:`draw_sweep`, returning {file stem: path} of what was written."""
+    return {stem: path for stem, (path, _) in draw_sweep(tracker, folder, log_params).items()}
