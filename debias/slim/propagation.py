@@ -102,7 +102,10 @@ def _class_scores(points: np.ndarray, targets: np.ndarray, gamma: float, alpha: 
         model = LabelSpreading(kernel="rbf", gamma=gamma, alpha=alpha, max_iter=100_000)
         note = "label spreading"
     model.fit(points, targets)
-    dist = model.label_distributions_
+    # The reference scores with predict_proba on the fitted points (one more propagation
+    # step through the kernel than label_distributions_, rows renormalised).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dist = model.predict_proba(points)
     prob = dist[:, list(model.classes_).index(1)]
     disconnected = ~np.isfinite(dist).all(axis=1) | (np.nan_to_num(dist).sum(axis=1) <= 0)
     return _minmax(np.where(disconnected, 0.5, np.nan_to_num(prob))), note
