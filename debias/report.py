@@ -22,8 +22,8 @@ from scipy.stats import t as student_t
 from debias.spec import LABEL_FREE_METRICS
 from debias.tracking import Tracker
 
-__all__ = ["Row", "Stat", "collect", "paired_difference", "render_markdown", "render_text",
-           "write_report"]
+__all__ = ["AmbiguousReference", "Row", "Stat", "collect", "pair", "paired_difference",
+           "render_markdown", "render_text", "write_report"]
 
 REFERENCE_METHOD = "erm"
 
@@ -80,6 +80,11 @@ class Row:
     bias_labels: str = "?"
     selection: str = "?"
     parent_id: str = ""
+    dataset_config: str = ""
+    #: What one trial selects among (epochs, grid points), from the parent's tag.
+    selects_among: str = ""
+    #: The sweep's own ERM row this row was paired with, for --compare ("" within a sweep).
+    paired_with: str = ""
 
     @property
     def selection_reads_bias(self) -> bool:
@@ -106,23 +111,52 @@ def _rows_of(tracker: Tracker) -> list[Row]:
             seeds=tuple(sorted(wga)), wga_by_seed=wga,
             test_wga=Stat.of(list(wga.values())), test_avg=Stat.of(avg),
             bias_labels=tags.get("bias_labels", "?"),
-            selection=tags.get("selection_metric", "?"), parent_id=parent.info.run_id))
+            selection=tags.get("selection_metric", "?"), parent_id=parent.info.run_id,
+            dataset_config=tags.get("dataset_config", ""),
+            selects_among=tags.get("trial_selects_among", "")))
     return rows
+
+
+class AmbiguousReference(ValueError):
+    """``--compare`` cannot tell which ERM row a method's row is to be paired with."""
+
+
+def _reference_for(row: Row, rows: Sequence[Row]) -> Row | None:
+    """The ERM row a row is paired with: the same sweep's, for the same target and bias;
+    else, across the compared sweeps, the one with the same dataset configuration, target
+    and bias. Several candidates are refused, naming them (never a silent pick)."""
+    erm = [r for r in rows if r.method == REFERENCE_METHOD and r.target == row.target
+           and r.bias == row.bias]
+    same_sweep = [r for r in erm if r.sweep == row.sweep]
+    if same_sweep:
+        return same_sweep[0]
+    candidates = [r for r in erm if r.dataset_config and r.dataset_config == row.dataset_config]
+    if len(candidates) > 1:
+        raise AmbiguousReference(
+            f"{row.sweep}: {row.method} on {row.target} can be paired with the ERM rows of "
+            f"{', '.join(sorted(r.sweep for r in candidates))} (same dataset configuration, "
+            "target and bias); compare it with one of them only")
+    return candidates[0] if candidates else None
 
 
 def collect(trackers: Tracker | Iterable[Tracker]) -> list[Row]:
     """Rows of one sweep, or of several (``--compare``), with each method's paired WGA
-    difference against ERM on the same target (the ERM row of any of the sweeps)."""
+    difference against its ERM row (see :func:`_reference_for`); raises
+    :class:`AmbiguousReference` when that row is not unique."""
     if isinstance(trackers, Tracker):
         trackers = [trackers]
-    rows = [row for tracker in trackers for row in _rows_of(tracker)]
-    erm = {r.target: r for r in rows if r.method == REFERENCE_METHOD}
+    return pair([row for tracker in trackers for row in _rows_of(tracker)])
+
+
+def pair(rows: Sequence[Row]) -> list[Row]:
+    """Each row with its paired WGA difference against its ERM row, in table order."""
     out = []
     for r in rows:
-        ref = erm.get(r.target)
+        ref = _reference_for(r, rows)
         delta = (paired_difference(r.wga_by_seed, ref.wga_by_seed)
                  if ref is not None and r is not ref else Stat.of([]))
-        out.append(Row(**{**r.__dict__, "delta_wga": delta}))
+        paired = ref.sweep if ref is not None and ref.sweep != r.sweep else ""
+        out.append(Row(**{**r.__dict__, "delta_wga": delta, "paired_with": paired}))
     order = {m: i for i, m in enumerate(_method_order(out))}
     out.sort(key=lambda r: (r.target, order[r.method], r.sweep))
     return out
@@ -140,9 +174,11 @@ HEADER = ("target", "bias", "method", "seeds", "val selection", "test WGA % (95%
           "best config")
 
 
-def _delta(stat: Stat) -> str:
+def _delta(stat: Stat, paired_with: str = "") -> str:
     if stat.n == 0:
         return "—"
+    if paired_with:
+        return f"{_delta(stat)} (vs {paired_with})"
     sign = "+" if stat.mean >= 0 else "−"
     if stat.n == 1:
         return f"{sign}{100 * abs(stat.mean):.1f} (1 seed)"
@@ -154,7 +190,8 @@ def _cells(row: Row) -> tuple[str, ...]:
     score = "n/a" if math.isnan(row.val_score) else f"{100 * row.val_score:.1f}"
     select = f"val ({row.selection})" if row.selection_reads_bias else f"none ({row.selection})"
     return (row.target, row.bias, row.method, str(row.test_wga.n), score, str(row.test_wga),
-            str(row.test_avg), _delta(row.delta_wga), f"{row.bias_labels} / {select}", config)
+            str(row.test_avg), _delta(row.delta_wga, row.paired_with),
+            f"{row.bias_labels} / {select}", config)
 
 
 def render_text(rows: list[Row]) -> str:

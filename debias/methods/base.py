@@ -61,10 +61,20 @@ class BiasLabels:
 
     train: bool = False
     val: bool = False
+    #: Bias information the method reads through a stand-in (a simulated annotator answering
+    #: from the groups or from foreground masks): not visible to the method as labels, but
+    #: privileged information all the same, so the report counts it as reading bias labels.
+    stand_in: str = ""
 
     def describe(self) -> str:
         used = [name for name, on in (("train", self.train), ("val", self.val)) if on]
+        if self.stand_in:
+            used.append(self.stand_in)
         return "+".join(used) if used else "none"
+
+    @property
+    def reads_any(self) -> bool:
+        return self.train or self.val or bool(self.stand_in)
 
 
 @dataclass
@@ -160,8 +170,10 @@ class Method:
         return cls.Params.model_validate(config.get(cls.section) or {} if cls.section else {})
 
     @classmethod
-    def bias_labels(cls, params: Section) -> BiasLabels:
-        del params
+    def bias_labels(cls, params: Section, dataset: str | None = None) -> BiasLabels:
+        """What the method reads of the bias attribute with ``params`` on ``dataset`` (a
+        dataset name: whether it has foreground masks can matter)."""
+        del params, dataset
         return BiasLabels()
 
     @classmethod

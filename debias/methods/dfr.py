@@ -69,7 +69,7 @@ class DFR(Method):
     summary = "last layer refitted on group-balanced validation draws (validation bias labels)"
 
     @classmethod
-    def bias_labels(cls, params: DFRParams) -> BiasLabels:
+    def bias_labels(cls, params: DFRParams, dataset: str | None = None) -> BiasLabels:
         return BiasLabels(val=True)
 
     @classmethod

@@ -59,7 +59,7 @@ class ERM(Method):
     summary = "cross-entropy; optionally class- or group-balanced data (RWY, SUBG, RWG)"
 
     @classmethod
-    def bias_labels(cls, params: ERMParams) -> BiasLabels:
+    def bias_labels(cls, params: ERMParams, dataset: str | None = None) -> BiasLabels:
         return BiasLabels(train=params.balance.startswith("group"))
 
     def prepare(self) -> None:

@@ -106,7 +106,7 @@ class GroupDRO(Method):
     summary = "online group weights on the worst group's loss (oracle: training bias labels)"
 
     @classmethod
-    def bias_labels(cls, params: GroupDROParams) -> BiasLabels:
+    def bias_labels(cls, params: GroupDROParams, dataset: str | None = None) -> BiasLabels:
         return BiasLabels(train=True)
 
     def prepare(self) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import field_validator
 
 from debias.last_layer import LastLayerParams, grid_size
-from debias.methods.base import Method, SweepContext
+from debias.methods.base import BiasLabels, Method, SweepContext
 from debias.params import Choice, Float, Floats, Int, Number, Text
 from debias.slim.modes import (
     MODE_SPLITS,
@@ -115,6 +115,18 @@ class SLIM(Method):
     summary = "GradCAM attention + a few annotations -> balanced curated subset -> retrain"
 
     # ------------------------------------------------------------------ sweep-time hooks
+
+    @classmethod
+    def bias_labels(cls, params: SLIMParams, dataset: str | None = None) -> BiasLabels:
+        """A person's answers and random ones read no bias label; the simulated annotator
+        stands in for a person with privileged information: the foreground masks where the
+        dataset has them, else the training groups (majority bias value per class)."""
+        if params.annotator != "simulated":
+            return BiasLabels()
+        from debias.data import has_masks
+
+        source = "object masks" if dataset and has_masks(dataset) else "groups"
+        return BiasLabels(stand_in=f"simulated annotator ({source})")
 
     @classmethod
     def trial_kind(cls, params: SLIMParams) -> str:

@@ -148,6 +148,12 @@ def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Cl
     return folder
 
 
+def _positive_share(labels: Any) -> float:
+    answered = np.asarray(labels)
+    answered = answered[answered >= 0]
+    return float((answered == 1).mean()) if len(answered) else math.nan
+
+
 def curation_metrics(curation: dict[str, Any], group_mix: dict[str, float],
                      positions: np.ndarray, overlays: Path) -> dict[str, Any]:
     """What the curation cost and produced, reported once per trial; ``group_mix`` is the
@@ -160,6 +166,9 @@ def curation_metrics(curation: dict[str, Any], group_mix: dict[str, float],
         "slim/propagated_kept": float(curation["propagated_kept"]),
         "slim/curated_size": float(len(positions)),
         "slim/simulated_annotator": float(bool(curation["simulated"])),
+        # The share of answered images with attention on the object: near 0 or 1, the
+        # answers carry little information for the propagation to spread.
+        "slim/annotated_positive_share": _positive_share(curation["annotation_labels"]),
         **{f"slim/curated_group/{g}": n for g, n in group_mix.items()},
     }
     for key in ("aiou_mean", "aiou_mean_curated"):
