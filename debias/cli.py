@@ -316,9 +316,14 @@ def report_notes(spec: Spec) -> list[str]:
     metric = spec.search["metric"]
     rule = ("reads no bias labels" if metric in LABEL_FREE_METRICS
             else "reads validation bias labels")
-    notes = [f"selection: {metric} ({spec.search['mode']}) {rule}; every method had "
-             f"{spec.search['num_samples']} search trial(s) per target where it has searched "
-             "keys",
+    from debias.sweep import num_search_trials
+
+    trials = ", ".join(f"{m} {num_search_trials(spec, m)}" for m in spec.methods)
+    among = "; ".join(f"{m}: {spec.method_class(m).steps(spec.context(m))}"
+                      for m in spec.methods)
+    notes = [f"selection: {metric} ({spec.search['mode']}) {rule}",
+             f"budget: search trials per target: {trials} (equal trials, where a method has "
+             f"keys to search); within a trial the selection picks among {among}",
              f"search trials trained with seed {spec.search_seed}; the reported seeds "
              f"{spec.seeds} are fresh runs of the best config (its shared stages re-run per "
              "seed)"]
@@ -374,7 +379,13 @@ def _compare(names: Sequence[str], uri: str, storage: Path) -> int:
         if tracker is None:
             return 1
         trackers.append(tracker)
-    rows = collect(trackers)
+    from debias.report import AmbiguousReference
+
+    try:
+        rows = collect(trackers)
+    except AmbiguousReference as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     folder = storage / "compare" / "+".join(names)
     md, csv_path = write_report(rows, folder)
     print(f"\nComparison of {', '.join(names)}, test metrics over seeds (mean ± 95% CI):\n")

@@ -45,7 +45,7 @@ from debias.preflight import (
     sweep_dir,
 )
 from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher, trial_steps
-from debias.spec import LABEL_FREE_METRICS, Spec
+from debias.spec import LABEL_FREE_METRICS, Spec, config_hash
 from debias.stage_plan import StagePlanner
 from debias.sweep_log import MlflowTrialCallback, SweepLog
 from debias.tracking import FAILURE_KEY
@@ -102,11 +102,12 @@ def describe_plan(spec: Spec) -> str:
             else "reads validation bias labels"),
     ]
     total = 0
+    dataset = spec.config["dataset"]["name"]
     for method in spec.methods:
         n_search = num_search_trials(spec, method)
         total += len(spec.targets) * (n_search + len(spec.seeds))
         cls = spec.method_class(method)
-        uses = ", ".join(sorted({cls.bias_labels(p).describe() for p in
+        uses = ", ".join(sorted({cls.bias_labels(p, dataset).describe() for p in
                                  spec.param_variants(method)}))
         samplers = ", ".join(f"{n} {name}" for name, n in
                              _plan(spec, method, method).samplers().items() if n)
@@ -261,12 +262,16 @@ def _trial_errors(grid: Any, pipelines_: list[str], limit: int = 3) -> str:
 
 def _parent_tags(spec: Spec, p: Pipeline) -> dict[str, str]:
     cls = spec.method_class(p.method)
-    uses = sorted({cls.bias_labels(v).describe() for v in spec.param_variants(p.method)})
+    dataset = spec.config["dataset"]["name"]
+    uses = sorted({cls.bias_labels(v, dataset).describe()
+                   for v in spec.param_variants(p.method)})
     metric = spec.search["metric"]
     return {"sweep": spec.name, "method": p.method, "target_attribute": p.target,
             "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(p.target),
+            "dataset_config": config_hash(spec.config["dataset"]),
             "bias_labels": ",".join(uses), "selection_metric": metric,
-            "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower()}
+            "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower(),
+            "trial_selects_among": cls.steps(spec.context(p.method))}
 
 
 def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], resume: bool,

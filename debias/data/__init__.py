@@ -28,6 +28,7 @@ __all__ = [
     "clear_cache",
     "dataset_attributes",
     "decoded_cache_dir",
+    "has_masks",
     "load_grouped",
     "make_torch_dataset",
 ]
@@ -48,6 +49,12 @@ def _module(name: str) -> ModuleType:
 def dataset_attributes(name: str) -> tuple[str, ...]:
     """Attribute names known statically, so sweep files are validated without touching disk."""
     return tuple(_module(name).ATTRIBUTES)
+
+
+def has_masks(name: str) -> bool:
+    """Whether a dataset comes with foreground masks (what a simulated SLIM annotator scores
+    attention against; without them it answers from the groups)."""
+    return bool(getattr(_MODULES.get(name), "HAS_MASKS", False))
 
 
 def check_pair(name: str, target: str, bias: str) -> str | None:

@@ -46,6 +46,8 @@ RENDER_ATTRIBUTES: tuple[str, ...] = ("Background", "Texture")
 ATTRIBUTES: tuple[str, ...] = DIGIT_ATTRIBUTES + RENDER_ATTRIBUTES
 
 DEFAULT_IMAGE_SIZE = 32
+#: Every image has a foreground mask (see the module docstring).
+HAS_MASKS = True
 DEFAULT_SPURIOUS_CORRELATION = 0.95
 DEFAULT_SEED = 0
 # Bump when the rendering changes so that identity()-keyed caches are invalidated.
