@@ -52,7 +52,7 @@ def preflight(spec: Spec, dry_run: bool = False, resume: bool = False,
         try:
             data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
         except DatasetError as exc:
-            raise PreflightFailed(str(exc)) from None
+            raise PreflightFailed(f"{exc}{spec.env_note('dataset.root')}") from None
         for split in ("train", "val"):
             if len(data.view(split)) == 0:
                 raise PreflightFailed(f"dataset {data.name}: the {split} split has no samples "

@@ -284,6 +284,33 @@ class Spec:
     #: The ``--set KEY=VALUE`` overrides applied to the file, so commands printed for the
     #: user (``--annotate``, ``--resume``) reproduce them.
     overrides: tuple[str, ...] = ()
+    #: What the plan must tell the user about how the file and the overrides combined
+    #: (search keys dropped by ``--set methods=[...]``, a ``--set`` of a searched key).
+    notes: tuple[str, ...] = ()
+    #: Strings that came from environment variables: {dotted key: the file's text before
+    #: expansion}, e.g. ``{"dataset.root": "${DEBIAS_DATA:-data}/celeba"}``.
+    env_sources: dict[str, str] = field(default_factory=dict)
+
+    def env_note(self, key: str) -> str:
+        """Where a value that came from the environment came from, for an error about it:
+        `` (dataset.root is '${DEBIAS_DATA:-data}/celeba' in the sweep file; DEBIAS_DATA is
+        not set, so its default 'data' was used)``; "" for a value written out in the file."""
+        template = self.env_sources.get(key)
+        if not template:
+            return ""
+        parts = []
+        for m in _ENV.finditer(template):
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                parts.append(f"{name}={os.environ[name]!r}")
+            elif default is not None:
+                parts.append(f"{name} is not set, so its default {default!r} was used")
+            else:
+                parts.append(f"{name} is not set, so it expanded to ''")
+        names = sorted({m.group(1) for m in _ENV.finditer(template)})
+        return (f" ({key} is {template!r} in the sweep file; {'; '.join(parts)}; set "
+                f"{' and '.join(names)} to point it at your data, e.g. "
+                f"`export {names[0]}=/path/to/datasets`)")
 
     @property
     def name(self) -> str:
@@ -677,10 +704,44 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (), cwd: Path | None 
                          f"got {type(raw).__name__}"], source=str(path))
     raw = _unshared(raw)
     overrides = tuple(overrides)
-    for key, value in parse_overrides(overrides):
+    file_methods = [m for m, _ in _method_names(raw)]
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         _set_path(raw, key, value)
+    notes = _narrow_space(raw, file_methods, {key for key, _ in parsed})
     spec = validate(raw, source=str(path), cwd=cwd)
-    return dataclasses.replace(spec, overrides=overrides)
+    searched = {d.path: d for d in spec.space}
+    for item, (key, _) in zip(overrides, parsed, strict=True):
+        if key in searched:
+            text = item.partition("=")[2].strip()
+            notes.append(f"--set {key}={text}: {key} is searched ({searched[key].describe()}), "
+                         "so the search's values are used; to fix it, --set "
+                         f"\"search.space.{key}={{choice: [{text}]}}\"")
+    return dataclasses.replace(spec, overrides=overrides, notes=tuple(notes))
+
+
+def _narrow_space(raw: dict[str, Any], file_methods: list[str], keys: set[str]) -> list[str]:
+    """``--set methods=[...]`` running fewer of a study's methods: the search keys of the
+    methods it no longer runs are dropped, and a note says which. (A key of a method the
+    *file* never runs stays, and validation refuses it.)"""
+    if "methods" not in keys or not isinstance(raw.get("methods"), list):
+        return []
+    now = {v for v, _ in _method_names(raw)}
+    gone = [m for m in file_methods if m not in now]
+    space = (raw.get("search") or {}).get("space") if isinstance(raw.get("search"), dict) \
+        else None
+    if not gone or not isinstance(space, dict):
+        return []
+    owner = {section: cls.name for section, cls in builtin_sections().items()}
+    dropped = [k for k in list(space) if owner.get(str(k).partition(".")[0]) in gone
+               and owner.get(str(k).partition(".")[0]) not in now]
+    for key in dropped:
+        del space[key]
+    if not dropped:
+        return []
+    return [f"--set methods={raw['methods']}: {', '.join(gone)} not run, so "
+            f"{'its' if len(gone) == 1 else 'their'} search key(s) "
+            f"{', '.join(f'search.space.{k}' for k in dropped)} dropped"]
 
 
 # --------------------------------------------------------------------------- validation
@@ -694,6 +755,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     """Check every key; return a resolved Spec or raise one SpecError listing all problems."""
     cwd = cwd or Path.cwd()
     problems: list[str] = []
+    env_sources = _env_sources(raw)
     raw = _expand_env(copy.deepcopy(dict(raw)))
 
     def bad(path: str, value: Any, expected: str) -> None:
@@ -746,7 +808,19 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     cfg["storage"] = str(_absolute(cfg["storage"], cwd))
     cfg["tracking"]["uri"] = _absolute_tracking_uri(cfg["tracking"]["uri"], cwd)
-    return Spec(config=cfg, space=space, source=source)
+    return Spec(config=cfg, space=space, source=source, env_sources=env_sources)
+
+
+def _env_sources(raw: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted key: text} of every string holding a ``${VAR}`` before expansion."""
+    if isinstance(raw, Mapping):
+        out: dict[str, str] = {}
+        for key, value in raw.items():
+            out.update(_env_sources(value, f"{prefix}{key}."))
+        return out
+    if isinstance(raw, str) and _ENV.search(raw):
+        return {prefix.rstrip("."): raw}
+    return {}
 
 
 def cls_name(cfg: dict[str, Any], cls: type[Method]) -> str:
