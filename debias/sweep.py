@@ -118,6 +118,7 @@ def describe_plan(spec: Spec) -> str:
             lines.append(f"    {d.path}: {d.describe()}")
     if spec.config["scheduler"]:
         lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']} per pipeline")
+    lines += [f"  note: {note}" for note in spec.notes]
     lines += [
         f"  search trials train with seed {spec.search_seed} (search.trial_seed); reported "
         f"seeds: {spec.seeds} ({len(spec.seeds)} fresh re-runs of the best config per target)",
