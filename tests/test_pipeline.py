@@ -182,11 +182,20 @@ def test_batches_follow_the_seed_and_epoch_not_the_workers_or_history(tmp_path, 
 
     straight = _epochs(pipe(seed=1), range(3))
     workers = pipe(seed=1, workers=2)
-    assert workers.dataset.finish_here
+    assert workers.finish_here  # a CPU trial's feeders crop too
+    assert workers.processes == (not cached)  # threads gather, processes decode JPEGs
     with_workers = _epochs(workers, range(3))
     workers.close()
     for a, b in zip(straight, with_workers, strict=True):
         assert torch.equal(a, b)
+    # as a GPU trial's feeders: they only gather, the trial's device crops
+    gather_only = pipe(seed=1, workers=2, crop_in_feeders=False)
+    stages = {b.stage for b in gather_only.host_batches(epoch_requests(
+        np.arange(len(data.view("train"))), 4, 1, 0, augment=True))}
+    assert stages == ({"squares"} if cached else {"crops"})
+    assert all(torch.equal(a, b) for a, b in zip(straight, _epochs(gather_only, range(3)),
+                                                 strict=True))
+    gather_only.close()
     assert torch.equal(_epochs(pipe(seed=1), range(2, 3))[0], straight[2])
     assert not torch.equal(straight[0], straight[1])
     assert not torch.equal(_epochs(pipe(seed=2), range(1))[0], straight[0])

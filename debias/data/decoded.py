@@ -289,16 +289,17 @@ class DecodedSource:
         # Pickling a memmap would copy the whole array into the message; send the path.
         return {**self.__dict__, "_array": None}
 
-    def fetch(self, request: BatchRequest) -> HostBatch:
+    def fetch(self, request: BatchRequest, pin: bool = False) -> HostBatch:
         rows = self.data.view(request.split).index[request.positions]
         positions = torch.as_tensor(np.asarray(request.positions, dtype=np.int64))
         arr, n = self.array, len(rows)
         if request.seed is not None:
-            squares = host_empty((n, self.size, self.size, 3))
-            np.take(arr, rows, axis=0, out=squares.numpy())
+            squares = host_empty((n, self.size, self.size, 3), pin=pin)
+            # mode="clip": the rows are valid, and the default mode buffers `out` (a copy).
+            np.take(arr, rows, axis=0, out=squares.numpy(), mode="clip")
             return HostBatch(squares, positions, "squares", request.seed)
         a, s = self.crop_at, self.image_size
-        crops = host_empty((n, s, s, 3))
+        crops = host_empty((n, s, s, 3), pin=pin)
         out = crops.numpy()
         for i, row in enumerate(rows):
             out[i] = arr[row, a:a + s, a:a + s]

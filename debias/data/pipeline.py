@@ -1,14 +1,12 @@
 """The input pipeline of a trial: batches of a grouped dataset, delivered to the trial's
 device at its rate.
 
-One DataLoader serves every split of a trial (training epochs and evaluation passes), so its
-workers are started once and kept (``persistent_workers``) instead of once per split and
-epoch. What it iterates are :class:`~debias.data.batches.BatchRequest` objects, one per batch
-(a batch sampler of requests, not of indices): the source reads a batch in one call, and
-every random draw of the batch follows from the request's seed, derived from (trial seed,
+What a pass iterates are :class:`~debias.data.batches.BatchRequest` objects, one per batch:
+the source reads a batch in one call (one sorted gather from the decoded cache), and every
+random draw of the batch follows from the request's seed, derived from (trial seed,
 "augment", epoch, batch number). So the batches of an epoch do not depend on how many
-workers serve them, on which process crops them, or on whether the trial was resumed: a
-trial resumed at epoch k sees exactly the batches an uninterrupted run sees.
+feeders serve them, on which thread or process crops them, or on whether the trial was
+resumed: a trial resumed at epoch k sees exactly the batches an uninterrupted run sees.
 
 Where the images come from (:func:`make_source`):
 
@@ -18,22 +16,31 @@ Where the images come from (:func:`make_source`):
   gather of uint8 rows from the memory-mapped array (:class:`~debias.data.decoded.DecodedSource`);
   training batches cross to the device as uint8 squares and are cropped, flipped and
   normalised there (:mod:`debias.data.augment`);
-- the image files (``cache.decoded: off``): decoded with PIL in the workers, cropped per
-  photo with the batch's draws, normalised on the device.
+- the image files (``cache.decoded: off``): decoded with PIL, cropped per photo with the
+  batch's draws, normalised on the device.
 
-On a CPU trial with workers, the crop and normalisation run in the workers (they overlap the
-training step, and the result is the same: the draws come from the batch's seed); on a GPU
-the workers only gather uint8 into pinned memory and the GPU does the rest.
+Who fetches (:class:`InputPipeline`): ``workers`` feeders, each up to ``prefetch_factor``
+batches ahead of the trial, persistent across the trial's passes (training epochs and
+evaluation share them): threads for the decoded cache (a gather is a memory copy that
+releases the GIL; measured, handing 12 MB batches between processes costs several times the
+gather itself), DataLoader worker processes for image files (PIL holds the GIL for much of
+its work). On a GPU the feeders gather uint8 into pinned memory (torch's caching host
+allocator reuses each block once its copy to the GPU is done) and the GPU does the rest; on
+a CPU trial with feeders, they also crop and normalise, overlapping the training step (the
+result is the same: the draws come from the batch's seed).
 
-How many workers (``train.num_workers: auto``, :func:`loader_workers`): none for in-memory
-data (a batch is a slice); otherwise the CPUs the trial holds (``resources.cpu``) on a GPU
-trial, one fewer on a CPU trial (whose own process computes the model).
+How many (``train.num_workers: auto``, :func:`loader_workers`): none for in-memory data (a
+batch is a slice); otherwise the CPUs the trial holds (``resources.cpu``) on a GPU trial,
+one fewer on a CPU trial (whose own thread computes the model).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,7 +64,7 @@ class Source(Protocol):
 
     data: GroupedDataset
 
-    def fetch(self, request: BatchRequest) -> HostBatch: ...
+    def fetch(self, request: BatchRequest, pin: bool = False) -> HostBatch: ...
 
 
 class MemorySource:
@@ -76,10 +83,10 @@ class MemorySource:
             self._splits[split] = normalize_uint8(self.data.images[self.data.view(split).index])
         return self._splits[split]
 
-    def fetch(self, request: BatchRequest) -> HostBatch:
+    def fetch(self, request: BatchRequest, pin: bool = False) -> HostBatch:
         positions = torch.as_tensor(np.asarray(request.positions, dtype=np.int64))
         images = self.split_tensor(request.split).index_select(0, positions)
-        return HostBatch(images, positions, "ready")
+        return HostBatch(images.pin_memory() if pin else images, positions, "ready")
 
 
 class FileSource:
@@ -93,7 +100,7 @@ class FileSource:
         self.data = data
         self.image_size = int(data.image_size)
 
-    def fetch(self, request: BatchRequest) -> HostBatch:
+    def fetch(self, request: BatchRequest, pin: bool = False) -> HostBatch:
         from torchvision.transforms import functional as TF  # imported where used
 
         assert self.data.image_paths is not None
@@ -112,7 +119,7 @@ class FileSource:
                 crop = TF.resized_crop(img, top, left, h, w, [s, s])
                 crops.append(TF.hflip(crop) if flip else crop)
             images = crops
-        out = host_empty((len(images), s, s, 3))
+        out = host_empty((len(images), s, s, 3), pin=pin)
         array = out.numpy()
         for i, img in enumerate(images):
             array[i] = np.asarray(img)
@@ -130,10 +137,21 @@ def make_source(data: GroupedDataset, cache_dir: str | Path | None = None,
     return FileSource(data)
 
 
+def _finished(batch: HostBatch, image_size: int) -> HostBatch:
+    """A CPU trial's batch cropped and normalised where it was fetched (a worker process or
+    thread), so the work overlaps the training step."""
+    if batch.stage == "ready":
+        return batch
+    out = host_empty((len(batch), 3, image_size, image_size), torch.float32)
+    images = finish(batch, image_size, torch.device("cpu"), out=out)
+    return HostBatch(images, batch.positions, "ready")
+
+
 class PipelineDataset(torch.utils.data.Dataset):
-    """The DataLoader's dataset: a source asked for whole batches (``__getitems__`` receives
-    a :class:`BatchRequest`). With ``finish_here`` (a CPU trial's workers) batches leave
-    finished: cropped, normalised, in shared memory."""
+    """The DataLoader's dataset where batches are fetched by worker processes: a source
+    asked for whole batches (``__getitems__`` receives a :class:`BatchRequest`). With
+    ``finish_here`` (a CPU trial's workers) batches leave finished: cropped, normalised, in
+    shared memory."""
 
     def __init__(self, source: Source, finish_here: bool = False) -> None:
         self.source = source
@@ -149,12 +167,7 @@ class PipelineDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, request: BatchRequest) -> HostBatch:
         batch = self.source.fetch(request)
-        if self.finish_here and batch.stage != "ready":
-            s = self.image_size
-            out = host_empty((len(batch), 3, s, s), torch.float32)
-            images = finish(batch, s, torch.device("cpu"), out=out)
-            batch = HostBatch(images, batch.positions, "ready")
-        return batch
+        return _finished(batch, self.image_size) if self.finish_here else batch
 
 
 class _Requests(torch.utils.data.Sampler[BatchRequest]):
@@ -195,9 +208,9 @@ def split_requests(n: int, batch_size: int, split: str) -> list[BatchRequest]:
 
 def loader_workers(setting: int | str, device: torch.device, cpus: int,
                    in_memory: bool) -> int:
-    """DataLoader workers of a trial: ``train.num_workers`` when a number; for ``auto``,
-    none for in-memory data, the trial's CPUs on a GPU (its process mostly waits on the
-    GPU), one fewer on a CPU (its process computes the model)."""
+    """Feeders of a trial (threads, or processes for image files): ``train.num_workers``
+    when a number; for ``auto``, none for in-memory data, the trial's CPUs on a GPU (its
+    process mostly waits on the GPU), one fewer on a CPU (its process computes the model)."""
     if setting != "auto":
         return int(setting)
     if in_memory:
@@ -208,51 +221,97 @@ def loader_workers(setting: int | str, device: torch.device, cpus: int,
 class InputPipeline:
     """Batches of every split of one dataset, on one device, for one trial.
 
-    ``wait_s`` accumulates the time the trial's process spent waiting for batches (fetching
-    from the loader, the host-to-device copy call and, on a CPU without workers, the
-    augmentation): what ``perf/data_wait_frac`` reports per epoch.
+    ``workers`` feeders fetch up to ``prefetch_factor`` batches each ahead of the trial:
+    threads for the decoded cache and in-memory data (a gather is a memory copy that
+    releases the GIL; handing a batch between processes costs more than the gather itself:
+    BENCHMARKS.md, "Input pipeline"), DataLoader worker processes, persistent across passes,
+    for image files (PIL decoding holds the GIL for much of its work). With none, batches
+    are fetched in the trial's thread. ``wait_s`` accumulates the time the trial's thread
+    spent waiting for batches (for a batch to arrive, the host-to-device copy call and, on a
+    CPU without feeders, the augmentation): what ``perf/data_wait_frac`` reports per epoch.
     """
 
     def __init__(self, data: GroupedDataset, *, cache_dir: str | Path | None = None,
                  device: torch.device | str = "cpu", augment: bool = False, seed: int = 0,
                  workers: int = 0,
                  memory_format: torch.memory_format = torch.contiguous_format,
-                 prefetch_factor: int = 2, progress: bool = True) -> None:
+                 prefetch_factor: int = 2, progress: bool = True,
+                 crop_in_feeders: bool | None = None) -> None:
         self.data = data
         self.device = torch.device(device)
         self.augment = bool(augment)
         self.seed = int(seed)
         self.workers = int(workers)
         self.memory_format = memory_format
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor = max(1, int(prefetch_factor))
         self.source = make_source(data, cache_dir, progress)
         self.in_memory = isinstance(self.source, MemorySource)
         self.image_size = int(data.image_size)
-        self.dataset = PipelineDataset(
-            self.source, finish_here=self.workers > 0 and self.device.type == "cpu")
+        self.pin = self.device.type == "cuda"
+        #: Feeders crop and normalise too on a CPU trial (it overlaps the training step);
+        #: on a GPU the GPU does (``crop_in_feeders`` overrides, e.g. to measure feeding).
+        self.finish_here = self.workers > 0 and (
+            self.device.type == "cpu" if crop_in_feeders is None else crop_in_feeders)
+        self.processes = self.workers > 0 and isinstance(self.source, FileSource)
+        self.dataset = PipelineDataset(self.source, finish_here=self.finish_here)
         self._requests = _Requests()
         self._loader: DataLoader | None = None
+        self._threads: ThreadPoolExecutor | None = None
         self.wait_s = 0.0
 
-    def _get_loader(self) -> DataLoader:
+    # ------------------------------------------------------------------ feeding the host
+
+    def _fetch(self, request: BatchRequest) -> HostBatch:
+        batch = self.source.fetch(request, pin=self.pin)
+        return _finished(batch, self.image_size) if self.finish_here else batch
+
+    def _from_processes(self, requests: list[BatchRequest]) -> Iterator[HostBatch]:
         if self._loader is None:
-            w = self.workers
             self._loader = DataLoader(
                 self.dataset, batch_sampler=self._requests, collate_fn=_as_is,
-                num_workers=w, pin_memory=self.device.type == "cuda",
-                persistent_workers=w > 0, prefetch_factor=self.prefetch_factor if w else None)
-        return self._loader
+                num_workers=self.workers, pin_memory=self.pin, persistent_workers=True,
+                prefetch_factor=self.prefetch_factor)
+        self._requests.requests = requests
+        yield from self._loader
+
+    def _from_threads(self, requests: list[BatchRequest]) -> Iterator[HostBatch]:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="batches")
+        ahead: deque[Future[HostBatch]] = deque()
+        queue = iter(requests)
+        try:
+            for request in itertools.islice(queue, self.workers * self.prefetch_factor):
+                ahead.append(self._threads.submit(self._fetch, request))
+            while ahead:
+                batch = ahead.popleft().result()
+                if (request := next(queue, None)) is not None:
+                    ahead.append(self._threads.submit(self._fetch, request))
+                yield batch
+        finally:
+            for future in ahead:  # a pass left early: drop what was fetched ahead
+                future.cancel()
+
+    def host_batches(self, requests: Iterable[BatchRequest]) -> Iterator[HostBatch]:
+        """The batches as the feeders deliver them to the trial's thread (pinned on a CUDA
+        trial), before the device's part: what the CPU side of a GPU trial costs."""
+        requests = list(requests)
+        if not requests:
+            return
+        if self.workers == 0:
+            yield from map(self._fetch, requests)
+        elif self.processes:
+            yield from self._from_processes(requests)
+        else:
+            yield from self._from_threads(requests)
+
+    # ------------------------------------------------------------------ onto the device
 
     def batches(self, requests: Iterable[BatchRequest]) -> Iterator[tuple[torch.Tensor,
                                                                           torch.Tensor]]:
         """(images on the device, positions on the host) per request, in order."""
-        self._requests.requests = list(requests)
-        if not self._requests.requests:
-            return
         clock = time.perf_counter
         start = clock()
-        iterator = iter(self._get_loader())
-        for host in iterator:
+        for host in self.host_batches(requests):
             images = finish(host, self.image_size, self.device, self.memory_format)
             self.wait_s += clock() - start
             yield images, host.positions
@@ -270,8 +329,13 @@ class InputPipeline:
         return self.batches(split_requests(len(self.data.view(split)), batch_size, split))
 
     def close(self) -> None:
-        """Stop the workers (a later pass starts them again)."""
-        self._loader = None  # the persistent iterator and its workers go with the loader
+        """Stop the feeders (a later pass starts them again)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+            self._threads = None
+        self._loader = None  # the persistent iterator and its worker processes go with it
 
     def __del__(self) -> None:
-        self._loader = None
+        threads, self._threads, self._loader = getattr(self, "_threads", None), None, None
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
