@@ -72,20 +72,30 @@ def test_clusterfix_beats_erm_on_worst_group_accuracy(tmp_path: Path, erm: dict)
 
 def test_dfr_beats_erm_with_validation_bias_labels(tmp_path: Path, erm: dict) -> None:
     dfr = _final(tmp_path, "dfr")
-    assert dfr["dfr/draw_size"] > 0 and dfr["last_layer/retrains"] == 10
+    assert dfr["dfr/draw_size"] > 0 and dfr["last_layer/retrains"] == 1
+    # The final head is fitted on balanced draws of all of validation (4 x 250 images).
+    assert 900 <= dfr["last_layer/final_fit_size"] <= 1000  # 4 x the smallest group
+    assert dfr["last_layer/final_retrains"] == 20
     assert erm["test/worst_group_acc"] + 0.3 < dfr["test/worst_group_acc"], (erm, dfr)
 
 
 def test_slim_curates_a_less_biased_subset_and_beats_erm(tmp_path: Path, erm: dict) -> None:
+    # The project's class-balanced curation over equal cells, keeping every image
+    # (docs/methods.md's knobs): on this benchmark the reference's median cut and joint
+    # curation can leave one class almost out of the subset (README, "SLIM ablations").
+    # PCA instead of UMAP (its JIT compile) keeps the test fast.
     slim = _final(tmp_path, "slim", {"epochs": 30, "batch_size": 32, "lr": 0.05,
                                      "scheduler": "cosine"},
-                  slim={"keep_quantile": 0.0, "cell_share": "uniform", "curated_size": 800})
+                  slim={"curated_size": 800, "embedding": "pca", "keep_quantile": 0.0,
+                        "cell_share": "uniform", "curation": "class_balanced"})
     assert slim["slim/annotated_fraction"] < 0.02
     assert slim["slim/simulated_annotator"] == 1.0
-    assert slim["slim/curated_size"] == 800
+    assert 0.1 < slim["slim/annotated_positive_share"] < 0.9  # the answers carry information
+    size = slim["slim/curated_size"]
+    assert size == 800
     # The curated subset holds more of the rare groups than the training set (5%) ...
     minority = slim["slim/curated_group/0_1"] + slim["slim/curated_group/1_0"]
-    assert minority / 800 > 0.08
+    assert minority / size > 0.08
     # ... and retraining on it lifts the worst group above ERM's.
     assert erm["test/worst_group_acc"] + 0.1 < slim["test/worst_group_acc"], (erm, slim)
 
@@ -94,8 +104,11 @@ def test_slim_last_layer_beats_erm_with_few_annotations(tmp_path: Path, erm: dic
     """DFR-style: L1 logistic regressions on the ERM reference model's own frozen features,
     fitted on a curated half of validation. The features hold the digit; the last layer
     decides what to read from them."""
-    slim = _final(tmp_path, "slim", slim={"retrain": "last_layer", "keep_quantile": 0.0,
-                                          "cell_share": "uniform"})
+    slim = _final(tmp_path, "slim", slim={"retrain": "last_layer", "embedding": "pca",
+                                          "c_grid": [1.0, 0.1, 0.01], "retrains": 3,
+                                          "class_weight_ratios": [1, 3],
+                                          "keep_quantile": 0.0, "cell_share": "uniform",
+                                          "curation": "class_balanced"})
     assert slim["slim/annotated"] == 30  # validation images; the training set has 3,000
     assert slim["last_layer/val_fit_size"] + slim["last_layer/val_selection_size"] == 1000
     assert erm["test/worst_group_acc"] + 0.3 < slim["test/worst_group_acc"], (erm, slim)
