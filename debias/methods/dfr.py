@@ -78,7 +78,7 @@ class DFR(Method):
 
     @classmethod
     def shared_stages(cls, config: dict[str, Any], data: Any) -> list[StageRequest]:
-        return features_requests(config, data, "reference", ("val", "test"))
+        return features_requests(config, data, "reference", ("val", "test"), normalize=False)
 
     @classmethod
     def steps(cls, ctx: SweepContext) -> str:

@@ -127,7 +127,8 @@ def stage_requests(config: dict[str, Any], data: GroupedDataset) -> list[StageRe
     out = [ref, gradcam]
     if split == "val":
         out += [r for r in features_requests({**config, "seed": seed}, data, "reference",
-                                             ("val", "test")) if r.stage == "features"]
+                                             ("val", "test"), normalize=False)
+                if r.stage == "features"]
         out[-1] = dataclasses.replace(out[-1], after=(ref.key,))
     return out
 
