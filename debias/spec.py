@@ -953,9 +953,10 @@ def _check_seeds(cfg: dict[str, Any], problems: list[str], bad: Any) -> None:
 def _check_weights(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
     weights = cfg["backbone"].get("weights")
     if weights in (None, "none", "imagenet"):
-        if weights == "imagenet" and cfg["backbone"].get("arch") == "small_cnn":
+        arch = cfg["backbone"].get("arch")
+        if weights == "imagenet" and str(arch).startswith("small_cnn"):
             problems.append("backbone.weights: got 'imagenet'; expected 'none' or a path for "
-                            "arch small_cnn (torchvision has no ImageNet weights for it)")
+                            f"arch {arch} (torchvision has no ImageNet weights for it)")
         return
     path = _absolute(weights, cwd)
     if not path.is_file():
