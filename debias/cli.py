@@ -289,16 +289,27 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
     if log_artifacts:
         parents = {r.info.run_id: r for r in tracker.parent_runs().values()}
         for row in rows:
-            tracker.log_metrics(row.parent_id, row_metrics(row))
+            # 4 decimals (0.01 points): what the runs table shows (0.7399999999999999)
+            tracker.log_metrics(row.parent_id, {k: round(v, 4)
+                                                for k, v in row_metrics(row).items()})
             name = parents[row.parent_id].info.run_name if row.parent_id in parents else ""
             mine = [p for stem, p in plots.items() if not stem.startswith(
                 ("group_accuracy_", "cluster_purity_")) or stem.endswith(f"_{_stem(name)}")]
             for path in (md, csv_path, *mine):
                 tracker.log_artifact(row.parent_id, path)
         if spec.is_study:
+            from debias.tables import describe_study
+
             study = tracker.open_study({"sweep": spec.name, "methods": ",".join(spec.methods)})
-            for path in (md, csv_path, *(p for stem, p in plots.items() if stem == "test_wga")):
+            describe_study(tracker, study, rows, notes, folder)  # its description, report.md
+            for path in (csv_path, *(p for stem, p in plots.items() if stem == "test_wga")):
                 tracker.log_artifact(study, path)
+    if spec.tracking_uri.startswith(("http://", "https://")):
+        from debias.ui import server_comparison_url
+
+        with contextlib.suppress(Exception):  # the URL is a convenience: never fail for it
+            print(f"MLflow runs table, on the comparison: "
+                  f"{server_comparison_url(spec.tracking_uri, spec.name)}")
     return 0
 
 

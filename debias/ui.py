@@ -5,6 +5,15 @@ For a ``sqlite:///`` store an ``mlflow server`` subprocess is started in its own
 the server runs until Ctrl-C. For an ``http(s)://`` tracking URI a server already exists: its
 URL is printed and nothing is started.
 
+The URL opens on the comparison. MLflow 3 keeps a runs table's columns, sort and filter in
+page state (the browser's local storage), never in a plain URL; what a URL can carry is a
+*shared view*: ``viewStateShareKey=KEY`` names the experiment tag
+``mlflow.sharedViewState.KEY`` holding that state as JSON (the search facets
+``searchFilter`` / ``orderByKey`` / ``orderByAsc`` and the UI state ``selectedColumns`` /
+``columnWidths``; MLflow's ``useSharedExperimentViewState``). :func:`save_comparison_view`
+writes that tag: the parents' ``report/*`` metrics and their method, target and bias tags as
+columns, trial runs filtered out, sorted by test WGA, best first.
+
 Tests use :func:`start_ui` / :func:`stop_ui` directly.
 """
 
@@ -25,12 +34,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-__all__ = ["UIError", "UIHandle", "experiment_url", "free_port", "run_ui", "start_ui",
-           "stop_ui"]
+__all__ = ["COMPARISON_COLUMNS", "COMPARISON_VIEW", "UIError", "UIHandle", "comparison_url",
+           "comparison_view", "experiment_url", "free_port", "run_ui", "save_comparison_view",
+           "start_ui", "stop_ui"]
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 SQLITE = "sqlite:///"
+
+#: The share key of the comparison view (the experiment tag ``mlflow.sharedViewState.<key>``).
+COMPARISON_VIEW = "debias-comparison"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+SORT_METRIC = "report/test_wga_mean"
+#: The runs table's columns, in order, as MLflow's canonical keys (``metrics.`name```): what
+#: a row is (method, target, bias), then its numbers (the CIs are 95% half-widths).
+COMPARISON_COLUMNS = (
+    *(f"tags.`{t}`" for t in ("method", "target_attribute", "bias_attribute")),
+    *(f"metrics.`report/{m}`" for m in ("test_wga_mean", "test_wga_ci95", "delta_wga_vs_erm",
+                                         "delta_wga_vs_erm_ci95", "test_avg_mean")),
+)
+#: The grid's own columns that stay in front (row selection, run name) and after them.
+_LEADING = ("0", "attributes.`Run Name`")
+_TRAILING = ("runDateAndNestInfo", "duration")
 
 
 class UIError(RuntimeError):
@@ -70,6 +95,40 @@ def experiment_url(base_url: str, experiment_id: str) -> str:
     traces overview; the ``runs`` tab with ``workflowType=machine_learning`` shows the runs."""
     return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
             "?workflowType=machine_learning")
+
+
+def comparison_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's runs table opened on the comparison view (see the module doc)."""
+    return f"{experiment_url(base_url, experiment_id)}&viewStateShareKey={COMPARISON_VIEW}"
+
+
+def comparison_view() -> dict[str, object]:
+    """The runs table's state that compares the sweep's pipelines: parents (and the study
+    run) only, the report's numbers and the method/target/bias tags as columns, sorted by
+    test worst-group accuracy, best first."""
+    return {
+        "searchFilter": "tags.`debias.role` != 'trial'",
+        "orderByKey": f"metrics.`{SORT_METRIC}`",
+        "orderByAsc": False,
+        "selectedColumns": list(COMPARISON_COLUMNS),
+        # Widths apply to the columns ordered here (MLflow applies both together): wide
+        # enough for the metrics' names, which say what each number is.
+        "columnOrder": [*_LEADING, *COMPARISON_COLUMNS, *_TRAILING],
+        "columnWidths": {c: 190 if c.startswith("metrics.") else 125
+                         for c in COMPARISON_COLUMNS},
+        "runsExpanded": {},
+    }
+
+
+def save_comparison_view(tracking_uri: str, experiment_id: str) -> None:
+    """Write the comparison view onto the experiment (a tag; idempotent), so
+    :func:`comparison_url` opens on it in any browser."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).set_experiment_tag(
+        experiment_id, VIEW_TAG_PREFIX + COMPARISON_VIEW, json.dumps(comparison_view()))
 
 
 def _experiment_id(tracking_uri: str, experiment: str) -> str:
@@ -130,6 +189,7 @@ def start_ui(tracking_uri: str, experiment: str, port: int | None = None,
     if not db.is_file():
         raise UIError(f"no MLflow store at {db}; run the sweep first")
     experiment_id = _experiment_id(uri, experiment)
+    save_comparison_view(uri, experiment_id)
     chosen = free_port(DEFAULT_PORT if port is None else port)
     if port and chosen != port:
         raise UIError(f"port {port} on {HOST} is in use; pick another with --port")
@@ -154,7 +214,17 @@ def start_ui(tracking_uri: str, experiment: str, port: int | None = None,
     except BaseException:
         stop_ui(handle)
         raise
-    return experiment_url(handle.base_url, experiment_id), handle
+    return comparison_url(handle.base_url, experiment_id), handle
+
+
+def server_comparison_url(tracking_uri: str, experiment: str) -> str:
+    """For an ``http(s)://`` tracking server: save the comparison view on ``experiment`` and
+    return its URL (credentials in the URI masked)."""
+    from debias.environment import redact_uri
+
+    experiment_id = _experiment_id(tracking_uri, experiment)
+    save_comparison_view(tracking_uri, experiment_id)
+    return comparison_url(redact_uri(tracking_uri), experiment_id)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -198,8 +268,13 @@ def run_ui(tracking_uri: str, experiment: str, port: int | None = None) -> int:
     from debias.environment import redact_uri
 
     if tracking_uri.startswith(("http://", "https://")):
-        print(f"MLflow UI of sweep {experiment!r}: {redact_uri(tracking_uri)} (a tracking "
-              "server already serves it; nothing started)")
+        try:
+            url = server_comparison_url(tracking_uri, experiment)
+        except Exception as exc:  # the server does not answer, or no such experiment
+            print(f"error: {redact_uri(str(exc))}", file=sys.stderr)
+            return 1
+        print(f"MLflow UI of sweep {experiment!r} (a tracking server already serves it; "
+              f"nothing started):\n  {url}")
         return 0
     try:
         url, handle = start_ui(tracking_uri, experiment, port)

@@ -2,7 +2,10 @@
 `chromium-driver`, installed by .ci/system-deps.sh; driven with selenium):
 
 - `--ui`: the MLflow UI of a real sqlite store shows the sweep's runs, their
-  `val/worst_group_acc` charts, and the compare-runs view of two runs;
+  `val/worst_group_acc` charts, and the compare-runs view of two runs; the URL it prints opens
+  on the comparison (the parents' `report/*` metrics and method/target/bias tags as columns,
+  sorted by test WGA, trial runs filtered out), and a study's run shows the comparison table
+  whole, as its description and as its `report.md`;
 - `--annotate`: the SLIM annotation page on a tiny synthetic request, answered by clicks and
   keys, reloaded mid-way, every answer checked in the CSV, the final CSV read back by
   `read_annotations`.
@@ -194,6 +197,124 @@ def test_mlflow_ui_shows_runs_and_compare_view(tmp_path: Path) -> None:
         stop_ui(handle)
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # the server and its uvicorn workers are all gone
+
+
+STUDY = {"erm": 0.35, "jtt": 0.60, "groupdro": 0.72}  # test WGA of seed 0, per method
+
+
+def _study_store(tmp_path: Path) -> tuple[str, str, str]:
+    """A study's record as a sweep leaves it: a parent per method with its seeds' runs, the
+    report's numbers on the parents, the study run described (the code the sweep runs)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from debias.report import collect, row_metrics
+    from debias.tables import describe_study
+    from debias.tracking import ROLE_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("study", artifact_location=(tmp_path / "art").as_uri())
+    for method, wga in STUDY.items():
+        parent = client.create_run(exp, run_name=f"{method}/Odd", tags={
+            ROLE_TAG: "parent", "method": method, "target_attribute": "Odd",
+            "bias_attribute": "Background", "bias_labels": "none",
+            "selection_metric": "val/worst_group_acc"}).info.run_id
+        client.log_param(parent, "best.train.lr", "0.048071425018349025")
+        for seed in (0, 1, 2):
+            run = client.create_run(exp, run_name=f"seeds-{seed}", tags={
+                "mlflow.parentRunId": parent, ROLE_TAG: "trial", "phase": "seeds",
+                "seed": str(seed)}).info.run_id
+            client.log_batch(run, metrics=[Metric("test/worst_group_acc", wga + 0.02 * seed,
+                                                  0, 0),
+                                           Metric("test/avg_acc", 0.8 + 0.01 * seed, 0, 0)])
+            client.set_terminated(run)
+        client.set_terminated(parent)
+    tracker = Tracker(uri, "study", create=False)
+    rows = collect(tracker)
+    for row in rows:
+        tracker.log_metrics(row.parent_id, row_metrics(row))
+    study = tracker.open_study({"sweep": "study"})
+    describe_study(tracker, study, rows, ["selection: val/worst_group_acc"], tmp_path)
+    return uri, exp, study
+
+
+def _fully_visible(driver: Any, element: Any) -> bool:
+    """The element's box lies inside every scrolling/clipping ancestor's box (not cut off)."""
+    return bool(driver.execute_script("""
+        const el = arguments[0], box = el.getBoundingClientRect();
+        for (let p = el.parentElement; p; p = p.parentElement) {
+          const s = getComputedStyle(p);
+          if (['auto', 'scroll', 'hidden'].includes(s.overflowX)) {
+            const r = p.getBoundingClientRect();
+            if (box.left < r.left - 1 || box.right > r.right + 1) return false;
+          }
+        }
+        // Its text fits too (no "..." where it was cut).
+        return box.width > 0 && box.right <= window.innerWidth
+               && el.scrollWidth <= el.clientWidth + 1;""", element))
+
+
+def test_mlflow_ui_opens_on_the_comparison(tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from debias.ui import COMPARISON_COLUMNS, start_ui, stop_ui
+
+    uri, exp, study = _study_store(tmp_path)
+    url, handle = start_ui(uri, "study", port=0)
+    try:
+        assert "viewStateShareKey=" in url
+        with chromium() as browser, shot_on_failure(browser, "mlflow_comparison"):
+            browser.set_window_size(2600, 1200)  # the grid renders only the columns in view
+            browser.get(url)
+            wait_until(browser, lambda d: all(f"{m}/Odd" in body_text(d) for m in STUDY),
+                       "the parents in the runs table")
+
+            def headers(d: Any) -> list[str]:
+                """The column ids in the order a person sees them (the grid positions its
+                header cells absolutely: DOM order is not display order)."""
+                cells = d.find_elements(By.CSS_SELECTOR, ".ag-header-cell[col-id]")
+                cells.sort(key=lambda c: int(c.get_attribute("aria-colindex") or 0))
+                return [c.get_attribute("col-id") for c in cells]
+
+            wait_until(browser, lambda d: set(COMPARISON_COLUMNS) <= set(headers(d)),
+                       f"the columns {COMPARISON_COLUMNS}")
+            shown = [h for h in headers(browser) if h in COMPARISON_COLUMNS]
+            assert shown == list(COMPARISON_COLUMNS)  # in this order: what, then numbers
+            rows = [e.text for e in browser.find_elements(
+                By.CSS_SELECTOR, ".ag-pinned-left-cols-container .ag-row, "
+                                 ".ag-center-cols-container .ag-row")]
+            names = [n for n in re.findall(r"\w+/Odd|study|seeds-\d", "\n".join(rows))]
+            ordered = [n for n in dict.fromkeys(names) if n.endswith("/Odd")]
+            assert ordered == ["groupdro/Odd", "jtt/Odd", "erm/Odd"], names  # best WGA first
+            assert not [n for n in names if n.startswith("seeds-")], names  # trials hidden
+            screenshot(browser, "mlflow_comparison")
+
+            # The study run: its description is the comparison table, every column shown,
+            # on a laptop's screen.
+            browser.set_window_size(1366, 900)
+            browser.get(f"{handle.base_url}/#/experiments/{exp}/runs/{study}")
+            wait_until(browser, lambda d: "Comparison of sweep" in body_text(d),
+                       "the study run's description")
+            for more in browser.find_elements(By.XPATH, "//*[text()='Show more']"):
+                more.click()
+            heads = wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "th"),
+                               "the description's table")
+            texts = [h.text.replace("\n", " ") for h in heads]
+            assert texts == ["method", "test WGA %", "test acc %", "Δ WGA", "bias labels"], texts
+            assert all(_fully_visible(browser, h) for h in heads), texts
+            screenshot(browser, "mlflow_study_description")
+
+            # Its report.md in the artifact viewer: whole, not cut off after a few columns.
+            browser.get(f"{handle.base_url}/#/experiments/{exp}/runs/{study}/artifacts/"
+                        "report.md")
+            heads = wait_until(browser, lambda d: d.find_elements(
+                By.CSS_SELECTOR, "th, [role='columnheader']"), "report.md rendered")
+            assert [h.text for h in heads] == texts
+            assert all(_fully_visible(browser, h) for h in heads), [h.text for h in heads]
+            screenshot(browser, "mlflow_study_report")
+    finally:
+        stop_ui(handle)
 
 
 # ------------------------------------------------------------------ annotation page
