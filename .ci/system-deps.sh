@@ -8,6 +8,9 @@
 #   chromium and chromium-driver (chromedriver): tests/test_browser.py drives a real headless
 #   Chromium (via selenium) through the MLflow UI (`launch.py --ui`) and the SLIM annotation
 #   page (`launch.py --annotate`); it never downloads a browser.
+#   postgresql: tests/test_concurrency.py runs sweeps at once against an `mlflow server` backed
+#   by a real PostgreSQL, as cluster.yaml's head does; the test starts its own server (initdb
+#   in a temp dir, a free port, as the `postgres` user when run as root), never the system's.
 # Idempotent: installs only what is missing, so re-running it is cheap and needs no network.
 # Needs root (or sudo) and apt-get (Debian/Ubuntu images). Usage: .ci/system-deps.sh
 set -euo pipefail
@@ -18,9 +21,10 @@ command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "system-deps: openssh-server, rsync, chromium, chromium-driver already installed"
+  echo "system-deps: openssh-server, rsync, chromium, chromium-driver, postgresql already installed"
   exit 0
 fi
 
@@ -39,5 +43,5 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo env DEBIAN_FRONTEND=noninteractive \
   apt-get install -y --no-install-recommends "${missing[@]}"
-# The package's postinst may start a system sshd on port 22 (where an init system exists);
-# the tests start their own sshd on a free loopback port and do not need it.
+# The packages' postinst may start a system sshd on port 22 and a PostgreSQL on 5432 (where an
+# init system exists); the tests start their own on free loopback ports and do not need them.

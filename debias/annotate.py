@@ -13,7 +13,6 @@ sweep file and every ``--set`` given, plus the annotation file's path.
 
 from __future__ import annotations
 
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -190,9 +189,11 @@ def check_request(spec: Spec, dry_run: bool = False) -> None:
 
 
 def _launch(sweep: str, overrides: Sequence[str], *more: str) -> str:
-    """``python launch.py SWEEP --set ... MORE``, every argument shell-quoted."""
-    args = [sweep, *(a for item in overrides for a in ("--set", item)), *more]
-    return "python launch.py " + shlex.join(args)
+    """``python launch.py SWEEP --set ... MORE``, every argument shell-quoted, credentials
+    masked: the one function that builds every printed command."""
+    from debias.commands import launch_command
+
+    return launch_command(sweep, overrides, *more)
 
 
 def _sets(overrides: Sequence[str], key: str) -> bool:

@@ -9,14 +9,21 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from debias import redaction
+from debias.commands import sweep_command
 from debias.jobs import REMOTE_WORKDIR_ENV
 from debias.spec import Spec, SpecError, load_spec
 
 __all__ = ["main"]
+
+#: How long the exit waits for threads that are not daemons (the MLflow writer's journal is
+#: closed by an exit handler after this, with its own bound).
+EXIT_JOIN_S = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,10 +118,18 @@ def exit_now(code: int) -> NoReturn:
     run (Ray's shutdown, logging's flush, the MLflow writer's journal), threads that are not
     daemons are joined, the streams are flushed. A quickstart user waits that much less, and
     so does every test that launches a driver."""
+    # Idle worker threads of thread pools (MLflow's artifact downloads keep some) wait for
+    # work for ever: tell them to end, as the interpreter's shutdown would, then join what
+    # is left, for a bounded time (a thread that still does not end is given up on).
+    with contextlib.suppress(Exception):
+        from concurrent.futures import thread as pool_threads
+
+        pool_threads._python_exit()
     main_thread = threading.main_thread()
+    deadline = time.monotonic() + EXIT_JOIN_S
     for thread in threading.enumerate():
         if thread is not main_thread and not thread.daemon:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -123,9 +138,21 @@ def exit_now(code: int) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Every command; an interrupt (Ctrl-C, SIGTERM, a closed terminal) anywhere ends it with
+    one line and exit 130, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            print("\ninterrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redaction.install(args.tracking_uri)
     if (args.status is not None or args.submit) and not args.address:
         parser.error("--status and --submit need --address (the head's dashboard, e.g. "
                      "http://127.0.0.1:8265)")
@@ -150,9 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cwd = Path(workdir).expanduser() if workdir else None
     try:
         spec = load_spec(args.sweep, args.overrides, cwd=cwd)
-    except SpecError as exc:
+        uri, note = redaction.unmask_uri(spec.tracking_uri)
+    except (SpecError, redaction.MaskedCredentials) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    spec.config["tracking"]["uri"] = uri
+    redaction.install(uri)
+    if note:
+        print(note, file=sys.stderr)
     if args.compare is not None:
         return _compare(args.compare, spec.tracking_uri, spec.storage)
     if args.export is not None:
@@ -163,6 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ui(spec, args.port)
     if args.annotate:
         return _annotate(spec, args)
+    from debias.environment import EnvironmentProblem, check_dataset_memory
+
+    try:  # before the plan, which may already read (generate) the data
+        check_dataset_memory(spec.config["dataset"])
+    except EnvironmentProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     from debias.preflight import PreflightFailed, preflight
     from debias.sweep import SweepError, SweepInterrupted, describe_plan
 
@@ -185,17 +224,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if outcome.pending_writes:
             print(f"\nthe sweep ran every trial, but the MLflow tracking server did not take "
                   f"{outcome.pending_writes} write(s); they are journaled in "
-                  f"{outcome.journal}. Once it answers, upload them with `python launch.py "
-                  f"{spec.source} --sync` (or --resume); the report follows.",
+                  f"{outcome.journal}. Once it answers, upload them with "
+                  f"`{sweep_command(spec, '--sync')}` (or --resume); the report follows.",
                   file=sys.stderr)
             return 3
-        return _report(spec, log_artifacts=True)
+        if outcome.dropped:
+            print(f"\n{_dropped_hint(spec, outcome.dropped, outcome.journal)}",
+                  file=sys.stderr)
+        code = _report(spec, log_artifacts=True)
+        if outcome.dropped and code:
+            print(_dropped_hint(spec, outcome.dropped, outcome.journal), file=sys.stderr)
+        return code
     except SweepInterrupted as exc:
         print(f"\ninterrupted: {exc}", file=sys.stderr)
         return 130
     except (SweepError, PreflightFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _dropped_hint(spec: Spec, dropped: int, journal: Path) -> str:
+    """What to run when MLflow refused some of the sweep's writes for good."""
+    return (f"MLflow refused {dropped} of this sweep's write(s) (each is listed with its "
+            f"reason in {journal / 'dropped.jsonl'}); every trial ran and Ray kept its "
+            f"record: `{sweep_command(spec, '--resume')}` writes the runs again from it")
 
 
 def _submit(spec: Spec, args: argparse.Namespace) -> int:
@@ -285,7 +337,7 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
     print(f"\nwritten: {md}, {csv_path}")
     if plots:
         print(f"plots: {', '.join(str(p) for p in plots.values())}")
-    print(f"MLflow: python launch.py {spec.source} --ui  (the runs table of this sweep)")
+    print(f"MLflow: {sweep_command(spec, '--ui')}  (the runs table of this sweep)")
     if log_artifacts:
         parents = {r.info.run_id: r for r in tracker.parent_runs().values()}
         for row in rows:
@@ -359,8 +411,8 @@ def _sync(spec: Spec) -> int:
     left = journal_pending(journal)
     print(f"--sync: {written} of {pending} journaled write(s) uploaded, {left} left")
     if left:
-        print(f"error: the tracking server did not take {left} write(s); try --sync again "
-              "once it answers", file=sys.stderr)
+        print(f"error: the tracking server did not take {left} write(s); once it answers, "
+              f"run `{sweep_command(spec, '--sync')}` again", file=sys.stderr)
         return 1
     return _report(spec, log_artifacts=True)
 
@@ -368,6 +420,10 @@ def _sync(spec: Spec) -> int:
 def _export(spec: Spec, folder: Path) -> int:
     from debias.export import export_sweep
 
+    if folder.exists() and not folder.is_dir():
+        print(f"error: --export {folder}: that is a file, not a folder; name a folder (it "
+              "is created if absent)", file=sys.stderr)
+        return 1
     tracker = _open_tracker(spec.tracking_uri, spec.name)
     if tracker is None:
         return 1

@@ -88,17 +88,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         # with SIGKILL, the watchdog kills them (Ray's agents outlive a killed driver).
         from debias.watchdog import mark_environment, start_watchdog
 
+        # Armed before ray.init: a driver killed while Ray starts leaves nothing behind (the
+        # watchdog finds the session folder from the marked processes' open files).
         marker = mark_environment()
+        start_watchdog(os.getpid(), match=marker)
         ray.init(num_cpus=num_cpus, **kwargs)
-        start_watchdog(os.getpid(), match=marker, session=_session_dir())
-
-
-def _session_dir() -> str | None:
-    """The local Ray session's folder (its processes hold their logs open there)."""
-    try:
-        return ray._private.worker._global_node.get_session_dir_path()
-    except Exception:  # a Ray without this accessor: the environment marker alone
-        return None
 
 
 def _need(resources: Mapping[str, float]) -> dict[str, float]:

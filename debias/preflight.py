@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
+from debias.commands import sweep_command
 from debias.data import DatasetError, load_grouped
 from debias.environment import EnvironmentProblem, check_environment, redact_uri, sqlite_path
 from debias.files import atomic_write_text
 from debias.methods.base import PreflightError
+from debias.redaction import redact
 from debias.spec import Spec
 from debias.tracking import Tracker, flatten
 
@@ -78,10 +79,8 @@ def method_preflight(spec: Spec, dry_run: bool = False) -> None:
 
 
 def resume_command(spec: Spec) -> str:
-    import shlex
-
-    args = [spec.source, *(a for o in spec.overrides for a in ("--set", o)), "--resume"]
-    return "python launch.py " + shlex.join(args)
+    """The ``--resume`` command of this sweep (every ``--set`` kept, credentials masked)."""
+    return sweep_command(spec, "--resume")
 
 
 def check_state(spec: Spec, resume: bool) -> None:
@@ -107,12 +106,13 @@ def check_state(spec: Spec, resume: bool) -> None:
 
 
 def _flat(spec: Spec) -> dict[str, str]:
-    """The configuration a sweep's results depend on, as flat ``key: value`` strings."""
+    """The configuration a sweep's results depend on, as flat ``key: value`` strings, with
+    credentials masked (this is written to disk)."""
     config = {k: v for k, v in spec.config.items() if k != "study"}
     out = flatten(config)
     for d in spec.space:
         out[f"search.space.{d.path}"] = d.describe()
-    return out
+    return {k: redact(v) for k, v in out.items()}
 
 
 def record_config(spec: Spec) -> None:
@@ -129,7 +129,7 @@ def check_resume_config(spec: Spec) -> None:
     path = sweep_dir(spec) / CONFIG_FILE
     if not path.is_file():
         return
-    old: dict[str, Any] = json.loads(path.read_text())
+    old = {k: redact(v) for k, v in json.loads(path.read_text()).items()}
     new = _flat(spec)
     changed = [(k, old.get(k, "(absent)"), new.get(k, "(absent)"))
                for k in sorted(set(old) | set(new))

@@ -65,6 +65,17 @@ __all__ = [
 ]
 
 
+#: The largest seed: what numpy's RandomState (Optuna's samplers seed it) accepts, 2**32 - 1;
+#: torch and numpy's Generator accept more.
+MAX_SEED = 2**32 - 1
+
+#: ``storage`` may not be one of these folders (Ray's results, checkpoints and the stage
+#: cache would be written into the system), nor lie inside those of ``SYSTEM_TREES``.
+SYSTEM_FOLDERS = ("/", "/home", "/var", "/opt", "/srv", "/mnt", "/media", "/run", "/root")
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                "/proc", "/sbin", "/sys", "/usr")
+
+
 class SpecError(ValueError):
     """A sweep file (or --set override) that cannot run; the message lists every problem."""
 
@@ -130,7 +141,7 @@ class Dataset(Section):
     spurious_correlation: Number = Float(
         0.95, 0.5, 1.0, searchable=False,
         doc="synthetic: P(background matches the target) in train; val/test balanced")
-    seed: int = Int(0, 0, searchable=False, doc="synthetic: draws another dataset")
+    seed: int = Int(0, 0, MAX_SEED, searchable=False, doc="synthetic: draws another dataset")
     size: int = Int(5000, 100, 5000, searchable=False,
                     doc="synthetic: how many of the 5,000 digits (a seeded subset; smaller for "
                         "quick runs, the default for results)")
@@ -148,13 +159,14 @@ class Search(Section):
     max_concurrent: int | None = Int(None, 1, 100_000, doc="running trials per pipeline")
     max_concurrent_total: int | None = Int(None, 1, 100_000,
                                            doc="running trials of the whole sweep")
-    seed: int = Int(0, 0, doc="the sampler's seed")
+    seed: int = Int(0, 0, MAX_SEED, doc="the sampler's seed")
     startup_trials: int | None = Int(
         None, 1, 100_000, doc="optuna: TPE's random start-up trials per pipeline before its "
                               "model-based ones; default a third of num_samples (2 to 10)")
     trial_seed: int = Int(
-        1000, 0, doc="the seed every search trial trains with; never one of `seeds`, so the "
-                     "reported seeds are fresh runs, not the search's own trials")
+        1000, 0, MAX_SEED,
+        doc="the seed every search trial trains with; never one of `seeds`, so the "
+            "reported seeds are fresh runs, not the search's own trials")
     space: dict[str, Any] | None = None
 
 
@@ -190,7 +202,7 @@ class Debug(Section):
     fail_once_at_epoch: int | None = Int(None, 1, searchable=False)
     #: Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
     #: attempt: a persistent bug, to check that it is recorded and the others carry on.
-    fail_seed: int | None = Int(None, 0, searchable=False)
+    fail_seed: int | None = Int(None, 0, MAX_SEED, searchable=False)
     #: Trials whose train.lr is this crash after epoch `fail_once_at_epoch` (default: their
     #: last) on every attempt, after reporting it: a lucky score followed by a crash.
     fail_lr: Number | None = Float(None, 0, lo_open=True, searchable=False)
@@ -207,8 +219,8 @@ class TopLevel(Section):
     name: str = Text(..., expected="a name of letters, digits, '_', '.', '-' (it names the "
                                    "MLflow experiment)")
     targets: list[str] = Text(..., expected="a non-empty list of distinct attribute names")
-    seeds: list[int] = Text([0], expected="a non-empty list of integers >= 0, all distinct "
-                                          "(e.g. [0, 1, 2])")
+    seeds: list[int] = Text([0], expected=f"a non-empty list of integers in 0..{MAX_SEED}, "
+                                          "all distinct (e.g. [0, 1, 2])")
     storage: str = Text("debias_results")
     max_failures: int = Int(2, 0, 100, searchable=False)
 
@@ -232,7 +244,8 @@ class TopLevel(Section):
     @classmethod
     def _seeds(cls, v: Any) -> Any:
         if not isinstance(v, list) or not v or len(set(map(str, v))) != len(v) or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED
+                for s in v):
             raise ValueError("bad seeds")
         return v
 
@@ -761,6 +774,9 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
     def bad(path: str, value: Any, expected: str) -> None:
         problems.append(f"{path}: got {show(value)}; expected {expected}")
 
+    if _module_paths(raw) and _generic_problems(raw, problems):
+        # Importing a module runs its code: only for a file that is otherwise valid.
+        raise SpecError(list(dict.fromkeys(problems)), source=source)
     methods = _check_methods(raw, problems, bad)
     # A method that did not load owns a section nobody can check: say so once, not per key.
     unloaded = not methods
@@ -804,6 +820,7 @@ def validate(raw: Mapping[str, Any], source: str = "sweep file", cwd: Path | Non
         _check_idle_train_keys(spec, problems)
         _check_asha(spec, problems)
 
+    _check_storage_folder(cfg, problems, cwd)
     if problems:
         raise SpecError(list(dict.fromkeys(problems)), source=source)
     cfg["storage"] = str(_absolute(cfg["storage"], cwd))
@@ -860,6 +877,9 @@ def _check_methods(raw: Mapping[str, Any], problems: list[str], bad: Any) -> lis
         if not isinstance(value, str):
             bad(where, value, "a method name")
             continue
+        if (found := _static_method_problem(value)) is not None:
+            problems.append(f"{where}: {found}")
+            continue
         try:
             out.append(resolve_method(value))
         except MethodLoadError as exc:
@@ -869,6 +889,86 @@ def _check_methods(raw: Mapping[str, Any], problems: list[str], bad: Any) -> lis
                 bad(where, value, f"one of {', '.join(known_methods())}"
                     f"{did_you_mean(value, known_methods())}, or package.module:ClassName")
     return out if len(out) == len(_method_names(raw)) else []
+
+
+def _module_paths(raw: Mapping[str, Any]) -> list[str]:
+    """The ``package.module:Class`` values a file names (not the registry's names)."""
+    return [v for v, _ in _method_names(raw)
+            if isinstance(v, str) and ":" in v and v not in known_methods()]
+
+
+def _generic_problems(raw: Mapping[str, Any], problems: list[str]) -> bool:
+    """Check what does not depend on the methods (the top level, the shared sections);
+    add what is wrong, with a line saying the module paths were not imported. True if
+    something was."""
+    found: list[str] = []
+    check_section(TopLevel, {k: raw[k] for k in TopLevel.model_fields if k in raw}, "", found)
+    for name, model in SECTIONS.items():
+        check_section(model, raw.get(name), name, found)
+    static = [f"{where}: {problem}" for value, where in _method_names(raw)
+              if isinstance(value, str) and (problem := _static_method_problem(value))]
+    if not found and not static:
+        return False
+    problems.extend(found + static)
+    if found and not static:
+        problems.append(f"method: {', '.join(_module_paths(raw))} not imported yet: "
+                        "importing runs the module's code, so that waits until the rest of "
+                        "the file is valid")
+    return True
+
+
+def _static_method_problem(value: str) -> str | None:
+    """Why ``package.module:Class`` cannot name a method, found without running any of its
+    code: the module is located as ``importlib.util.find_spec`` would (but without importing
+    its packages), and its source must define ``Class`` at top level as a class with base
+    classes (or import it). None: import it and check it is a Method subclass."""
+    import ast
+    import importlib.machinery
+    import sys
+
+    if ":" not in value or value in known_methods():
+        return None
+    module, _, name = value.partition(":")
+    if not module or not name or not all(p.isidentifier() for p in module.split(".")) or \
+            not name.isidentifier():
+        return (f"got {value!r}; expected package.module:ClassName (a module path and a class "
+                "name)")
+    if module in sys.modules:
+        return None  # already imported: importing it again runs nothing
+    spec, path = None, None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i + 1])
+        loaded = sys.modules.get(prefix)
+        if loaded is not None:
+            spec, path = loaded.__spec__, getattr(loaded, "__path__", None)
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(prefix, path)
+        if spec is None:
+            return (f"{value!r}: cannot import module {module!r} (no module {prefix!r} on "
+                    "PYTHONPATH); is its folder on PYTHONPATH (or the package installed)?")
+        path = spec.submodule_search_locations
+        if i < len(parts) - 1 and path is None:
+            return f"{value!r}: cannot import module {module!r} ({prefix!r} is not a package)"
+    origin = getattr(spec, "origin", None)
+    if not origin or not str(origin).endswith(".py"):
+        return None  # compiled or namespace: nothing to read; the import checks it
+    try:
+        tree = ast.parse(Path(origin).read_bytes(), filename=str(origin))
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"{value!r}: module {module!r} ({origin}) does not parse ({exc})"
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return None if node.bases else (
+                f"{value!r}: {module}.{name} is not a method (a subclass of "
+                "debias.methods.Method): it has no base class")
+        if isinstance(node, ast.ImportFrom | ast.Import) and any(
+                (a.asname or a.name.split(".")[-1]) == name for a in node.names):
+            return None
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return None
+    return f"{value!r}: module {module!r} has no class {name!r} ({origin})"
 
 
 def _absolute(value: str, cwd: Path) -> Path:
@@ -939,6 +1039,19 @@ def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[s
         elif known and t in known and (reason := check_pair(name, t, b)):
             bad(path, b, reason)
     cfg["bias_attribute"] = bias
+
+
+def _check_storage_folder(cfg: dict[str, Any], problems: list[str], cwd: Path) -> None:
+    """``storage`` is not a system folder (symbolic links followed)."""
+    value = cfg.get("storage")
+    if not isinstance(value, str):
+        return
+    real = _absolute(value, cwd).resolve()
+    inside = [t for t in SYSTEM_TREES if real == Path(t) or Path(t) in real.parents]
+    if str(real) in SYSTEM_FOLDERS or inside:
+        problems.append(f"storage: got {value!r} ({real}); expected a folder of your own (e.g. "
+                        "~/debias_results), not a system folder: the sweep writes Ray's "
+                        "results, checkpoints and the stage cache there")
 
 
 def _check_seeds(cfg: dict[str, Any], problems: list[str], bad: Any) -> None:

@@ -63,7 +63,13 @@ def _cache_file(cache_dir: str, stage: str, key: str) -> Path:
 
 
 def run_stage_task(request: StageRequest) -> str:
-    """What a stage task runs (in a Tune slot): compute one stage, record where."""
+    """What a stage task runs (in a Tune slot): compute one stage, record where.
+
+    A key is computed once, also across a kill and ``--resume``: Tune restores a stage task
+    that was running when the driver died, and the resumed planner may ask for the same key
+    again. The second task finds the stage's file (nothing to do), or waits on the key's
+    lock while the first computes it and then reuses it; only a task that computed the
+    stage records a line in ``stage_tasks.jsonl``."""
     import ray
 
     from debias.cluster import limit_threads
@@ -75,9 +81,16 @@ def run_stage_task(request: StageRequest) -> str:
         cpus, node = float(os.cpu_count() or 1), ""
     if cpus:
         limit_threads(cpus)
+    if _cache_file(request.config["cache_dir"], request.stage, request.key).is_file():
+        return request.key  # computed already (by the task this one repeats)
+    from debias.cache import StageCache
+
+    before = StageCache.events().get(f"cache/computed/{request.stage}", 0)
     module, _, name = request.run.partition(":")
     started = time.time()
     getattr(importlib.import_module(module), name)(request.config, **request.kwargs)
+    if StageCache.events().get(f"cache/computed/{request.stage}", 0) == before:
+        return request.key  # another task computed it while this one waited for its lock
     from debias.files import append_line
 
     append_line(Path(request.config["cache_dir"]) / TASK_LOG, json.dumps({

@@ -15,6 +15,7 @@ config, in every phase.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 
 from ray import tune
 
+from debias.claim import ClaimRefused, adopt, claim_experiment, sweep_id
 from debias.cluster import (
     ClusterError,
     check_resources,
@@ -34,6 +36,7 @@ from debias.cluster import (
     trials_per_node,
 )
 from debias.environment import redact_uri
+from debias.files import LockHeld, atomic_write_text
 from debias.preflight import (
     PreflightFailed,
     check_resume_config,
@@ -48,8 +51,9 @@ from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher, trial_
 from debias.spec import LABEL_FREE_METRICS, Spec, config_hash
 from debias.stage_plan import StagePlanner
 from debias.sweep_log import MlflowTrialCallback, SweepLog
-from debias.tracking import FAILURE_KEY
+from debias.tracking import FAILURE_KEY, StoreNotReady, Tracker, open_store
 from debias.trainable import train_trial
+from debias.tune_state import DiskWatch, StateKeeper, disk_full_message, recover
 
 __all__ = ["TUNE_METRIC", "Pipeline", "SweepError", "SweepInterrupted", "SweepOutcome",
            "describe_plan",
@@ -152,36 +156,88 @@ def _max_epochs(spec: Spec, method: str) -> int:
     return int(spec.config["train"]["epochs"])
 
 
+#: Signals that stop a sweep the way Ctrl-C does: a `kill`, a scheduler's stop, a closed
+#: terminal or SSH session.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _sigterm_as_sigint() -> Iterator[None]:
-    """SIGTERM stops the sweep the way Ctrl-C does (Tune catches SIGINT: it saves its state
-    and returns), so a `kill` or a scheduler's stop is an interruption, never a crash."""
+def _stop_signals_as_sigint() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the sweep the way Ctrl-C does (Tune catches SIGINT: it saves
+    its state and returns; before Tune runs, Python raises KeyboardInterrupt), so a `kill`
+    or a closed terminal is an interruption, never a crash that leaves runs RUNNING."""
     def forward(signum: int, frame: object) -> None:
         os.kill(os.getpid(), signal.SIGINT)
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, forward)
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
     except ValueError:  # not the main thread: nothing to install
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError, TypeError):
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
 
 
 def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
               num_cpus: int | None = None, retry_failed: bool = False,
               on_pipeline_done: Callable[[str], None] | None = None) -> SweepOutcome:
-    """Run (or resume) every pipeline. Raises SweepInterrupted when stopped early, SweepError
-    when a sweep cannot start or a pipeline has no finished search trial."""
+    """Run (or resume) every pipeline. Raises SweepInterrupted when stopped early (Ctrl-C,
+    SIGTERM, SIGHUP), SweepError when a sweep cannot start or a pipeline has no finished
+    search trial.
+
+    Before Ray starts, the sweep opens its tracking store (a new one is created under a
+    lock) and claims its experiment there (:mod:`debias.claim`): a second sweep of the same
+    name on the same store is refused, naming this one, whatever its storage."""
+    with _stop_signals_as_sigint():
+        try:
+            preflight(spec, resume=resume, methods=False)
+            if resume:  # a changed configuration is refused before anything is touched
+                check_resume_config(spec)
+            open_store(spec.tracking_uri)
+        except (PreflightFailed, StoreNotReady) as exc:
+            raise SweepError(str(exc)) from None
+        try:
+            claim = claim_experiment(spec.tracking_uri, spec.name, spec.storage)
+        except ClaimRefused as exc:
+            raise SweepError(str(exc)) from None
+        try:
+            return _run_claimed(spec, claim, address=address, resume=resume,
+                                num_cpus=num_cpus, retry_failed=retry_failed,
+                                on_pipeline_done=on_pipeline_done)
+        finally:
+            claim.release()
+
+
+def _sweep_id(spec: Spec) -> tuple[str, bool]:
+    """(the sweep's id, whether it is new: to be written with the sweep's config). Made on
+    its first run, kept by --resume; a sweep started before ids keeps its runs' keys as they
+    were ("legacy-...": keys without an id)."""
+    folder = sweep_dir(spec)
+    found = sweep_id(folder, create=False)
+    if found:
+        return found, False
+    legacy = "legacy-" if (folder / "sweep.json").is_file() else ""
+    return f"{legacy}{os.urandom(8).hex()}", True
+
+
+def _run_claimed(spec: Spec, claim: Any, *, address: str | None, resume: bool,
+                 num_cpus: int | None, retry_failed: bool,
+                 on_pipeline_done: Callable[[str], None] | None) -> SweepOutcome:
     try:
-        preflight(spec, resume=resume, methods=False)
         check_state(spec, resume)
-        if resume:
-            check_resume_config(spec)
     except PreflightFailed as exc:
+        raise SweepError(str(exc)) from None
+    sid, new_id = _sweep_id(spec)
+    try:
+        adopt(claim, spec.tracking_uri, spec.name, sid, spec.storage,
+              has_runs=lambda: bool(Tracker(spec.tracking_uri, spec.name,
+                                            create=False).parent_runs()))
+    except ClaimRefused as exc:
         raise SweepError(str(exc)) from None
     try:
         init_ray(address, num_cpus)
@@ -195,37 +251,68 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
     for warning in packing_warnings(spec.config["resources"], node_types()):
         log.warning(warning)
     record_config(spec)
+    if new_id:
+        atomic_write_text(sweep_dir(spec) / "sweep_id", sid + "\n")
 
     pipes = pipelines(spec)
     bases = {p.name: spec.trial_base(p.target, p.method) for p in pipes}
-    sweep_log = SweepLog(spec.tracking_uri, spec.name, spec.storage, bases, resumed=resume)
+    try:
+        sweep_log = SweepLog(spec.tracking_uri, spec.name, spec.storage, bases, resumed=resume,
+                             sweep_id=None if sid.startswith("legacy-") else sid)
+    except LockHeld as exc:
+        raise SweepError(f"sweep {spec.name!r}: its MLflow journal is in use by another "
+                         f"process ({exc.note or exc.path}); is this sweep still running "
+                         "elsewhere?") from None
+    interrupted: list[str] = []
+    failed: list[str] = []
+    disk_full = None
+    DiskWatch.full.pop(str(spec.storage), None)
     try:
         for p in pipes:
             sweep_log.open_parent(p.name, _parent_tags(spec, p))
-        grid = _fit(spec, pipes, bases, resume, retry_failed)
+        try:
+            grid = _fit(spec, pipes, bases, resume, retry_failed)
+        except Exception as exc:
+            # Tune itself fails on a full disk (reading back an error file cut short):
+            # the sweep stops as interrupted, with the folder and space named.
+            if str(spec.storage) not in DiskWatch.full and not _no_space(exc):
+                raise
+            disk_full = _disk_full(spec)
+            for p in pipes:
+                sweep_log.interrupt_parent(p.name, note="stopped: the disk of storage is "
+                                                        "full; continue with --resume")
+            sweep_log.close_running("stopped: the disk of storage is full")
+            raise SweepError(disk_full) from None
+        if str(spec.storage) in DiskWatch.full:
+            disk_full = _disk_full(spec)
         searcher = SweepSearcher.live[spec.name]
         sweep_log.reconcile(grid, searcher)
         interrupted = [p.name for p in pipes if not searcher.complete(p.name)]
-        failed = []
         for p in pipes:
             if p.name in interrupted:
-                sweep_log.interrupt_parent(p.name)
+                sweep_log.interrupt_parent(p.name, **({"note": "stopped: the disk of storage "
+                                                       "is full; continue with --resume"}
+                                                      if disk_full else {}))
                 continue
+            end = _last_result_ms(grid, p.name)
             best = searcher.best(p.name)
             if best is None:
                 failed.append(p.name)
-                sweep_log.close_parent(p.name, {}, None, status="FAILED")
+                sweep_log.close_parent(p.name, {}, None, status="FAILED", end_ms=end)
                 continue
             trial_id, record = best
             params = {k: v for k, v in record.params.items() if k != "seed"}
             sweep_log.close_parent(p.name, {**params, "score": record.score},
-                                   ("search", trial_id))
+                                   ("search", trial_id), end_ms=end)
             if on_pipeline_done:
                 on_pipeline_done(p.name)
     finally:
         # How long the end of a sweep waits for a tracking server that is down.
         left = sweep_log.close(timeout_s=float(os.environ.get("DEBIAS_TRACKING_DRAIN_S", 60)))
-    outcome = SweepOutcome(pending_writes=left, journal=sweep_log.journal)
+    outcome = SweepOutcome(pending_writes=left, journal=sweep_log.journal,
+                           dropped=sweep_log.writer.status().dropped)
+    if interrupted and disk_full:
+        raise SweepError(disk_full)
     if interrupted:
         raise SweepInterrupted(
             f"sweep {spec.name!r} was interrupted; finished trials are kept, running ones "
@@ -237,6 +324,38 @@ def run_sweep(spec: Spec, *, address: str | None = None, resume: bool = False,
     return outcome
 
 
+def _no_space(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _disk_full(spec: Spec) -> str:
+    """The message of a sweep stopped by a full disk: the folder, the space, the command."""
+    left = 0
+    searcher = SweepSearcher.live.get(spec.name)
+    if searcher is not None:
+        with contextlib.suppress(Exception):
+            left = sum(v["pending"] + v["running"] for v in searcher.progress().values())
+    return disk_full_message(spec.storage, tune_path(spec), left, resume_command(spec))
+
+
+def _last_result_ms(grid: Any, pipeline: str) -> int | None:
+    """When the pipeline's last trial reported (ms), from Ray's record: a parent closed
+    again by a later --resume ends at the same time."""
+    stamps = []
+    for result in grid:
+        if (result.config or {}).get("pipeline") == pipeline:
+            with contextlib.suppress(TypeError, ValueError):
+                value = float((result.metrics or {}).get("timestamp") or 0)
+                if value == value and value > 0:
+                    stamps.append(int(value * 1000))
+    return max(stamps) if stamps else None
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
     """How a finished sweep left its tracking: writes still journaled (the server did not
@@ -244,6 +363,9 @@ class SweepOutcome:
 
     pending_writes: int
     journal: Path
+    #: Writes MLflow refused for good (recorded in the journal folder's dropped.jsonl):
+    #: ``--resume`` rebuilds the runs from Ray's record.
+    dropped: int = 0
 
 
 def _trial_errors(grid: Any, pipelines_: list[str], limit: int = 3) -> str:
@@ -281,6 +403,12 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
     res = spec.config["resources"]
     trainable = tune.with_resources(tune.with_parameters(train_trial, bases=bases),
                                     {"cpu": res["cpu"], "gpu": res["gpu"]})
+    if resume and path.is_dir():
+        try:  # a full disk may have cut Tune's state files short: the last good copy
+            for line in recover(path):
+                log.warning(line)
+        except RuntimeError as exc:
+            raise SweepError(str(exc)) from None
     if resume and tune.Tuner.can_restore(str(path)):
         log.warning("resuming sweep %r from %s", spec.name, path)
         # The saved state brings back the searcher, the scheduler, the trials and our callback.
@@ -313,12 +441,12 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
                 failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
                 # The latest checkpoint is for resuming; each holds the selected model too.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                callbacks=[callback],
+                callbacks=[callback, DiskWatch(str(spec.storage))],
                 progress_reporter=_reporter(spec),
                 verbose=1,
             ),
         )
-    with _sigterm_as_sigint(), _pending_trials(_slots(spec)):
+    with _pending_trials(_slots(spec)), StateKeeper(path):
         return tuner.fit()
 
 

@@ -16,7 +16,9 @@ result's own timestamp, so a result sent twice (a replayed journal, an epoch re-
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +34,10 @@ from debias.tracking import (
     FAILURE_KEY,
     FINAL_PREFIXES,
     IGNORED_PREFIXES,
+    NOTE_PREFIX,
     ROLE_TAG,
     STAGE_PREFIX,
+    SWEEP_ID_TAG,
     flatten,
 )
 
@@ -48,6 +52,25 @@ def _metrics(result: Mapping[str, Any], final: bool) -> dict[str, float]:
     return {k: v for k, v in result.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and "/" in k
             and not k.startswith(IGNORED_PREFIXES) and k.startswith(FINAL_PREFIXES) == final}
+
+
+def _epoch(result: Mapping[str, Any]) -> int | None:
+    """A result's epoch, or None where it has none (a failure's or a stage's report: in a
+    result table its cell is NaN)."""
+    try:
+        value = float(result.get("epoch", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    return int(value) if math.isfinite(value) else None
+
+
+def _stamp_ms(result: Mapping[str, Any]) -> int | None:
+    """A result's own time in ms (None where it has none)."""
+    try:
+        value = float(result.get("timestamp", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    return int(value * 1000) if math.isfinite(value) and value > 0 else None
 
 
 def trial_error(trial_dir: str | None, error: Any = None,
@@ -70,7 +93,8 @@ class SweepLog:
     live: ClassVar[dict[str, SweepLog]] = {}
 
     def __init__(self, uri: str, experiment: str, storage: Path,
-                 bases: Mapping[str, Mapping[str, Any]], resumed: bool = False) -> None:
+                 bases: Mapping[str, Mapping[str, Any]], resumed: bool = False,
+                 sweep_id: str | None = None) -> None:
         artifacts = None
         if uri.startswith("sqlite:///"):
             artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
@@ -78,6 +102,7 @@ class SweepLog:
         self.writer = tw.TrackingWriter(uri, experiment, self.journal,
                                         artifact_location=artifacts)
         self.experiment = experiment
+        self.storage = storage
         self.models = storage / experiment / "models"
         self.bases = {k: dict(v) for k, v in bases.items()}
         self.uri = uri
@@ -85,32 +110,54 @@ class SweepLog:
         #: re-reports epochs MLflow already has, which are not logged twice.
         self.logged: dict[tuple[str, ...], int] = {}
         self.resumed = resumed
+        #: The sweep's id: every run key holds it, so this sweep writes only to its own
+        #: runs, never to another sweep's of the same name (None: a sweep from before ids).
+        self.sweep_id = sweep_id
         if resumed:  # the previous driver's journal first, so what MLflow holds is current
             self.writer.flush(60)
         SweepLog.live[experiment] = self
+
+    # ------------------------------------------------------------------ keys
+
+    def _scoped(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        return (*key, self.sweep_id) if self.sweep_id else key
+
+    def parent_key(self, pipeline: str) -> tuple[str, ...]:
+        return self._scoped(tw.parent_key(pipeline))
+
+    def trial_key(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        return self._scoped(tw.trial_key(params["pipeline"], params["phase"], params["trial"]))
+
+    def _sweep_tags(self) -> dict[str, str]:
+        return {SWEEP_ID_TAG: self.sweep_id} if self.sweep_id else {}
 
     # ------------------------------------------------------------------ parents
 
     def open_parent(self, pipeline: str, tags: Mapping[str, str]) -> None:
         """A pipeline's parent run, reused (set RUNNING again) on resume."""
-        self.writer.submit(tw.ensure_run(tw.parent_key(pipeline), name=pipeline,
-                                         tags={ROLE_TAG: "parent", **tags}, reopen=True))
+        self.writer.submit(tw.ensure_run(
+            self.parent_key(pipeline), name=pipeline,
+            tags={ROLE_TAG: "parent", **self._sweep_tags(), **tags}, reopen=True))
 
     def close_parent(self, pipeline: str, best_params: Mapping[str, Any],
-                     best: tuple[str, str] | None, status: str = "FINISHED") -> None:
-        """The search's best config as ``best.*`` params, the best trial named, closed."""
-        key = tw.parent_key(pipeline)
+                     best: tuple[str, str] | None, status: str = "FINISHED",
+                     end_ms: int | None = None) -> None:
+        """The search's best config as ``best.*`` params, the best trial named, closed at
+        ``end_ms`` (its last trial's end: closing it again on a later --resume is then the
+        same write, and never moves its end time)."""
+        key = self.parent_key(pipeline)
         if best_params:
             self.writer.submit(tw.log_params(key, {f"best.{k}": v
                                                    for k, v in best_params.items()}))
         if best is not None:
             self.writer.submit(tw.set_tags(key, {"best_trial": f"{best[0]}/{best[1]}"}))
-        self.writer.submit(tw.set_terminated(key, status))
+        self.writer.submit(tw.set_terminated(key, status, end_time_ms=end_ms))
 
-    def interrupt_parent(self, pipeline: str) -> None:
+    def interrupt_parent(self, pipeline: str, note: str = "interrupted: continue with --resume"
+                         ) -> None:
         """KILLED with a note, never FINISHED; ``--resume`` reopens and closes it."""
-        key = tw.parent_key(pipeline)
-        self.writer.submit(tw.set_tags(key, {"note": "interrupted: continue with --resume"}))
+        key = self.parent_key(pipeline)
+        self.writer.submit(tw.set_tags(key, {"note": note}))
         self.writer.submit(tw.set_terminated(key, "KILLED"))
 
     # ------------------------------------------------------------------ trials
@@ -119,11 +166,11 @@ class SweepLog:
         """The trial's run (created once, set RUNNING again on a retry or a resume)."""
         config = trial_config(self.bases, params)
         pipeline, phase, trial_id = params["pipeline"], params["phase"], params["trial"]
-        key = tw.trial_key(pipeline, phase, trial_id)
+        key = self.trial_key(params)
         self.writer.submit(tw.ensure_run(
-            key, name=f"{phase}-{trial_id}", parent=tw.parent_key(pipeline), reopen=True,
+            key, name=f"{phase}-{trial_id}", parent=self.parent_key(pipeline), reopen=True,
             params=flatten(config), tags={
-                ROLE_TAG: "trial", "phase": phase, "ray_trial_id": trial_id,
+                ROLE_TAG: "trial", **self._sweep_tags(), "phase": phase, "ray_trial_id": trial_id,
                 "seed": str(config["seed"]), "method": str(config["method"]),
                 "config_hash": config_hash(config), "target_attribute": config["target"],
                 "bias_attribute": config["bias"],
@@ -153,12 +200,16 @@ class SweepLog:
 
     def log_result(self, key: tuple[str, ...], result: Mapping[str, Any],
                    final: bool = False) -> None:
-        step = int(result.get("epoch", 0) or 0)
+        step = _epoch(result)
+        if step is None:  # no epoch (a failure's or a stage's report): nothing per epoch
+            if not final:
+                return
+            step = 0
         if not final:
             if step <= self._last_logged(key):
                 return
             self.logged[key] = step
-        stamp = int(float(result.get("timestamp", 0) or 0) * 1000) or None
+        stamp = _stamp_ms(result)
         metrics = _metrics(result, final)
         if metrics:
             self.writer.submit(tw.log_metrics(key, metrics, step=step, timestamp_ms=stamp))
@@ -180,9 +231,17 @@ class SweepLog:
         if not files:
             return
         folder = self.models / trial_id
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy2(f, folder / f.name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy2(f, folder / f.name)
+        except OSError as exc:  # never raise into Tune's loop; a full disk stops the sweep
+            log.warning("could not keep the selected model of trial %s (%s)", trial_id, exc)
+            if exc.errno == errno.ENOSPC:
+                from debias.tune_state import DiskWatch
+
+                DiskWatch.note(self.storage, f"copying the model of trial {trial_id}: {exc}")
+            return
         self.writer.submit(tw.log_artifact(key, folder, "model"))
 
     def close_trial(self, key: tuple[str, ...], status: str, error: str | None = None,
@@ -212,8 +271,7 @@ class SweepLog:
             record = searcher.pipes[cfg["pipeline"]].trials.get(cfg["trial"])
             # Ended at its last result's time: closing it again (a later --resume) is then
             # the same write, not a new end time.
-            stamp = (result.metrics or {}).get("timestamp")
-            end = int(float(stamp) * 1000) if stamp else None
+            end = _stamp_ms(result.metrics or {})
             if record is None or not record.done:
                 self.set_tags(key, {"note": "interrupted: --resume continues it from its last "
                                             "checkpoint"})
@@ -227,7 +285,13 @@ class SweepLog:
                                                             result.metrics), end_ms=end)
         self._close_orphans(known)
 
-    def _close_orphans(self, known: set[tuple[str, ...]]) -> None:
+    def close_running(self, note: str) -> None:
+        """Every trial run still RUNNING ends KILLED with ``note`` (the sweep stopped without
+        Ray's record of it, e.g. on a full disk); ``--resume`` reopens them."""
+        self._close_orphans(set(), note)
+
+    def _close_orphans(self, known: set[tuple[str, ...]],
+                       note: str = "orphaned: no Ray trial resumed it") -> None:
         """Runs left RUNNING by a killed driver for trials Ray never recorded (suggested,
         then killed before Tune saved its state): KILLED and marked, never duplicated. Needs
         the server now; if it does not answer, the next --resume does it."""
@@ -249,7 +313,7 @@ class SweepLog:
         for run in running:
             key = tuple(json.loads(run.data.tags.get(tw.KEY_TAG, "null")) or ())
             if key and key not in known:
-                self.set_tags(key, {"note": "orphaned: no Ray trial resumed it"})
+                self.set_tags(key, {"note": note})
                 self.writer.submit(tw.set_terminated(key, "KILLED"))
 
     # ------------------------------------------------------------------ the end
@@ -304,7 +368,7 @@ class MlflowTrialCallback(tune.Callback):
         if trial.trial_id not in self._opened:
             self._opened.add(trial.trial_id)
             return self.log.open_trial(trial.config)
-        return _key(trial)
+        return self.log.trial_key(trial.config)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.config.get("phase") == STAGE_PHASE:  # a stage task: no run of its own
@@ -318,6 +382,10 @@ class MlflowTrialCallback(tune.Callback):
             return
         key = self._open(trial)
         self._note_node(trial.trial_id, key, result.get("node_id"))
+        notes = {k[len(NOTE_PREFIX):]: v for k, v in result.items()
+                 if k.startswith(NOTE_PREFIX) and isinstance(v, str)}
+        if notes:
+            self.log.set_tags(key, notes)
         stages = {k: v for k, v in result.items() if k.startswith(STAGE_PREFIX)
                   and isinstance(v, str)}
         if stages and self._stages.get(trial.trial_id) != stages:
@@ -365,7 +433,3 @@ class MlflowTrialCallback(tune.Callback):
         folder = str(Path(trial.error_file).parent) if trial.error_file else None
         self.log.close_trial(self._open(trial), "FAILED", trial_error(folder))
 
-
-def _key(trial: Any) -> tuple[str, ...]:
-    cfg = trial.config
-    return tw.trial_key(cfg["pipeline"], cfg["phase"], cfg["trial"])

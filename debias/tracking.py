@@ -19,9 +19,9 @@ from debias.environment import redact_uri
 if TYPE_CHECKING:  # MLflow takes ~1 s to import; a trial process reads only the names here
     import mlflow
 
-__all__ = ["ARTIFACT_PREFIX", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "ROLE_TAG",
-           "STAGE_PREFIX",
-           "Tracker", "flatten", "redact_uri"]
+__all__ = ["ARTIFACT_PREFIX", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "NOTE_PREFIX",
+           "ROLE_TAG", "STAGE_PREFIX", "SWEEP_ID_TAG", "StoreNotReady", "Tracker", "flatten",
+           "open_store", "redact_uri"]
 
 #: Every `group/name` result key is forwarded each epoch (train/, val/, the method's own such as
 #: clusterfix/, cache/), except test metrics and the selection, which are logged at the end,
@@ -35,9 +35,84 @@ ROLE_TAG = "debias.role"
 #: A result key ``stage/<name>`` holding a string: the cache key of a shared stage the trial
 #: used, set as a tag on its run.
 STAGE_PREFIX = "stage/"
+#: A result key ``note/<name>`` holding a string: set as the tag ``<name>`` on the trial's run
+#: (e.g. ``note/checkpoint``: which checkpoint a trial restarted from, and why).
+NOTE_PREFIX = "note/"
+#: The tag naming the sweep (its id, kept across --resume) a run belongs to.
+SWEEP_ID_TAG = "debias.sweep_id"
+#: How long opening a store waits out another program creating it.
+STORE_OPEN_S = 60.0
 #: A result key holding the cause of a failure the trial itself recognised as deterministic
 #: (a bad file, a missing key): it ends the trial without Tune's retries.
 FAILURE_KEY = "failure"
+
+
+class StoreNotReady(RuntimeError):
+    """The tracking store could not be opened (initialised) in time; the message says why."""
+
+
+def open_store(uri: str, timeout_s: float = STORE_OPEN_S) -> None:
+    """Open the tracking store once, creating its tables if it is new, before anything else
+    of the sweep touches it.
+
+    Two programs creating one new SQL store at once race MLflow's migrations (alembic's
+    ``Online migration expected to match one row``, SQLAlchemy's ``CircularDependencyError``,
+    ``table ... already exists``), and the loser's writes were dropped. A new ``sqlite:///``
+    store is therefore created under a lock of the sweep's own beside the file (every
+    sweep takes it), and also MLflow's own initialisation lock; whatever still races (an
+    ``mlflow ui`` or a script opening the file meanwhile, two machines creating one
+    PostgreSQL database) is retried with backoff until ``timeout_s``, then refused as one
+    :class:`StoreNotReady`. ``http(s)://`` stores are the server's business: nothing to do."""
+    import hashlib
+    import random
+    import tempfile
+
+    from debias.environment import sqlite_path
+    from debias.files import locked
+
+    scheme = uri.partition(":")[0].lower().partition("+")[0]
+    if scheme in ("http", "https", "databricks", "file", ""):
+        return
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    path = sqlite_path(uri)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            if path is None:
+                _initialise(uri)
+                return
+            with locked(path.with_name(f".{path.name}.debias-init.lock")):
+                # MLflow's own lock for initialising this database (its jobs store, an
+                # `mlflow server` on the same file, take it; its tracking store does not).
+                digest = hashlib.md5(f"sqlite:///{path}".encode(),
+                                     usedforsecurity=False).hexdigest()
+                with locked(Path(tempfile.gettempdir()) / f"db_init_lock-{digest}"):
+                    _initialise(uri)
+            return
+        except Exception as exc:  # a migration racing another program's, a locked file
+            if time.monotonic() + delay > deadline:
+                text = redact_uri(str(exc).strip().splitlines()[0] if str(exc).strip()
+                                  else type(exc).__name__)[:300]
+                raise StoreNotReady(
+                    f"tracking.uri: the MLflow store {redact_uri(uri)} could not be opened "
+                    f"within {timeout_s:.0f} s ({type(exc).__name__}: {text}); another "
+                    "program may be creating or migrating it (an `mlflow ui`, another "
+                    "sweep): let it finish, then run the command again") from None
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, 5.0)
+
+
+def _initialise(uri: str) -> None:
+    """MLflow's SQL store on ``uri``: its constructor creates and migrates the tables of a
+    new database (and checks an existing one's schema)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # Only opened here: runs get their experiment's artifact location, not this root.
+    root = Path(uri[len("sqlite:///"):]).absolute().parent if uri.startswith("sqlite:///") \
+        else Path.cwd()
+    SqlAlchemyStore(uri, str(root / "mlartifacts"))
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -60,7 +60,6 @@ import mimetypes
 import os
 import posixpath
 import random
-import re
 import threading
 import time
 from collections import deque
@@ -76,6 +75,7 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
 from debias.files import FileLock, LockHeld, acquire, atomic_output
+from debias.redaction import redact, redact_uri, remember_uri
 
 __all__ = [
     "DEFAULT_MAX_JOURNAL_BYTES", "KEY_ID_TAG", "KEY_TAG", "DroppedOp", "LockHeld", "Op",
@@ -252,6 +252,10 @@ def log_artifact(key: Sequence[str], local_path: str | Path,
 
 class _Refused(Exception):
     """An op that can never succeed as it is (bad op, missing run, missing local file)."""
+
+
+class _StoreNotReady(ConnectionError):
+    """The store could not be opened (e.g. its tables are being created): retry later."""
 
 
 class _ServerAnswered(MlflowException):
@@ -450,7 +454,13 @@ class _Applier:
     @property
     def store(self) -> Any:
         if self._store is None:
-            self._store = _make_store(self.uri, self.timeout_s)
+            try:
+                self._store = _make_store(self.uri, self.timeout_s)
+            except Exception as exc:
+                # A new SQL store whose tables another program is creating right now (its
+                # migrations race ours): not a refusal of this op, so retried, never dropped.
+                raise _StoreNotReady(f"the tracking store cannot be opened yet: "
+                                     f"{_describe(exc)}") from exc
         return self._store
 
     def experiment_id(self) -> str:
@@ -822,7 +832,7 @@ class WriterStatus:
 
 
 def _redact(uri: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    return redact_uri(uri)
 
 
 class _Drops:
@@ -875,7 +885,8 @@ def _attempt(applier: _Applier, op: Op | None) -> tuple[str | None, BaseExceptio
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).replace("\n", " ")
+    """One line about an error, credentials masked (MLflow's texts quote the URI)."""
+    text = redact(str(exc)).replace("\n", " ")
     return f"{type(exc).__name__}: {text[:300]}"
 
 
@@ -911,6 +922,7 @@ class TrackingWriter:
                  retry_max_s: float = 30.0, give_up_after: int = 20, max_queue: int = 100_000,
                  artifact_location: str | None = None, exit_timeout_s: float = 5.0) -> None:
         self.uri = uri
+        remember_uri(uri)  # its password is masked in every warning this writer logs
         self.experiment = experiment
         self.journal_dir = Path(journal_dir)
         self.journal_dir.mkdir(parents=True, exist_ok=True)
@@ -1245,6 +1257,7 @@ def replay(uri: str, experiment: str, journal_dir: str | Path, *, retry_for_s: f
     :class:`debias.files.LockHeld` when a live writer (a running sweep) owns the journal.
     """
     directory = Path(journal_dir)
+    remember_uri(uri)
     if not (directory / JOURNAL_NAME).exists():
         return 0
     lock = acquire(directory / LOCK_NAME, blocking=False)

@@ -31,7 +31,7 @@ from debias.methods import Method, resolve_method
 from debias.slim.annotations import AnnotationError
 from debias.spec import trial_config
 from debias.stage_plan import STAGE_PHASE, StageRequest, run_stage_task
-from debias.tracking import FAILURE_KEY
+from debias.tracking import FAILURE_KEY, NOTE_PREFIX
 
 __all__ = ["MODEL_CONFIG", "MODEL_FILE", "STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial",
            "limit_threads", "train_trial"]
@@ -115,6 +115,43 @@ def _start_together(config: dict[str, Any], pipeline: str, trial: str, count: in
         time.sleep(0.2)
 
 
+def _checkpoints(checkpoint: Any) -> list[Path]:
+    """The folders to resume from, newest first: Tune's latest checkpoint, then the older
+    ones beside it (Tune keeps two) where storage is a local or shared file system."""
+    with checkpoint.as_directory() as folder:
+        latest = Path(folder)
+    out = [latest]
+    if type(getattr(checkpoint, "filesystem", None)).__name__ == "LocalFileSystem":
+        out += sorted((p for p in latest.parent.glob("checkpoint_*")
+                       if p.is_dir() and p.name < latest.name), reverse=True)
+    return out
+
+
+def _resume(config: dict[str, Any], checkpoint: Any) -> tuple[Trial, str | None]:
+    """The trial, resumed from the newest checkpoint that loads (a checkpoint cut short by a
+    kill or a full disk is skipped), or from scratch if none does; with a note naming what
+    was skipped (None when the latest loaded, or there was none)."""
+    trainer = build_trial(config)
+    if checkpoint is None:
+        return trainer, None
+    skipped: list[str] = []
+    for folder in _checkpoints(checkpoint):
+        try:
+            trainer.load(folder / STATE_FILE)
+        except Exception as exc:  # CorruptFile, or a state that does not fit
+            skipped.append(f"{folder.name} does not load ({type(exc).__name__})")
+            trainer = build_trial(config)  # nothing half-loaded carries over
+            continue
+        if not skipped:
+            return trainer, None
+        note = f"resumed from {folder.name}: {'; '.join(skipped)}"
+        logging.getLogger("debias").warning("trial %s: %s", config.get("trial", ""), note)
+        return trainer, note
+    note = f"restarted from scratch: {'; '.join(skipped)}"
+    logging.getLogger("debias").warning("trial %s: %s", config.get("trial", ""), note)
+    return trainer, note
+
+
 def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> None:
     """Ray calls this with the searched values (`params`: dotted keys, `seed`, and the
     pipeline, phase and trial id the sweep's searcher adds); `bases` holds each pipeline's
@@ -135,10 +172,7 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
     try:
         if config["debug"].get("bad_data"):
             raise DatasetError("debug.bad_data: an injected deterministic failure")
-        trainer = build_trial(config)
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                trainer.load(Path(folder) / STATE_FILE)
+        trainer, restart_note = _resume(config, checkpoint)
     except DETERMINISTIC as exc:
         # The same input fails the same way on every retry: end the trial now, with its
         # cause, instead of Tune retrying it max_failures times into the same wall.
@@ -154,6 +188,8 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
     node_id = _node_id()
     for metrics in trainer.epochs():
         metrics["node_id"] = node_id  # a string: tagged on the MLflow run, not a metric
+        if restart_note:  # a string: set as the run's `checkpoint` tag
+            metrics[f"{NOTE_PREFIX}checkpoint"], restart_note = restart_note, None
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             save_selected(trainer, config, Path(folder))

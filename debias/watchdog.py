@@ -10,7 +10,10 @@ starting them (children inherit it; Ray renames its agents' command lines, so th
 matched), and/or a process group (the MLflow server's).
 
 Run as ``python -m debias.watchdog --parent PID [--match MARKER] [--group PGID]
-[--session RAY_SESSION_DIR]`` (processes holding files open in that folder are Ray's too).
+[--session RAY_SESSION_DIR]`` (processes holding files open in that folder are Ray's too;
+without it, the session folders the marked processes log to are found from their open
+files). A driver arms it *before* ``ray.init``: a driver killed while Ray is starting leaves
+nothing behind either.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +119,25 @@ def start_watchdog(parent: int, match: str | None = None, group: int | None = No
                             close_fds=True, env=env)
 
 
+def sessions_of(pids: Sequence[int]) -> set[str]:
+    """The Ray session folders (``.../session_<date>_<pid>``) that processes ``pids`` hold
+    files open in: a driver killed while ``ray.init`` was still starting never learnt its
+    session, but its raylet and GCS (which carry the marker) already log there."""
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                match = re.search(r"^(/.*?/session_\d{4}-[^/]+)(/|$)", target)
+                if match and not match.group(1).endswith("session_latest"):
+                    out.add(match.group(1))
+    return out
+
+
 def _clean(match: str | None, group: int | None, session: str | None = None,
            passes: int = 3) -> None:
     """Kill what the parent left. A few passes: a raylet killed in the first can have been
@@ -122,10 +145,12 @@ def _clean(match: str | None, group: int | None, session: str | None = None,
     if group:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
+    sessions = {session} if session else set()
     for n in range(passes):
         pids = set(matching_pids(match, exclude=(os.getpid(), 1))) if match else set()
-        if session:
-            pids |= set(holding_files_under(session, exclude=(os.getpid(), 1)))
+        sessions |= sessions_of(sorted(pids))
+        for folder in sessions:
+            pids |= set(holding_files_under(folder, exclude=(os.getpid(), 1)))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)

@@ -301,8 +301,15 @@ def test_a_missing_database_driver_names_the_package_and_hides_the_password() ->
     assert ":p@" not in str(exc.value) and "pip install" in str(exc.value)
     with pytest.raises(EnvironmentProblem, match="pip install mysqlclient"):
         check_tracking_uri("mysql://u:p@127.0.0.1:1/db")
-    with pytest.raises(EnvironmentProblem, match="pip install psycopg2-binary"):
-        check_tracking_uri("postgresql+psycopg2://u:p@127.0.0.1:1/db")
+    try:  # the test extras install psycopg2 (the PostgreSQL concurrency tests use it)
+        import psycopg2  # noqa: F401
+    except ImportError:
+        with pytest.raises(EnvironmentProblem, match="pip install psycopg2-binary"):
+            check_tracking_uri("postgresql+psycopg2://u:p@127.0.0.1:1/db")
+    else:
+        with pytest.raises(EnvironmentProblem, match="cannot reach the database") as exc:
+            check_tracking_uri("postgresql+psycopg2://u:hunter2@127.0.0.1:1/db")
+        assert "hunter2" not in str(exc.value)
 
 
 def _bad_sqlite(tmp_path: Path, case: str) -> tuple[Path, str]:
@@ -630,3 +637,66 @@ def test_the_driver_refuses_a_bad_environment_before_anything_runs(
         assert _digest(kept) == before
     assert not (tmp_path / "mlflow.db").exists()
     assert case == "storage is a file" or not (tmp_path / "results").exists()
+
+
+# --------------------------------------------------------------------------- issue 22, #8
+
+
+@pytest.mark.parametrize("key", ["seeds", "search.seed", "search.trial_seed", "dataset.seed"])
+def test_seeds_beyond_what_the_samplers_take_are_refused_before_anything_runs(
+        tmp_path: Path, key: str) -> None:
+    """2**32 passed --dry-run and the sweep died in Optuna once Ray was up."""
+    from debias.spec import MAX_SEED
+
+    big = [2**32] if key == "seeds" else 2**32
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    with pytest.raises(SpecError, match=rf"{key}: got .*4294967296.*4294967295"):
+        load_spec(path, [f"{key}={big}"])
+    load_spec(path, [f"{key}={[MAX_SEED] if key == 'seeds' else MAX_SEED}"])  # the largest
+    import numpy as np
+
+    np.random.RandomState(MAX_SEED)  # what Optuna's samplers build from it
+
+
+@pytest.mark.parametrize("folder", ["/", "/etc", "/usr/lib/debias", "/proc/self"])
+def test_storage_may_not_be_a_system_folder(tmp_path: Path, folder: str) -> None:
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path, storage=folder))
+    with pytest.raises(SpecError, match=r"storage: got .*not a system folder"):
+        load_spec(path)
+
+
+def test_a_method_module_is_not_imported_before_the_file_is_otherwise_valid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`method: mod:Class` imported (ran) the module before refusing the file."""
+    package = tmp_path / "mods" / "hostile"
+    package.mkdir(parents=True)
+    marker = tmp_path / "RAN"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('init')\n")
+    (package / "bad.py").write_text(f"open({str(marker)!r}, 'a').write('bad')\n"
+                                    "class NotAMethod:\n    pass\n"
+                                    "from debias.methods.erm import ERM as Alias\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    cases = {"hostile.bad:Missing": "has no class 'Missing'",
+             "hostile.bad:NotAMethod": "has no base class",
+             "hostile.nothere:X": "no module 'hostile.nothere'",
+             "hostile.bad:Alias": "not imported yet"}  # exists; the file has another problem
+    for value, expected in cases.items():
+        path = write_sweep(tmp_path, tiny_sweep(tmp_path, method=value))
+        with pytest.raises(SpecError, match=expected):
+            load_spec(path, ["train.lr=-1"] if value.endswith(":Alias") else [])
+        assert not marker.exists(), value
+    # Otherwise valid: now it is imported, and must be a Method.
+    spec = load_spec(write_sweep(tmp_path, tiny_sweep(tmp_path, method="hostile.bad:Alias")))
+    assert marker.read_text() == "initbad" and spec.method == "hostile.bad:Alias"
+
+
+def test_an_embedded_dataset_too_big_for_memory_is_refused_before_it_is_generated(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run at 1024 px took 18.5 GB of a 23 GB machine; at size 5000 it needs ~200 GB."""
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    code = main([str(path), "--dry-run", "--set", "dataset.image_size=1024", "--set",
+                 "dataset.size=5000"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "image_size 1024 with size 5000" in err and "GiB of memory" in err
+    assert "dataset.image_size" in err

@@ -105,3 +105,100 @@ def test_slim_without_its_annotation_file_writes_the_request_before_any_trial(
     assert all(Path(r["overlay_path"]).is_file() for r in rows)
     assert all(Path(r["overlay_path"]).parent == tmp_path / "ann_overlays" for r in rows)
     assert not (tmp_path / "results" / "tiny").exists()  # no trial, no Tune experiment
+
+
+@pytest.mark.parametrize("flag", ["--report", "--export", "--sync", "--compare"])
+def test_an_interrupt_in_a_command_after_a_sweep_is_one_line_and_exit_130(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        flag: str) -> None:
+    """Ctrl-C while --report draws its plots (or --export, --sync, --compare work) used to
+    end in a traceback: it is one line and exit 130, wherever it lands."""
+    import debias.cli as cli
+    from debias import tracking_writer
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_open_tracker", interrupted)
+    monkeypatch.setattr(tracking_writer, "replay", interrupted)
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    extra = {"--report": ["--report"], "--export": ["--export", str(tmp_path / "out")],
+             "--sync": ["--sync"], "--compare": ["--compare", "tiny"]}[flag]
+    assert main([str(path), *extra]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err
+
+
+def test_exit_now_does_not_wait_for_idle_pool_threads(tmp_path: Path) -> None:
+    """MLflow's artifact downloads leave idle thread-pool workers (not daemons); the exit
+    used to join them for ever (`--export` never exited)."""
+    import subprocess
+    import sys
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "from debias.cli import exit_now\n"
+            "pool = ThreadPoolExecutor(2)\n"
+            "assert pool.submit(lambda: 41 + 1).result() == 42\n"
+            "exit_now(7)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ,
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 7
+
+
+def test_every_printed_command_keeps_the_overrides_and_masks_credentials(
+        tmp_path: Path) -> None:
+    from debias.commands import sweep_command
+    from debias.preflight import resume_command
+    from debias.redaction import MaskedCredentials, unmask_uri
+    from debias.spec import load_spec
+
+    path = write_sweep(tmp_path, tiny_sweep(tmp_path))
+    sets = ["name=other", "tracking.uri=http://bob:pa55-word@10.0.0.5:5000"]
+    spec = load_spec(path, sets)
+    for flag in ("--resume", "--sync", "--ui", "--annotate"):
+        line = sweep_command(spec, flag)
+        assert "--set name=other" in line and line.endswith(flag)
+        assert "tracking.uri=http://***@10.0.0.5:5000" in line and "pa55-word" not in line
+    assert resume_command(spec) == sweep_command(spec, "--resume")
+    # Run as printed: the masked URI is completed from the environment, or refused.
+    masked = "http://***@10.0.0.5:5000"
+    import os
+
+    saved = {k: os.environ.pop(k, None) for k in ("MLFLOW_TRACKING_USERNAME",
+                                                  "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        with pytest.raises(MaskedCredentials, match="MLFLOW_TRACKING_PASSWORD"):
+            unmask_uri(masked)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="bob", MLFLOW_TRACKING_PASSWORD="pa55-word")
+        uri, note = unmask_uri(masked)
+        assert uri == "http://bob:pa55-word@10.0.0.5:5000" and "MLFLOW_TRACKING" in note
+        assert unmask_uri("http://10.0.0.5:5000") == ("http://10.0.0.5:5000", None)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def test_the_writers_warnings_never_show_the_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MLflow's exception text quotes the URI; the writer's warnings went out unscrubbed."""
+    import logging
+    import socket
+
+    from debias import tracking_writer as tw
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://carol:Xy7-secret@127.0.0.1:{port}"
+    with caplog.at_level(logging.DEBUG, logger="debias.tracking_writer"):
+        writer = tw.TrackingWriter(uri, "e", tmp_path / "j", retry_initial_s=0.05,
+                                   retry_max_s=0.1, request_timeout_s=1)
+        writer.submit(tw.ensure_run(("parent", "p"), name="p"))
+        assert not writer.flush(3)
+        writer.close(0.5)
+    text = caplog.text + "".join(p.read_text() for p in (tmp_path / "j").glob("*"))
+    assert "does not take writes" in text
+    assert "Xy7-secret" not in text

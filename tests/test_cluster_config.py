@@ -95,8 +95,9 @@ def test_mlflow_server_binds_private_ip_and_loopback_never_all_interfaces(name):
     binds = re.findall(r"(?:--bind|-b)[= ]([^\s\"']+)", command)
     assert binds == ["127.0.0.1:5000"], binds
     assert "--port 5000" in command
-    # Backed by sqlite on the head, detached from the SSH session that starts it.
-    assert "--backend-store-uri sqlite:///$HOME/mlflow.db" in command
+    # Backed by PostgreSQL on the AWS head (several writers), sqlite on machines you own;
+    # detached from the SSH session that starts it.
+    assert BACKEND[name] in command
     assert command.startswith("nohup setsid ") and command.rstrip().endswith("&")
     assert "echo $$ > ~/mlflow.pid" in command
     # A re-run of `ray up` stops the previous server (its whole process group) first.
@@ -106,11 +107,26 @@ def test_mlflow_server_binds_private_ip_and_loopback_never_all_interfaces(name):
     assert config["head_start_ray_commands"].index(stops[0]) < start_at
 
 
+BACKEND = {"cluster.yaml": "--backend-store-uri postgresql+psycopg2://mlflow@127.0.0.1:5432/mlflow",
+           "cluster_local.yaml": "--backend-store-uri sqlite:///$HOME/mlflow.db"}
+
+
+def test_the_aws_head_sets_up_postgresql_without_a_password_in_the_file():
+    setup = " ".join(load("cluster.yaml")["head_setup_commands"])
+    assert "apt-get install" in setup and "postgresql" in setup
+    assert "CREATE ROLE mlflow" in setup and "createdb -O mlflow mlflow" in setup
+    assert "~/.pgpass" in setup and "umask 077" in setup and "openssl rand" in setup
+    assert "pip install -q psycopg2-binary" in setup
+
+
 def test_both_files_start_the_same_way():
     aws, local = load("cluster.yaml"), load("cluster_local.yaml")
     for key in ("head_start_ray_commands", "worker_start_ray_commands", "file_mounts",
                 "rsync_exclude"):
-        assert aws[key] == local[key], key
+        same = [c.replace(BACKEND["cluster.yaml"], BACKEND["cluster_local.yaml"])
+                if isinstance(c, str) else c for c in aws[key]] if key.endswith("commands") \
+            else aws[key]
+        assert same == local[key], key
     # Setup: identical except that the AWS head's autoscaler needs boto3.
     assert [c.replace(" boto3", "") for c in aws["setup_commands"]] == local["setup_commands"]
 

@@ -133,3 +133,39 @@ def test_killed_driver_resumes_without_lost_or_duplicate_runs(tmp_path: Path) ->
     assert {f.parent.name for f in files} >= {"reference", "features", "kmeans"}
     for f in files:
         assert isinstance(torch.load(f, weights_only=True), dict)
+
+
+def test_a_trial_resumes_from_the_newest_checkpoint_that_loads(tmp_path: Path) -> None:
+    """A checkpoint cut short (a kill mid-write, a full disk) failed the trial for good, and
+    its NaN epoch stopped the driver's reconciliation: the trial now resumes from the newest
+    checkpoint that loads (Tune keeps two), or from scratch, and says which."""
+    from ray import tune
+
+    from debias.spec import load_spec
+    from debias.sweep_log import _epoch
+    from debias.trainable import STATE_FILE, _resume, build_trial
+
+    sweep = tiny_sweep(tmp_path, targets=["Odd"], seeds=[0],
+                       dataset={"name": "synthetic", "image_size": 8, "size": 100},
+                       train={"epochs": 3, "batch_size": 64, "lr": 0.05})
+    spec = load_spec(write_sweep(tmp_path, sweep))
+    config = spec.trial_base("Odd")
+    trainer = build_trial(config)
+    trial_dir = tmp_path / "search_x"
+    for index, _ in zip(range(2), trainer.epochs(), strict=False):
+        folder = trial_dir / f"checkpoint_00000{index}"
+        folder.mkdir(parents=True)
+        trainer.save(folder / STATE_FILE)
+    newest = trial_dir / "checkpoint_000001" / STATE_FILE
+    newest.write_bytes(newest.read_bytes()[:100])
+
+    resumed, note = _resume(config, tune.Checkpoint.from_directory(newest.parent))
+    assert resumed.epoch == 1  # the older checkpoint's epoch
+    assert note is not None and note.startswith("resumed from checkpoint_000000: "
+                                                "checkpoint_000001 does not load")
+    (trial_dir / "checkpoint_000000" / STATE_FILE).write_bytes(b"")
+    fresh, note = _resume(config, tune.Checkpoint.from_directory(newest.parent))
+    assert fresh.epoch == 0 and note is not None and note.startswith("restarted from scratch")
+    assert _resume(config, None)[1] is None
+    # A failure's report has no epoch (NaN in Ray's result table): no crash, no step.
+    assert _epoch({"epoch": float("nan")}) is None and _epoch({"epoch": 2.0}) == 2

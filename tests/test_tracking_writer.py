@@ -56,10 +56,12 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on a sqlite file, in its own process group, killed like a crash."""
+    """``mlflow server`` on a sqlite file (or ``backend``, e.g. a PostgreSQL database), in its
+    own process group, killed like a crash."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None) -> None:
         self.root = root
+        self.backend = backend or f"sqlite:///{root / 'mlflow.db'}"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "artifacts"
@@ -73,7 +75,7 @@ class MlflowServer:
         self.starts += 1
         log = open(self.root / f"server{self.starts}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [str(MLFLOW), "server", "--backend-store-uri", self.backend,
              "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
