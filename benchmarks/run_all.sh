@@ -68,6 +68,9 @@ run benchmarks/bench_decoded_cache.py "${quick[@]}"
 # start to exit), so the section also states the quickstart's wall clock on this machine.
 run benchmarks/bench_startup.py "${quick[@]}"
 run benchmarks/bench_sweep_efficiency.py --launch --per-method "${quick[@]}"
+# What the quickstart can afford (image size x width x epochs for ERM) and the quickstart as
+# shipped: its wall clock and table.
+run benchmarks/bench_quickstart.py "${quick[@]}"
 if ((${#quick[@]})); then
     run benchmarks/bench_stage_cache.py --epochs 1 --ref-epochs 2
 else
