@@ -472,3 +472,35 @@ def test_a_full_disk_stops_the_sweep_with_the_space_needed_and_resume_finishes(
         shutil.rmtree(ray_tmp, ignore_errors=True)
     check_sweep_runs(f"sqlite:///{db}", "full", {"Odd": "Background"}, n_search=2, seeds=[0],
                      epochs=1)
+
+
+def test_a_driver_killed_while_ray_starts_leaves_no_ray_process(tmp_path: Path) -> None:
+    """Issue #9: SIGKILL while `ray.init` was still starting left Ray's dashboard and
+    runtime-env agents alive for a minute (the watchdog started after `ray.init` returned);
+    it is armed before, and finds the session folder from the processes it marked."""
+    from tests.test_faults import _pids_with_env
+
+    path = write_sweep(tmp_path, _sweep(tmp_path, name="early"))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    before = _ray_pids()
+    try:
+        driver = _start(tmp_path, path, ray_tmp, "early.log")
+        def marked() -> list[int]:  # what the driver started (its marker in their env)
+            out = []
+            for pid in _pids_with_env("RAY_TMPDIR", str(ray_tmp)):
+                with contextlib.suppress(OSError):
+                    if b"DEBIAS_WATCHDOG=" in Path(f"/proc/{pid}/environ").read_bytes():
+                        out.append(pid)
+            return out
+
+        # Ray's first processes (the GCS) are up: ray.init has not returned yet.
+        wait_for(lambda: marked() or driver.poll() is not None, 120, "Ray to start")
+        assert driver.poll() is None, (tmp_path / "early.log").read_text()[-3000:]
+        assert not (tmp_path / "results" / "early" / "tune").exists()  # no trial yet
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        wait_for(lambda: not [p for p in _pids_with_env("RAY_TMPDIR", str(ray_tmp))
+                              if p != driver.pid], 30, "the killed driver's Ray processes to go")
+    finally:
+        kill_new_ray_processes(before)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
