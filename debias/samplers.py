@@ -7,12 +7,10 @@ a trial does not need (tests/test_startup.py).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
-
-if TYPE_CHECKING:
-    from debias.search import PipelinePlan
 
 __all__ = ["AskTellGrid", "make_sampler"]
 
@@ -26,22 +24,24 @@ class AskTellGrid(optuna.samplers.GridSampler):
         del study, trial, state, values
 
 
-def make_sampler(plan: PipelinePlan, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler of a pipeline's ``search.algorithm``.
+def make_sampler(algorithm: str, domains: Sequence[Any], n_startup: int, seed: int
+                 ) -> optuna.samplers.BaseSampler:
+    """The sampler of a pipeline's ``search.algorithm`` over its search ``domains``
+    (:class:`debias.params.SearchDomain`).
 
-    ``optuna``: TPE with ``plan.n_startup()`` random trials first; multivariate (a joint
+    ``optuna``: TPE with ``n_startup`` random trials first; multivariate (a joint
     density over the searched keys, which learns interactions such as lr x epochs), grouped
     where keys are conditional (``when``: each subspace its own density), and a constant liar,
     so a config asked while others run is pushed away from theirs. ``random``: independent
     uniform draws (log-uniform for ``log: true``). ``grid``: every combination of the
     choices, once each, in a seeded order."""
-    if plan.algorithm == "random":
+    if algorithm == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if plan.algorithm == "grid":
-        return AskTellGrid({d.path: list(d.values) for d in plan.domains}, seed=seed)
-    conditional = any(d.when for d in plan.domains)
+    if algorithm == "grid":
+        return AskTellGrid({d.path: list(d.values) for d in domains}, seed=seed)
+    conditional = any(d.when for d in domains)
     with warnings.catch_warnings():  # multivariate and group are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=plan.n_startup(), multivariate=True,
+            seed=seed, n_startup_trials=n_startup, multivariate=True,
             group=conditional, constant_liar=True)

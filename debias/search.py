@@ -334,7 +334,8 @@ class SweepSearcher(Searcher):
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             pipe.study = optuna.create_study(
                 direction="maximize" if self.mode == "max" else "minimize",
-                sampler=make_sampler(pipe.plan, self.seed))  # imports optuna
+                sampler=make_sampler(pipe.plan.algorithm, pipe.plan.domains,
+                                     pipe.plan.n_startup(), self.seed))
         return pipe.study
 
     def _tell(self, pipe: _Pipeline, record: TrialRecord) -> None:
