@@ -139,7 +139,7 @@ RUNS = {"Odd-trial-a": 0.41, "Odd-trial-b": 0.57, "Odd-trial-c": 0.63}
 def test_mlflow_ui_shows_runs_and_compare_view(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from debias.ui import start_ui, stop_ui
+    from debias.ui import experiment_url, start_ui, stop_ui
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -163,6 +163,9 @@ def test_mlflow_ui_shows_runs_and_compare_view(tmp_path: Path) -> None:
     try:
         assert url.startswith(f"http://127.0.0.1:{handle.port}/#/experiments/{experiment_id}")
         assert listening_addresses(handle.port) == {"127.0.0.1"}
+        # These runs are MLflow's alone (no debias.role tag, which the comparison view that
+        # `url` opens on filters by): the plain runs table.
+        url = experiment_url(handle.base_url, experiment_id)
         with chromium() as browser, shot_on_failure(browser, "mlflow_ui"):
             # The runs table of the experiment: every run by name.
             browser.get(url)
