@@ -106,6 +106,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=None,
                    help="with --ui or --annotate: the port on 127.0.0.1 (default: 5000 / 8765 "
                         "if free, else any; 0: any free port)")
+    # Issue 20: the real-data path without the real data, and what a sweep will cost.
+    p.add_argument("--write-dataset", nargs=2, metavar=("LAYOUT", "DIR"), default=None,
+                   help="write the embedded benchmark into DIR in a published layout "
+                        "(waterbirds, celeba, celeba-official, metadata), so DEBIAS_DATA=DIR "
+                        "runs the real-data sweep files on it; no sweep file needed")
+    p.add_argument("--images", type=lambda t: integer(t, 24, None, "a whole number >= 24"),
+                   default=1000, help="with --write-dataset: how many images (default 1000)")
+    p.add_argument("--image-size", default=None, metavar="PX|WxH",
+                   help="with --write-dataset: image size, e.g. 224 or 178x218 (default: "
+                        "178x218 for CelebA, 256 otherwise)")
+    def rate(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected a positive number")
+        return value
+
+    p.add_argument("--images-per-s", type=rate, default=None, metavar="RATE",
+                   help="with --dry-run: the training images/s of one trial on the device the "
+                        "sweep will run on (default: one training step timed on this "
+                        "machine's device)")
     return p
 
 
@@ -163,6 +186,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
         print(schema_json(), end="")
         return 0
+    if args.write_dataset is not None:
+        from debias.data.export_layouts import write_dataset_command
+
+        return write_dataset_command(*args.write_dataset, images=args.images,
+                                     size=args.image_size)
     if args.compare is not None and args.sweep is None:
         return _compare(args.compare, args.tracking_uri, Path("debias_results"))
     if args.sweep is None:
@@ -213,6 +241,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _submit(spec, args)
         if args.dry_run:
             preflight(spec, dry_run=True, resume=args.resume)
+            from debias.estimate import check_decoded_space, estimate_line
+
+            check_decoded_space(spec)  # this machine's disk (a run checks every node's)
+            print(estimate_line(spec, args.images_per_s, num_cpus=args.num_cpus), flush=True)
             print("dry run: the sweep file and the data are valid; nothing was run.")
             return 0
         from debias.sweep import run_sweep
@@ -318,13 +350,13 @@ def _open_tracker(uri: str, name: str) -> Any:
 
 def _report(spec: Spec, log_artifacts: bool) -> int:
     from debias.plots import sweep_plots
-    from debias.report import collect, render_text, row_metrics, write_report
+    from debias.report import collect, render_text, row_metrics, starved_notes, write_report
 
     tracker = _open_tracker(spec.tracking_uri, spec.name)
     if tracker is None:
         return 1
     rows = collect(tracker)
-    notes = report_notes(spec)
+    notes = report_notes(spec) + starved_notes(tracker)
     folder = spec.storage / spec.name
     md, csv_path = write_report(rows, folder, notes)
     print(f"\nResults of sweep {spec.name!r} ({', '.join(spec.methods)}), test metrics over "

@@ -247,3 +247,30 @@ def row_metrics(row: Row) -> dict[str, float]:
         out["report/delta_wga_vs_erm"] = row.delta_wga.mean
         out["report/delta_wga_vs_erm_ci95"] = row.delta_wga.ci95
     return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+# --------------------------------------------------------------------------- starved trials
+# (issue 20, input pipeline) A trial whose device waited for batches more than a third of its
+# training time measured the input pipeline, not the method: the report says so, naming them.
+
+STARVED_WAIT_FRAC = 1.0 / 3.0
+DATA_WAIT_METRIC = "perf/data_wait_frac"
+
+
+def starved_notes(tracker: Tracker, threshold: float = STARVED_WAIT_FRAC) -> list[str]:
+    """A note naming the trials whose last epoch waited for data more than ``threshold`` of
+    its training time (``perf/data_wait_frac``), with what to do; none when no trial did."""
+    starved = []
+    for pipeline, parent in sorted(tracker.parent_runs().items()):
+        for run in tracker.child_runs(parent.info.run_id):
+            wait = run.data.metrics.get(DATA_WAIT_METRIC)
+            if wait is not None and wait > threshold:
+                starved.append(f"{pipeline} {run.info.run_name} ({wait:.0%})")
+    if not starved:
+        return []
+    shown = ", ".join(starved[:8]) + (f" and {len(starved) - 8} more" if len(starved) > 8
+                                      else "")
+    return [f"starved: {len(starved)} trial(s) waited for their next batch more than a third "
+            f"of their training time ({DATA_WAIT_METRIC}): {shown}; their device idled on the "
+            "input pipeline: give trials more CPUs (resources.cpu, train.num_workers), keep "
+            "cache.decoded on (local on a network file system), or a smaller image size"]

@@ -26,9 +26,9 @@ from typing import Annotated, Any, Literal
 
 import annotated_types as at
 import yaml
-from pydantic import Field, Strict, field_validator
+from pydantic import BeforeValidator, Field, Strict, field_validator
 
-from debias.data import DATASETS, check_pair, dataset_attributes
+from debias.data import DATASETS, DatasetError, check_pair, dataset_attributes
 from debias.methods import Method, MethodLoadError, known_methods, resolve_method
 from debias.methods.base import SweepContext
 from debias.models import ARCHS
@@ -134,6 +134,19 @@ class Reference(Section):
     scheduler: Literal["none", "cosine"] = Choice("none", searchable=False)
 
 
+def _split_value(value: Any) -> Any:
+    """A split column's value as written in the CSV: YAML reads ``0`` as an int."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class MetadataSplits(Section):
+    """metadata: what the split column holds for each split."""
+
+    train: Annotated[str, BeforeValidator(_split_value)] = Text("train")
+    val: Annotated[str, BeforeValidator(_split_value)] = Text("val")
+    test: Annotated[str, BeforeValidator(_split_value)] = Text("test")
+
+
 class Dataset(Section):
     name: Literal[DATASETS] = Choice(..., searchable=False)
     root: str | None = Text(None, doc="real datasets: the folder holding its files")
@@ -145,10 +158,18 @@ class Dataset(Section):
     size: int = Int(5000, 100, 5000, searchable=False,
                     doc="synthetic: how many of the 5,000 digits (a seeded subset; smaller for "
                         "quick runs, the default for results)")
+    file: str = Text("metadata.csv", doc="metadata: the CSV (a row per image), under root")
+    path_column: str = Text("path", doc="metadata: the column of image paths (under root)")
+    split_column: str = Text("split", doc="metadata: the column naming each image's split")
+    splits: MetadataSplits = Field(
+        default_factory=MetadataSplits, description="metadata: the split column's values",
+        json_schema_extra={"x-searchable": False, "x-expected": "a mapping {train: VALUE, "
+                           "val: VALUE, test: VALUE} of the split column's values"})
 
 
 SYNTHETIC_ONLY = ("spurious_correlation", "seed", "size")
-DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224}
+METADATA_ONLY = ("file", "path_column", "split_column", "splits")
+DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224, "metadata": 224}
 
 
 class Search(Section):
@@ -988,6 +1009,12 @@ def _check_dataset(ds: dict[str, Any], problems: list[str], cwd: Path) -> None:
     name = ds.get("name")
     if name not in DATASETS:
         return
+    defaults = Dataset.model_construct()
+    for key in METADATA_ONLY if name != "metadata" else ():
+        value = ds.pop(key, None)
+        if value is not None and value != _dump(getattr(defaults, key)):
+            problems.append(f"dataset.{key}: got {show(value)}; only a metadata dataset "
+                            f"(dataset.name: metadata) has it, not {name}")
     if name == "synthetic":
         ds.pop("root", None)
     else:
@@ -1003,11 +1030,22 @@ def _check_dataset(ds: dict[str, Any], problems: list[str], cwd: Path) -> None:
         ds["image_size"] = DEFAULT_IMAGE_SIZE[name]
 
 
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, Section) else value
+
+
 def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[str],
                    bad: Any) -> None:
     name = cfg["dataset"].get("name")
     targets = cfg.get("targets") or []
-    known = dataset_attributes(name) if name in DATASETS else ()
+    known: tuple[str, ...] = ()
+    if name == "metadata" and cfg["dataset"].get("root"):
+        try:  # the attributes are the CSV's columns: its header line says which
+            known = dataset_attributes(name, cfg["dataset"])
+        except DatasetError as exc:
+            problems.append(f"dataset.file: {exc}")
+    elif name in DATASETS:
+        known = dataset_attributes(name)
     for i, t in enumerate(targets):
         if known and t not in known:
             bad(f"targets[{i}]", t, f"an attribute of {name}{did_you_mean(t, known)}: "
@@ -1036,7 +1074,7 @@ def _check_targets(cfg: dict[str, Any], raw: Mapping[str, Any], problems: list[s
             bad(path, b, f"an attribute of {name}{did_you_mean(b, known)}: {', '.join(known)}")
         elif b == t:
             bad(path, b, f"an attribute other than the target {t!r}")
-        elif known and t in known and (reason := check_pair(name, t, b)):
+        elif known and t in known and (reason := check_pair(name, t, b, cfg["dataset"])):
             bad(path, b, reason)
     cfg["bias_attribute"] = bias
 

@@ -36,6 +36,7 @@ from debias.cluster import (
     trials_per_node,
 )
 from debias.environment import redact_uri
+from debias.estimate import alive_nodes, check_decoded_space, decoded_cache_lines
 from debias.files import LockHeld, atomic_write_text
 from debias.preflight import (
     PreflightFailed,
@@ -128,6 +129,7 @@ def describe_plan(spec: Spec) -> str:
         f"seeds: {spec.seeds} ({len(spec.seeds)} fresh re-runs of the best config per target)",
         f"  pipelines: {len(pipelines(spec))} at once; trials in all: {total}",
         f"  resources per trial: {spec.config['resources']}",
+        *decoded_cache_lines(spec),
         f"  storage: {spec.storage}",
         f"  tracking: {redact_uri(spec.tracking_uri)}",
     ]
@@ -246,6 +248,7 @@ def _run_claimed(spec: Spec, claim: Any, *, address: str | None, resume: bool,
         raise SweepError(str(exc)) from None
     try:  # after Ray is up: what a method builds first (SLIM's request) runs on a worker
         method_preflight(spec)
+        check_decoded_space(spec, alive_nodes())  # cache.decoded fits on every node's disk
     except PreflightFailed as exc:
         raise SweepError(str(exc)) from None
     for warning in packing_warnings(spec.config["resources"], node_types()):

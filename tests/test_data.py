@@ -48,7 +48,8 @@ def _denormalise(x: torch.Tensor) -> np.ndarray:
 
 
 def test_dataset_attributes_are_static():
-    assert DATASETS == ("synthetic", "waterbirds", "celeba")
+    assert DATASETS == ("synthetic", "waterbirds", "celeba", "metadata")
+    assert dataset_attributes("metadata") == ()  # its CSV's header says (test_metadata_dataset)
     assert dataset_attributes("synthetic") == ("Odd", "High", "Loopy", "Background", "Texture")
     assert dataset_attributes("waterbirds") == ("Object", "Place")
     celeba = dataset_attributes("celeba")

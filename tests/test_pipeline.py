@@ -288,3 +288,28 @@ def test_a_resumed_trial_on_disk_data_sees_the_uninterrupted_batches(disk_config
     resumed = build_trial(disk_config, "cpu")
     resumed.load(tmp_path / "state.pt")
     assert [numbers(first), *(numbers(m) for m in resumed.epochs())] == straight
+
+
+def test_the_report_names_starved_trials(tmp_path) -> None:
+    """A trial that waited for batches more than a third of its training time is named in the
+    report's notes; one that did not, and a run without the metric, are not."""
+    from mlflow.tracking import MlflowClient
+
+    from debias.report import starved_notes
+    from debias.tracking import ROLE_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("starved")
+    parent = client.create_run(experiment, run_name="Object", tags={ROLE_TAG: "parent"})
+    for name, wait in (("search-a", 0.62), ("search-b", 0.05), ("seeds-c", None)):
+        run = client.create_run(experiment, run_name=name,
+                                tags={"mlflow.parentRunId": parent.info.run_id})
+        if wait is not None:
+            client.log_metric(run.info.run_id, "perf/data_wait_frac", wait)
+    notes = starved_notes(Tracker(uri, "starved", create=False))
+    assert len(notes) == 1 and "1 trial(s)" in notes[0]
+    assert "Object search-a (62%)" in notes[0] and "search-b" not in notes[0]
+    client.log_metric(client.search_runs([experiment], "attributes.run_name = 'search-a'")[0]
+                      .info.run_id, "perf/data_wait_frac", 0.2)
+    assert starved_notes(Tracker(uri, "starved", create=False)) == []

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from types import ModuleType
 from typing import Any
 
-from debias.data import celeba, synthetic, waterbirds
+from debias.data import celeba, metadata, synthetic, waterbirds
 from debias.data.grouped import (
     SPLITS,
     BiasLabelsHidden,
@@ -33,9 +33,9 @@ __all__ = [
     "make_torch_dataset",
 ]
 
-DATASETS: tuple[str, ...] = ("synthetic", "waterbirds", "celeba")
+DATASETS: tuple[str, ...] = ("synthetic", "waterbirds", "celeba", "metadata")
 _MODULES: dict[str, ModuleType] = {
-    "synthetic": synthetic, "waterbirds": waterbirds, "celeba": celeba}
+    "synthetic": synthetic, "waterbirds": waterbirds, "celeba": celeba, "metadata": metadata}
 
 
 def _module(name: str) -> ModuleType:
@@ -46,8 +46,12 @@ def _module(name: str) -> ModuleType:
             f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
 
 
-def dataset_attributes(name: str) -> tuple[str, ...]:
-    """Attribute names known statically, so sweep files are validated without touching disk."""
+def dataset_attributes(name: str, cfg: dict | None = None) -> tuple[str, ...]:
+    """Attribute names a sweep file is validated against: known statically for the built-in
+    datasets, read from the CSV's header line for ``metadata`` (raises DatasetError when it
+    cannot be read; without ``cfg``, none)."""
+    if name == "metadata":
+        return metadata.attributes(cfg) if cfg is not None else ()
     return tuple(_module(name).ATTRIBUTES)
 
 
@@ -57,10 +61,13 @@ def has_masks(name: str) -> bool:
     return bool(getattr(_MODULES.get(name), "HAS_MASKS", False))
 
 
-def check_pair(name: str, target: str, bias: str) -> str | None:
-    """None if (target, bias) is usable for the dataset, else a reason a human can act on."""
+def check_pair(name: str, target: str, bias: str, cfg: dict | None = None) -> str | None:
+    """None if (target, bias) is usable for the dataset, else a reason a human can act on
+    (``cfg``: the dataset section, for datasets whose attributes are read from disk)."""
     if name not in _MODULES:
         return f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}"
+    if name == "metadata":
+        return metadata.check_pair(target, bias, cfg)
     return _MODULES[name].check_pair(target, bias)
 
 

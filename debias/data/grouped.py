@@ -72,6 +72,7 @@ class SplitView:
     y: np.ndarray
     bias: np.ndarray | None
     index: np.ndarray
+    n_bias: int = 2
 
     @property
     def a(self) -> np.ndarray:
@@ -83,8 +84,9 @@ class SplitView:
 
     @property
     def group(self) -> np.ndarray:
-        """Group id y * 2 + a, the unit that worst-group metrics and reweighting work on."""
-        return self.y * 2 + self.a
+        """Group id y * n_bias + a, the unit that worst-group metrics and reweighting work
+        on."""
+        return self.y * self.n_bias + self.a
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,6 +116,10 @@ class GroupedDataset:
     source: str = ""
     #: Splits whose bias labels this table hides (see :meth:`without_bias`).
     hidden_bias: frozenset[str] = frozenset()
+    #: What each class (target) and bias code stands for, where the data names them (the
+    #: metadata CSV's values); empty: the codes are the values (0 and 1).
+    class_names: tuple[str, ...] = ()
+    bias_names: tuple[str, ...] = ()
     _views: ClassVar[dict[str, SplitView]]  # per-instance cache, set in __post_init__
 
     def __post_init__(self) -> None:
@@ -152,6 +158,7 @@ class GroupedDataset:
                 bias=(None if split in self.hidden_bias
                       else _readonly(self.a[index].astype(np.int64))),
                 index=_readonly(index),
+                n_bias=self.n_bias,
             )
             self._views[split] = cached
         return cached

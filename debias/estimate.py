@@ -1,0 +1,377 @@
+"""What a sweep will cost, before it runs: its work (trials, epochs, training images seen,
+shared-stage computations), an estimated wall clock on the slots it will have, and the disk
+its decoded images need.
+
+The wall clock comes from one training step of the sweep's model at its image size, timed
+on this machine's device (a GPU where the sweep's trials get one and this machine has one,
+else the CPU with the threads a trial gets), or from a rate the user gives for the device
+the sweep will really run on (``--images-per-s``). From it:
+
+- a trial's time: epochs x (training images / rate + evaluated images / (rate x
+  :data:`EVAL_SPEEDUP`)) + :data:`TRIAL_OVERHEAD_S`; a last-layer trial (a grid of logistic
+  regressions on cached features) only its overhead;
+- a stage's time (planned once per key, as the sweep does): the reference model trains like a
+  trial; features are forward passes; GradCAM costs a training step per image; JTT's error
+  set trains its identification model where it has its own;
+- the wall clock: the larger of (all work / slots) and the longest pipeline's chain (its
+  search stages, its search trials in waves of at most ``search.max_concurrent``, then its
+  seeds' stages and trials), plus :data:`SWEEP_OVERHEAD_S`.
+
+What it leaves out, and says: the input pipeline is assumed to keep up (a starved trial
+shows ``perf/data_wait_frac`` > 1/3), an epoch visits the training split once (a method's
+sampler may visit more or fewer), test is evaluated every epoch (only when the selection
+improves, in fact: an upper bound), and ASHA's early stops are not predicted (an upper
+bound again). BENCHMARKS.md, "Estimate vs measured", compares it with measured sweeps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from debias.data import DatasetError, GroupedDataset, load_grouped
+from debias.data.decoded import decoded_bytes, decoded_path, stored_size
+from debias.preflight import PreflightFailed
+from debias.spec import Spec, with_params
+
+__all__ = ["EVAL_SPEEDUP", "SWEEP_OVERHEAD_S", "TRIAL_OVERHEAD_S", "CacheSpaceError",
+           "Estimate", "Rates", "alive_nodes", "check_decoded_space", "decoded_cache_lines",
+           "estimate", "estimate_line", "local_slots", "time_step"]
+
+#: A forward pass per image against a training step (forward, backward, optimiser step).
+EVAL_SPEEDUP = 3.0
+#: Per trial or stage task: the worker taking it (importing the trainable: 1.4 s,
+#: BENCHMARKS.md "Start-up"), building the model and data, a checkpoint per epoch, its run.
+TRIAL_OVERHEAD_S = 3.0
+#: Per sweep: a local Ray starting, Tune starting its first trials, the report and Ray's
+#: shutdown at the end (BENCHMARKS.md "Sweep efficiency": about 8 s around the trials' span
+#: with Ray up, and Ray's own start before that).
+SWEEP_OVERHEAD_S = 15.0
+
+
+class CacheSpaceError(PreflightFailed):
+    """The decoded images do not fit where ``cache.decoded`` puts them."""
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Images per second of one trial: training steps and evaluation (forward) passes."""
+
+    train: float
+    eval: float
+    where: str  # how they were obtained, for the line
+
+
+@dataclass
+class Estimate:
+    search: int = 0
+    seeds: int = 0
+    stages: int = 0
+    epochs: float = 0.0
+    train_images: float = 0.0
+    work_s: float = 0.0
+    chain_s: float = 0.0
+    slots: int = 1
+    stage_names: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trials(self) -> int:
+        return self.search + self.seeds
+
+    @property
+    def wall_s(self) -> float:
+        return max(self.work_s / max(self.slots, 1), self.chain_s) + SWEEP_OVERHEAD_S
+
+
+# --------------------------------------------------------------------------- rates
+
+
+def _device(spec: Spec) -> Any:
+    import torch
+
+    gpu = float(spec.config["resources"].get("gpu") or 0)
+    return torch.device("cuda" if gpu > 0 and torch.cuda.is_available() else "cpu")
+
+
+def time_step(spec: Spec, min_seconds: float = 0.5, batch: int | None = None) -> Rates:
+    """Time the sweep's model at its image size on this machine's device: one warm-up step,
+    then training steps (and forward passes) until ``min_seconds`` have passed (at most 3).
+    On the CPU, with the threads one trial gets (``resources.cpu``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from debias.models import build_classifier
+
+    device = _device(spec)
+    size = int(spec.config["dataset"]["image_size"])
+    arch = spec.config["backbone"]["arch"]
+    # Small batches keep the timing short for big models on a CPU; per image it is close.
+    n = batch or max(2, min(int(spec.config["train"]["batch_size"]),
+                            32 if size <= 64 else 8))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.config["resources"]["cpu"])))
+    try:
+        model = build_classifier(arch, "none", {"target": 2}).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x = torch.randn(n, 3, size, size, device=device)
+        y = torch.randint(0, 2, (n,), device=device)
+
+        def train() -> None:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        @torch.no_grad()
+        def forward() -> None:
+            model(x)
+
+        rates = []
+        for step, mode in ((train, model.train), (forward, model.eval)):
+            mode()
+            step()  # warm-up: allocator, cuDNN's choice of kernels, lazy initialisation
+            steps, start = 0, time.perf_counter()
+            while steps < 3 and (steps == 0 or time.perf_counter() - start < min_seconds):
+                step()
+                steps += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates.append(n * steps / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    where = (f"a training step of {arch} at {size} px timed here on {device.type}"
+             + (f" with {max(1, int(spec.config['resources']['cpu']))} thread(s)"
+                if device.type == "cpu" else ""))
+    return Rates(train=rates[0], eval=rates[1], where=where)
+
+
+def given_rate(images_per_s: float) -> Rates:
+    return Rates(train=images_per_s, eval=images_per_s * EVAL_SPEEDUP,
+                 where=f"the given rate of {images_per_s:,.0f} training images/s per trial")
+
+
+def local_slots(spec: Spec, num_cpus: int | None = None) -> int:
+    """Trials a local Ray on this machine runs at once (what ``launch.py`` without
+    ``--address`` gets)."""
+    res = spec.config["resources"]
+    cpus = num_cpus or os.cpu_count() or 1
+    slots = int(cpus // float(res["cpu"]))
+    gpu = float(res.get("gpu") or 0)
+    if gpu > 0:
+        import torch
+
+        slots = min(slots, int(torch.cuda.device_count() / gpu))
+    cap = spec.search.get("max_concurrent_total")
+    return max(1, min(slots, cap) if cap else slots)
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def _mean_epochs(spec: Spec, method: str) -> float:
+    for d in spec.space_for(method):
+        if d.path == "train.epochs":
+            return (sum(d.values) / len(d.values) if d.kind == "choice"
+                    else (float(d.low) + float(d.high)) / 2)
+    return float(spec.config["train"]["epochs"])
+
+
+def _sizes(data: GroupedDataset) -> dict[str, int]:
+    return {s: len(data.view(s)) for s in ("train", "val", "test")}
+
+
+def _stage_seconds(request: Any, config: dict[str, Any], n: dict[str, int],
+                   rates: Rates) -> tuple[float, float]:
+    """(seconds, training images) of one stage computation."""
+    evaluated = (n["val"] + n["test"]) / rates.eval
+    if request.stage == "reference":
+        epochs = request.kwargs.get("epochs") or config["reference"]["epochs"]
+        return epochs * (n["train"] / rates.train + evaluated), epochs * n["train"]
+    if request.stage == "features":
+        splits = request.kwargs.get("splits") or ("train", "val", "test")
+        return sum(n[s] for s in splits) / rates.eval, 0.0
+    if request.stage == "gradcam":
+        split = "val" if (config.get("slim") or {}).get("retrain") == "last_layer" else "train"
+        return n[split] / rates.train, 0.0
+    if request.stage == "jtt_errors" and not request.after:  # trains its own model first
+        epochs = (config.get("jtt") or {}).get("epochs_id") or 1
+        return epochs * n["train"] / rates.train + n["train"] / rates.eval, epochs * n["train"]
+    return sum(n.values()) / rates.eval, 0.0
+
+
+def estimate(spec: Spec, rates: Rates, slots: int) -> Estimate:
+    """The sweep's work and its wall clock on ``slots`` trials at once."""
+    from debias.sweep import num_search_trials, pipelines
+
+    out = Estimate(slots=slots)
+    seen: set[str] = set()
+    for pipe in pipelines(spec):
+        cls = spec.method_class(pipe.method)
+        data = load_grouped(spec.config["dataset"], pipe.target, spec.bias_for(pipe.target))
+        n = _sizes(data)
+        epochs = _mean_epochs(spec, pipe.method)
+        kinds = {cls.trial_kind(p) for p in spec.param_variants(pipe.method)}
+        if kinds == {"last_layer"}:
+            epochs = 0.0
+        trial_s = epochs * (n["train"] / rates.train
+                            + (n["val"] + n["test"]) / rates.eval) + TRIAL_OVERHEAD_S
+        n_search, n_seeds = num_search_trials(spec, pipe.method), len(spec.seeds)
+        out.search += n_search
+        out.seeds += n_seeds
+        out.epochs += epochs * (n_search + n_seeds)
+        out.train_images += epochs * n["train"] * (n_search + n_seeds)
+        out.work_s += trial_s * (n_search + n_seeds)
+        base = spec.trial_base(pipe.target, pipe.method)
+        chain = 0.0
+        parallel = min(slots, spec.search.get("max_concurrent") or slots)
+        for phase, seeds, count in (("search", [spec.search_seed], n_search),
+                                    ("seeds", spec.seeds, n_seeds)):
+            stage_s = 0.0
+            for seed in seeds:
+                config = with_params(base, {"seed": seed})
+                seed_s = 0.0
+                for request in cls.shared_stages(config, data):
+                    seconds, images = _stage_seconds(request, config, n, rates)
+                    seed_s += seconds + TRIAL_OVERHEAD_S
+                    if request.key in seen:
+                        continue
+                    seen.add(request.key)
+                    out.stages += 1
+                    out.stage_names[request.stage] = out.stage_names.get(request.stage, 0) + 1
+                    out.train_images += images
+                    out.work_s += seconds + TRIAL_OVERHEAD_S
+                stage_s = max(stage_s, seed_s)  # the seeds' stages run side by side
+            waves = math.ceil(count / max(parallel, 1)) if phase == "search" else math.ceil(
+                count / max(slots, 1))
+            chain += stage_s + waves * trial_s
+        out.chain_s = max(out.chain_s, chain)
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_line(spec: Spec, images_per_s: float | None = None,
+                  num_cpus: int | None = None) -> str:
+    """The one ``estimate:`` line of ``--dry-run`` (the seconds as ``(N s)``), on the slots
+    a local Ray of this machine (or of ``num_cpus`` CPUs) gives the sweep."""
+    rates = given_rate(images_per_s) if images_per_s is not None else time_step(spec)
+    slots = local_slots(spec, num_cpus)
+    est = estimate(spec, rates, slots)
+    stages = ", ".join(f"{k} {v}" for k, v in sorted(est.stage_names.items()))
+    cpus = num_cpus or os.cpu_count() or 1
+    return (f"estimate: {est.trials} trials ({est.search} search + {est.seeds} seeds), "
+            f"{est.epochs:,.0f} epochs, {est.train_images:,.0f} training images seen, "
+            f"{est.stages} stage computations{f' ({stages})' if stages else ''}; about "
+            f"{_duration(est.wall_s)} ({est.wall_s:.0f} s) on {slots} slot(s) ({cpus} CPUs "
+            f"here, {spec.config['resources']['cpu']:g} per trial), from {rates.where} "
+            f"({rates.train:,.0f} training, {rates.eval:,.0f} evaluated images/s per trial)")
+
+
+# --------------------------------------------------------------------------- decoded cache
+
+
+def _decoded_needs(spec: Spec) -> tuple[GroupedDataset, int] | None:
+    """The dataset whose images the sweep decodes, and the bytes of its decoded array;
+    None where nothing is decoded (in-memory data, ``cache.decoded: off``)."""
+    if spec.config["cache"]["decoded"] == "off":
+        return None
+    target = spec.targets[0]
+    data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
+    if data.image_paths is None:
+        return None
+    return data, decoded_bytes(len(data), data.image_size)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _cache_dir(spec: Spec) -> Path:
+    cache = spec.config["cache"]
+    if cache["decoded"] == "local":
+        return Path(cache["local_dir"]).expanduser()
+    return spec.storage / "cache"
+
+
+def decoded_cache_lines(spec: Spec) -> list[str]:
+    """The plan's line on decoded images: how much, and where (nothing if the data cannot
+    be read yet: the checks before any trial say why)."""
+    try:
+        needs = _decoded_needs(spec)
+    except DatasetError:
+        return []
+    if needs is None:
+        return []
+    data, size = needs
+    placement = spec.config["cache"]["decoded"]
+    where = ("on each node's disk" if placement == "local" else "in the sweep's storage")
+    s = stored_size(data.image_size)
+    return [f"  decoded images (cache.decoded: {placement}): {len(data):,} images x {s} x {s} "
+            f"x 3 = {_gib(size)} {where}, under {_cache_dir(spec) / 'decoded'}; the page "
+            "cache serves epochs from memory where a node's RAM holds it"]
+
+
+def _free(folder: Path, array: Path) -> tuple[int, bool]:
+    """(free bytes on the disk that would hold ``folder``, whether ``array`` is there)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free, array.is_file()
+
+
+def _space_problem(where: str, folder: Path, free: int, need: int) -> str:
+    return (f"cache.decoded: the decoded images need {_gib(need)} under {folder} but the disk "
+            f"{where}has {_gib(free)} free; set cache.local_dir to a larger disk, use "
+            "cache.decoded: shared (the sweep's storage) or off (decode every epoch), or "
+            "lower dataset.image_size")
+
+
+def alive_nodes() -> list[str]:
+    """The node ids of the running Ray's alive nodes."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_decoded_space(spec: Spec, nodes: Iterable[str] | None = None) -> None:
+    """Refuse, before any trial, a decoded cache its disk cannot hold: ``shared`` checks the
+    storage's disk; ``local`` checks every alive node of the running Ray (``nodes``: the
+    node ids; None: this machine only). Raises :class:`CacheSpaceError`."""
+    try:
+        needs = _decoded_needs(spec)
+    except DatasetError:
+        return  # the data checks say what is wrong with the data
+    if needs is None:
+        return
+    data, need = needs
+    folder = _cache_dir(spec)
+    if spec.config["cache"]["decoded"] == "shared" or nodes is None:
+        free, present = _free(folder, decoded_path(data, folder))
+        if not present and free < need:
+            raise CacheSpaceError(_space_problem("", folder, free, need))
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(_free)
+    answers = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node, soft=False)).remote(folder, decoded_path(data, folder)) for node in nodes}
+    ips = {n["NodeID"]: n.get("NodeManagerAddress", n["NodeID"]) for n in ray.nodes()}
+    for node, ref in answers.items():
+        free, present = ray.get(ref, timeout=60)
+        if not present and free < need:
+            raise CacheSpaceError(_space_problem(f"of node {ips.get(node, node)} ", folder,
+                                                 free, need))
