@@ -103,7 +103,6 @@ def replace_block(text: str, file: str, content: str) -> str:
 
 
 def _generate(sweep: str, overrides: Sequence[str], out: str) -> str:
-    from debias.cli import report_notes
     from debias.report import collect
     from debias.spec import load_spec
     from debias.tracking import Tracker
@@ -115,7 +114,15 @@ def _generate(sweep: str, overrides: Sequence[str], out: str) -> str:
     source = shlex.join([".venv/bin/python", "launch.py", sweep,
                          *(a for o in overrides for a in ("--set", o))])
     return (f"<!-- generated from the MLflow record of `{source}` by `{command}`; "
-            "do not edit -->\n" + compact_markdown(rows, report_notes(spec)))
+            "do not edit -->\n" + compact_markdown(rows, _selection(rows)))
+
+
+def _selection(rows: Sequence[Any]) -> list[str]:
+    """Which rule selected the configs and epochs, and whether it read bias labels."""
+    rules = {(r.selection, r.selection_reads_bias) for r in rows}
+    return [f"selection: {metric} on validation, which reads "
+            f"{'validation bias labels' if reads else 'no bias labels'}"
+            for metric, reads in sorted(rules)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

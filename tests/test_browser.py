@@ -261,12 +261,15 @@ def _fully_visible(driver: Any, element: Any) -> bool:
 def test_mlflow_ui_opens_on_the_comparison(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    from debias.ui import COMPARISON_COLUMNS, start_ui, stop_ui
+    from debias.ui import COMPARISON_COLUMNS, server_comparison_url, start_ui, stop_ui
 
     uri, exp, study = _study_store(tmp_path)
     url, handle = start_ui(uri, "study", port=0)
     try:
         assert "viewStateShareKey=" in url
+        # A tracking server (here the one just started) gets the same view, saved through
+        # its REST API: what `--ui` and the sweep's last line print for an http(s) store.
+        assert server_comparison_url(handle.base_url, "study") == url
         with chromium() as browser, shot_on_failure(browser, "mlflow_comparison"):
             browser.set_window_size(2600, 1200)  # the grid renders only the columns in view
             browser.get(url)
