@@ -241,7 +241,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             return _submit(spec, args)
         if args.dry_run:
             preflight(spec, dry_run=True, resume=args.resume)
-            from debias.estimate import check_decoded_space, estimate_line
+            from debias.cache_space import check_decoded_space
+            from debias.estimate import estimate_line
 
             check_decoded_space(spec)  # this machine's disk (a run checks every node's)
             print(estimate_line(spec, args.images_per_s, num_cpus=args.num_cpus), flush=True)

@@ -1,6 +1,6 @@
 """What a sweep will cost, before it runs: its work (trials, epochs, training images seen,
-shared-stage computations), an estimated wall clock on the slots it will have, and the disk
-its decoded images need.
+shared-stage computations) and an estimated wall clock on the slots it will have (the disk
+its decoded images need: :mod:`debias.cache_space`).
 
 The wall clock comes from one training step of the sweep's model at its image size, timed
 on this machine's device (a GPU where the sweep's trials get one and this machine has one,
@@ -28,20 +28,14 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from debias.data import DatasetError, GroupedDataset, load_grouped
-from debias.data.decoded import decoded_bytes, decoded_path, stored_size
-from debias.preflight import PreflightFailed
+from debias.data import GroupedDataset, load_grouped
 from debias.spec import Spec, with_params
 
-__all__ = ["EVAL_SPEEDUP", "SWEEP_OVERHEAD_S", "TRIAL_OVERHEAD_S", "CacheSpaceError",
-           "Estimate", "Rates", "alive_nodes", "check_decoded_space", "decoded_cache_lines",
+__all__ = ["EVAL_SPEEDUP", "SWEEP_OVERHEAD_S", "TRIAL_OVERHEAD_S", "Estimate", "Rates",
            "estimate", "estimate_line", "local_slots", "time_step"]
 
 #: A forward pass per image against a training step (forward, backward, optimiser step).
@@ -53,10 +47,6 @@ TRIAL_OVERHEAD_S = 3.0
 #: shutdown at the end (BENCHMARKS.md "Sweep efficiency": about 8 s around the trials' span
 #: with Ray up, and Ray's own start before that).
 SWEEP_OVERHEAD_S = 15.0
-
-
-class CacheSpaceError(PreflightFailed):
-    """The decoded images do not fit where ``cache.decoded`` puts them."""
 
 
 @dataclass(frozen=True)
@@ -278,100 +268,3 @@ def estimate_line(spec: Spec, images_per_s: float | None = None,
             f"{_duration(est.wall_s)} ({est.wall_s:.0f} s) on {slots} slot(s) ({cpus} CPUs "
             f"here, {spec.config['resources']['cpu']:g} per trial), from {rates.where} "
             f"({rates.train:,.0f} training, {rates.eval:,.0f} evaluated images/s per trial)")
-
-
-# --------------------------------------------------------------------------- decoded cache
-
-
-def _decoded_needs(spec: Spec) -> tuple[GroupedDataset, int] | None:
-    """The dataset whose images the sweep decodes, and the bytes of its decoded array;
-    None where nothing is decoded (in-memory data, ``cache.decoded: off``)."""
-    if spec.config["cache"]["decoded"] == "off":
-        return None
-    target = spec.targets[0]
-    data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
-    if data.image_paths is None:
-        return None
-    return data, decoded_bytes(len(data), data.image_size)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
-
-
-def _cache_dir(spec: Spec) -> Path:
-    cache = spec.config["cache"]
-    if cache["decoded"] == "local":
-        return Path(cache["local_dir"]).expanduser()
-    return spec.storage / "cache"
-
-
-def decoded_cache_lines(spec: Spec) -> list[str]:
-    """The plan's line on decoded images: how much, and where (nothing if the data cannot
-    be read yet: the checks before any trial say why)."""
-    try:
-        needs = _decoded_needs(spec)
-    except DatasetError:
-        return []
-    if needs is None:
-        return []
-    data, size = needs
-    placement = spec.config["cache"]["decoded"]
-    where = ("on each node's disk" if placement == "local" else "in the sweep's storage")
-    s = stored_size(data.image_size)
-    return [f"  decoded images (cache.decoded: {placement}): {len(data):,} images x {s} x {s} "
-            f"x 3 = {_gib(size)} {where}, under {_cache_dir(spec) / 'decoded'}; the page "
-            "cache serves epochs from memory where a node's RAM holds it"]
-
-
-def _free(folder: Path, array: Path) -> tuple[int, bool]:
-    """(free bytes on the disk that would hold ``folder``, whether ``array`` is there)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free, array.is_file()
-
-
-def _space_problem(where: str, folder: Path, free: int, need: int) -> str:
-    return (f"cache.decoded: the decoded images need {_gib(need)} under {folder} but the disk "
-            f"{where}has {_gib(free)} free; set cache.local_dir to a larger disk, use "
-            "cache.decoded: shared (the sweep's storage) or off (decode every epoch), or "
-            "lower dataset.image_size")
-
-
-def alive_nodes() -> list[str]:
-    """The node ids of the running Ray's alive nodes."""
-    import ray
-
-    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-
-
-def check_decoded_space(spec: Spec, nodes: Iterable[str] | None = None) -> None:
-    """Refuse, before any trial, a decoded cache its disk cannot hold: ``shared`` checks the
-    storage's disk; ``local`` checks every alive node of the running Ray (``nodes``: the
-    node ids; None: this machine only). Raises :class:`CacheSpaceError`."""
-    try:
-        needs = _decoded_needs(spec)
-    except DatasetError:
-        return  # the data checks say what is wrong with the data
-    if needs is None:
-        return
-    data, need = needs
-    folder = _cache_dir(spec)
-    if spec.config["cache"]["decoded"] == "shared" or nodes is None:
-        free, present = _free(folder, decoded_path(data, folder))
-        if not present and free < need:
-            raise CacheSpaceError(_space_problem("", folder, free, need))
-        return
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    probe = ray.remote(num_cpus=0)(_free)
-    answers = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node, soft=False)).remote(folder, decoded_path(data, folder)) for node in nodes}
-    ips = {n["NodeID"]: n.get("NodeManagerAddress", n["NodeID"]) for n in ray.nodes()}
-    for node, ref in answers.items():
-        free, present = ray.get(ref, timeout=60)
-        if not present and free < need:
-            raise CacheSpaceError(_space_problem(f"of node {ips.get(node, node)} ", folder,
-                                                 free, need))

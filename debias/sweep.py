@@ -26,6 +26,7 @@ from typing import Any
 
 from ray import tune
 
+from debias.cache_space import alive_nodes, check_decoded_space, decoded_cache_lines
 from debias.claim import ClaimRefused, adopt, claim_experiment, sweep_id
 from debias.cluster import (
     ClusterError,
@@ -36,7 +37,6 @@ from debias.cluster import (
     trials_per_node,
 )
 from debias.environment import redact_uri
-from debias.estimate import alive_nodes, check_decoded_space, decoded_cache_lines
 from debias.files import LockHeld, atomic_write_text
 from debias.preflight import (
     PreflightFailed,

@@ -8,19 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from debias.cli import main
-from debias.data import clear_cache
-from debias.data.export_layouts import write_dataset
-from debias.estimate import (
-    SWEEP_OVERHEAD_S,
+from debias.cache_space import (
     CacheSpaceError,
-    Rates,
     alive_nodes,
     check_decoded_space,
     decoded_cache_lines,
-    estimate,
-    time_step,
 )
+from debias.cli import main
+from debias.data import clear_cache
+from debias.data.export_layouts import write_dataset
+from debias.estimate import SWEEP_OVERHEAD_S, Rates, estimate, time_step
 from debias.spec import load_spec, validate
 from tests.conftest import tiny_sweep, write_sweep
 
@@ -112,7 +109,7 @@ def test_the_plan_says_how_big_the_decoded_cache_is(tmp_path: Path, birds: Path)
 def test_a_cache_the_disk_cannot_hold_is_refused_before_any_trial(
         tmp_path: Path, birds: Path, monkeypatch: pytest.MonkeyPatch, ray_local,
         capsys) -> None:
-    import debias.estimate as est
+    import debias.cache_space as est
 
     spec = _disk_spec(tmp_path, birds, "local")
     check_decoded_space(spec)  # 4.5 MiB fit here
