@@ -14,71 +14,70 @@ module takes MLflow off that path:
   because while the server is down the run may not exist yet. A key is stored on its run as
   the tags ``debias.key`` (readable) and ``debias.key_id`` (a hash, the one searched for), so
   a new process finds the run again after a restart; within a process the id is cached.
+  Consecutive metric, param and tag writes of one run (the epochs of a trial, a drained
+  journal) go to MLflow as one ``log_batch`` call, within MLflow's limits per call.
 - Every op is idempotent, so applying one twice (a crash after MLflow wrote it but before the
   journal forgot it, or ``replay`` run twice) writes nothing twice: runs are found by their
   key before one is created, params are logged once, tags and statuses are overwrites, metric
   rows carry their own timestamp and step (MLflow's SQL store drops a row identical in key,
   value, timestamp and step, whether reached directly or through the REST server) and an
   artifact whose name and size already exist is not uploaded again.
-- When MLflow does not answer (connection refused or reset, timeout, 5xx, 408, 429, SQLite
-  busy), the op and every later one go, in order, to an on-disk **journal**: one JSON line per
-  op in ``journal_dir/journal.jsonl``, each appended with a single ``write`` on an
+- The thread is a small state machine (:class:`Link`): UP, ops are written as they come;
+  DOWN, MLflow does not answer (connection refused or reset, timeout, 5xx, 408, 429, SQLite
+  busy), so the op and every later one go, in order, to an on-disk **journal**: one JSON line
+  per op in ``journal_dir/journal.jsonl``, each appended with a single ``write`` on an
   ``O_APPEND`` descriptor and ``fsync``-ed, bounded by ``max_journal_bytes`` (past it ops are
-  counted as lost, with one warning). The thread retries the journal's head with exponential
-  backoff and drains the journal in order once MLflow answers; trials keep being scheduled
-  meanwhile because nothing here waits on the caller's thread.
+  counted as lost, with one warning), while the journal's head is retried with exponential
+  backoff; once MLflow answers the journal drains in order, and trials keep being scheduled
+  meanwhile because nothing here waits on the caller's thread. CLOSING: see ``close``.
 - Ops MLflow refuses for good (a 4xx other than 408/429, e.g. a param re-logged with another
   value, or an op for a key no :func:`ensure_run` created) are logged once, recorded in
   :attr:`TrackingWriter.dropped` and in ``journal_dir/dropped.jsonl``, and skipped: retrying
-  them cannot help and must not hold up the ops behind them. An op that keeps getting a bare
-  500 (the server answers, but fails on this op) is given up after ``give_up_after`` tries.
+  them cannot help and must not hold up the ops behind them (a merged call MLflow refuses is
+  retried op by op, so only the op it objects to is dropped). An op that keeps getting a
+  bare 500 (the server answers, but fails on this op) is given up after ``give_up_after``
+  tries.
 - :meth:`TrackingWriter.close` journals whatever is still unwritten; :func:`replay` (what
   ``--sync`` runs) and a new :class:`TrackingWriter` on the same folder (what ``--resume``
   does) write it later. One process at a time owns a journal (``journal.lock``, via
   :func:`debias.files.acquire`).
 
-MLflow's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with
-``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` 2 s: about four minutes; ``MLFLOW_HTTP_REQUEST_TIMEOUT``
-120 s per attempt) are environment variables read on every request, so setting them would
-change every MLflow client of the process, including the sweep's synchronous lookups, which
-rely on them to ride out a short restart. MLflow's lowest layer, ``http_request``, takes the
-same settings as arguments that win over the environment; the writer's own REST store and
-its artifact uploads pass ``max_retries=0`` and ``timeout=request_timeout_s`` there, so one
-attempt fails within seconds and the writer's backoff (which, unlike MLflow's, does not hold
-anyone up) does the retrying. Other processes' and clients' settings are left alone.
+MLflow is reached only through :mod:`debias.mlflow_adapter`: the public ``MlflowClient`` for
+local and database stores; for a tracking server, MLflow's REST API with one attempt per
+request within ``request_timeout_s`` (MLflow's own client retries for minutes, configured only
+process-wide), so the writer's backoff, which holds no one up, does the retrying and other
+MLflow clients of the process keep their settings.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import hashlib
+import itertools
 import json
 import logging
 import math
-import mimetypes
 import os
 import posixpath
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.store.tracking.rest_store import RestStore
-from mlflow.utils.rest_utils import http_request, verify_rest_response
-
+from debias import mlflow_adapter
 from debias.files import FileLock, LockHeld, acquire, atomic_output
+from debias.mlflow_adapter import DOWN, REFUSED, SERVER_ERROR, Batch, RunRecord
 from debias.redaction import redact, redact_uri, remember_uri
 
 __all__ = [
-    "DEFAULT_MAX_JOURNAL_BYTES", "KEY_ID_TAG", "KEY_TAG", "DroppedOp", "LockHeld", "Op",
+    "DEFAULT_MAX_JOURNAL_BYTES", "KEY_ID_TAG", "KEY_TAG", "DroppedOp", "Link", "LockHeld", "Op",
     "RunKey", "TrackingWriter", "WriterStatus", "default_journal_dir", "ensure_run",
     "journal_pending", "key_id", "log_artifact", "log_metrics", "log_params", "parent_key",
     "replay", "set_tags", "set_terminated", "study_key", "trial_key",
@@ -100,11 +99,9 @@ DROPPED_NAME = "dropped.jsonl"
 DEFAULT_MAX_JOURNAL_BYTES = 256 * 2**20
 #: ``dropped.jsonl`` is a record for a person, not a queue: it stops growing here.
 MAX_DROPPED_FILE_BYTES = 16 * 2**20
-#: MLflow's limits (mlflow.utils.validation): values are cut to these, batches split by them.
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-METRICS_PER_BATCH = 1000
-PARAMS_TAGS_PER_BATCH = 100
+#: MLflow's length limits: values are cut to these when an op is built.
+MAX_PARAM_VALUE = mlflow_adapter.MAX_PARAM_VALUE
+MAX_TAG_VALUE = mlflow_adapter.MAX_TAG_VALUE
 #: How many dropped ops are logged one by one before the log only counts them.
 _LOG_EACH_DROP = 20
 
@@ -258,181 +255,24 @@ class _StoreNotReady(ConnectionError):
     """The store could not be opened (e.g. its tables are being created): retry later."""
 
 
-class _ServerAnswered(MlflowException):
-    """The server answered with a status that means "not now" (5xx, 408, 429)."""
-
-    def __init__(self, status: int, endpoint: str, body: str) -> None:
-        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
-
-        super().__init__(f"MLflow answered {status} to {endpoint}: {body[:300]}",
-                         error_code=INTERNAL_ERROR if status == 500 else TEMPORARILY_UNAVAILABLE)
-        self.status = status
-
-
-DOWN, SERVER_ERROR, REFUSED = "down", "server_error", "refused"
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
 def _classify(exc: BaseException) -> str:
-    """DOWN: MLflow did not answer or said "not now"; retry with backoff, forever.
-    SERVER_ERROR: it answered 500 (or a local store failed with an I/O error); retry, but
-    give up after a while, since it may be this op that breaks it. REFUSED: it will never
-    succeed (4xx, a bad op, a bug); drop it now."""
-    import requests
-
-    if isinstance(exc, _Refused):
-        return REFUSED
-    if isinstance(exc, _ServerAnswered):
-        return SERVER_ERROR if exc.status == 500 else DOWN
-    never = (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-             requests.exceptions.InvalidSchema)
-    for e in _chain(exc):
-        if isinstance(e, never):
-            return REFUSED
-        if isinstance(e, requests.exceptions.RequestException | ConnectionError | TimeoutError):
-            return DOWN
-        if type(e).__name__ in ("OperationalError", "DisconnectionError") and \
-                type(e).__module__.startswith("sqlalchemy"):
-            return DOWN  # SQLite busy or its file unreachable, a database server gone
-    if isinstance(exc, MlflowException):
-        status = exc.get_http_status_code()
-        if status in (408, 429, 502, 503, 504):
-            return DOWN
-        return SERVER_ERROR if status >= 500 else REFUSED
-    if isinstance(exc, OSError):
-        return SERVER_ERROR  # a full or unreachable artifact disk: may clear up, may not
-    return REFUSED
+    """DOWN, SERVER_ERROR or REFUSED (see :func:`debias.mlflow_adapter.classify`); a local
+    refusal of the writer's own is REFUSED."""
+    return REFUSED if isinstance(exc, _Refused) else mlflow_adapter.classify(exc)
 
 
-# ---------------------------------------------------------------------------------- MLflow
+def _describe(exc: BaseException) -> str:
+    """One line about an error, credentials masked (MLflow's texts quote the URI)."""
+    text = redact(str(exc)).replace("\n", " ")
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
-def _host_creds(uri: str) -> Any:
-    try:
-        from mlflow.utils.credentials import get_default_host_creds
-    except ImportError:  # pragma: no cover - MLflow 2.x
-        from mlflow.tracking._tracking_service.utils import (
-            _get_default_host_creds as get_default_host_creds,
-        )
-    return get_default_host_creds(uri)
-
-
-def _raise_if_not_now(response: Any, endpoint: str) -> None:
-    if response.status_code >= 500 or response.status_code in (408, 429):
-        raise _ServerAnswered(response.status_code, endpoint, response.text or "")
-
-
-class _FastFailRestStore(RestStore):
-    """MLflow's REST store, making each request once with a short timeout.
-
-    ``RestStore._call_endpoint`` reaches ``http_request`` without retry arguments, so the
-    process-wide environment (minutes of retries) would apply; this does what it does but
-    passes ``max_retries=0`` and ``timeout`` explicitly, and turns "not now" answers into
-    :class:`_ServerAnswered` before MLflow's error mapping loses the status code."""
-
-    def __init__(self, uri: str, timeout_s: float) -> None:
-        super().__init__(partial(_host_creds, uri))
-        self._timeout_s = timeout_s
-
-    def _call_endpoint(self, api: Any, json_body: Any = None, endpoint: str | None = None,
-                       retry_timeout_seconds: Any = None, response_proto: Any = None) -> Any:
-        from mlflow.utils.proto_json_utils import parse_dict
-
-        v3 = api in getattr(self, "_V3_APIS", ())
-        table = getattr(self, "_V3_METHOD_TO_INFO", None) if v3 else self._METHOD_TO_INFO
-        if table is None:  # pragma: no cover - an MLflow this was not written for
-            return super()._call_endpoint(api, json_body, endpoint, retry_timeout_seconds,
-                                          response_proto)
-        validate = getattr(self, "_validate_workspace_support_if_specified", None)
-        if validate is not None:
-            validate()
-        default_endpoint, method = table[api]
-        endpoint = endpoint or default_endpoint
-        response_proto = response_proto or api.Response()
-        body = json.loads(json_body) if json_body is not None else None
-        kwargs = {"params": body} if method == "GET" else {"json": body}
-        response = http_request(self.get_host_creds(), endpoint, method, max_retries=0,
-                                backoff_factor=0, backoff_jitter=0, timeout=self._timeout_s,
-                                raise_on_status=False, **kwargs)
-        _raise_if_not_now(response, endpoint)
-        response = verify_rest_response(response, endpoint)
-        if response.status_code == 204:
-            return response_proto
-        parse_dict(js_dict=json.loads(response.text), message=response_proto)
-        return response_proto
-
-
-def _make_store(uri: str, timeout_s: float) -> Any:
-    if uri.startswith(("http://", "https://")):
-        return _FastFailRestStore(uri, timeout_s)
-    from mlflow.tracking._tracking_service.utils import _get_store
-
-    return _get_store(uri)  # what MlflowClient uses; local stores have no HTTP retries
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-class _ArtifactTarget:
-    """One run's artifact store: list a folder (name -> size) and upload a file. Over
-    HTTP (the tracking server's proxied ``mlflow-artifacts``) each request is made once
-    with the writer's timeout, like the REST store; others (local folders, object stores)
-    use MLflow's repository as it is."""
-
-    _ENDPOINT = "/mlflow-artifacts/artifacts"
-
-    def __init__(self, repo: Any, timeout_s: float) -> None:
-        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
-
-        self.repo = repo
-        self.http = isinstance(repo, HttpArtifactRepository) and \
-            self._ENDPOINT in repo.artifact_uri
-        self.timeout_s = timeout_s
-
-    def _request(self, uri: str, endpoint: str, method: str, **kwargs: Any) -> Any:
-        from mlflow.utils.rest_utils import augmented_raise_for_status
-
-        response = http_request(_host_creds(uri), endpoint, method, max_retries=0,
-                                backoff_factor=0, backoff_jitter=0, timeout=self.timeout_s,
-                                raise_on_status=False, **kwargs)
-        _raise_if_not_now(response, endpoint)
-        augmented_raise_for_status(response)
-        return response
-
-    def sizes(self, folder: str | None) -> dict[str, int | None]:
-        if not self.http:
-            return {posixpath.basename(f.path): f.file_size
-                    for f in self.repo.list_artifacts(folder) if not f.is_dir}
-        base, tail = self.repo.artifact_uri.split(self._ENDPOINT, maxsplit=1)
-        root = tail.lstrip("/")
-        response = self._request(base, self._ENDPOINT, "GET", params={
-            "path": posixpath.join(root, folder) if folder else root})
-        return {posixpath.basename(f["path"]): int(f["file_size"]) if "file_size" in f else None
-                for f in response.json().get("files", []) if not f.get("is_dir")}
-
-    def upload(self, local: Path, folder: str | None) -> None:
-        if not self.http:
-            self.repo.log_artifact(str(local), folder)
-            return
-        endpoint = posixpath.join("/", *((folder, local.name) if folder else (local.name,)))
-        mime = mimetypes.guess_type(local.name)[0] or "application/octet-stream"
-        with open(local, "rb") as handle:
-            self._request(self.repo.artifact_uri, endpoint, "PUT", data=handle,
-                          extra_headers={"Content-Type": mime})
+# ---------------------------------------------------------------------------------- applying
 
 
 class _Applier:
-    """Applies ops to one experiment of one tracking URI; raises what the store raises."""
+    """Applies ops to one experiment of one tracking URI through :mod:`debias.mlflow_adapter`;
+    raises what the store raises."""
 
     def __init__(self, uri: str, experiment: str, *, timeout_s: float,
                  artifact_location: str | None) -> None:
@@ -445,40 +285,39 @@ class _Applier:
             # two creates it, both agree.
             db = Path(uri[len("sqlite:///"):])
             self.artifact_location = (db.absolute().parent / "mlartifacts").as_uri()
-        self._store: Any = None
+        self._backend: mlflow_adapter.Backend | None = None
         self._experiment_id: str | None = None
         self._runs: dict[str, str] = {}
-        self._artifacts: dict[str, _ArtifactTarget] = {}
         self._warned_conflicts: set[str] = set()
 
     @property
-    def store(self) -> Any:
-        if self._store is None:
+    def backend(self) -> mlflow_adapter.Backend:
+        if self._backend is None:
             try:
-                self._store = _make_store(self.uri, self.timeout_s)
+                self._backend = mlflow_adapter.connect(self.uri, self.timeout_s)
             except Exception as exc:
                 # A new SQL store whose tables another program is creating right now (its
                 # migrations race ours): not a refusal of this op, so retried, never dropped.
                 raise _StoreNotReady(f"the tracking store cannot be opened yet: "
                                      f"{_describe(exc)}") from exc
-        return self._store
+        return self._backend
 
     def experiment_id(self) -> str:
         if self._experiment_id is None:
-            found = self.store.get_experiment_by_name(self.experiment)
+            found = self.backend.find_experiment(self.experiment)
             if found is None:
                 try:
-                    self._experiment_id = self.store.create_experiment(
-                        self.experiment, artifact_location=self.artifact_location)
-                except MlflowException as exc:  # another client created it in between
-                    found = self.store.get_experiment_by_name(self.experiment)
-                    if found is None:
-                        raise exc from None
-            if found is not None:
-                if found.lifecycle_stage != "active":
-                    raise _Refused(f"MLflow experiment {self.experiment!r} is deleted; "
-                                   "restore it (mlflow experiments restore) to write to it")
-                self._experiment_id = found.experiment_id
+                    self._experiment_id = self.backend.create_experiment(
+                        self.experiment, self.artifact_location)
+                    return self._experiment_id
+                except Exception as exc:  # another client created it in between?
+                    found = self.backend.find_experiment(self.experiment)
+                    if found is None or _classify(exc) != REFUSED:
+                        raise
+            if found.lifecycle_stage != "active":
+                raise _Refused(f"MLflow experiment {self.experiment!r} is deleted; "
+                               "restore it (mlflow experiments restore) to write to it")
+            self._experiment_id = found.experiment_id
         return self._experiment_id
 
     def run_id(self, key: Sequence[str]) -> str | None:
@@ -487,21 +326,19 @@ class _Applier:
 
     # --------------------------------------------------------------- finding runs
 
-    def _search(self, filter_string: str) -> list[Any]:
-        return list(self.store.search_runs(
-            [self.experiment_id()], filter_string, ViewType.ACTIVE_ONLY, max_results=100,
-            order_by=["attributes.start_time ASC"]))
+    def _search(self, filter_string: str) -> list[RunRecord]:
+        return self.backend.search_runs(self.experiment_id(), filter_string, 100)
 
-    def _find(self, key: Sequence[str]) -> Any:
+    def _find(self, key: Sequence[str]) -> RunRecord | None:
         """The run with ``key`` (the oldest, should there be several), or None."""
         canon = _canonical(key)
         runs = self._search(f"tags.`{KEY_ID_TAG}` = '{key_id(key)}'")
-        runs = [r for r in runs if r.data.tags.get(KEY_TAG) == canon] or runs
+        runs = [r for r in runs if r.tags.get(KEY_TAG) == canon] or runs
         if len(runs) > 1:
             log.warning("MLflow has %d runs with key %s; writing to the oldest, %s",
-                        len(runs), canon, runs[0].info.run_id)
+                        len(runs), canon, runs[0].run_id)
         if runs:
-            self._runs[canon] = runs[0].info.run_id
+            self._runs[canon] = runs[0].run_id
             return runs[0]
         return None
 
@@ -511,34 +348,72 @@ class _Applier:
             raise _Refused(f"no MLflow run has key {canon} (no ensure_run created it)")
         return self._runs[canon]
 
-    def _adopt(self, op: Op, parent_id: str | None) -> Any:
+    def _adopt(self, op: Op, parent_id: str | None) -> RunRecord | None:
         match = op.get("match") or {}
         if not match or any("'" in v or "\\" in v for v in match.values()):
             return None
         clauses = [f"tags.`{k}` = '{v}'" for k, v in sorted(match.items())]
         if parent_id:
             clauses.append(f"tags.`mlflow.parentRunId` = '{parent_id}'")
-        runs = [r for r in self._search(" and ".join(clauses)) if KEY_ID_TAG not in r.data.tags]
+        runs = [r for r in self._search(" and ".join(clauses)) if KEY_ID_TAG not in r.tags]
         return runs[0] if runs else None
 
     # --------------------------------------------------------------- ops
 
-    def apply(self, op: Op) -> None:
-        handler: Callable[[Op], None] | None = getattr(self, f"_op_{op.get('op')}", None)
-        if op.get("v") != OP_VERSION or handler is None or not isinstance(op.get("key"), list):
+    def apply(self, group: _Group) -> None:
+        """Write a group: its merged batch in one call, or its one op."""
+        op = group.ops[0]
+        if group.batch is not None:
+            self._log(self.resolve(op["key"]), group.batch)
+            return
+        handler: Callable[[Op], None] | None = getattr(self, f"_op_{op.get('op')}", None) \
+            if op is not None else None
+        if op is None or op.get("v") != OP_VERSION or handler is None or \
+                not isinstance(op.get("key"), list):
             raise _Refused(f"not an op this version understands: {str(op)[:200]}")
         handler(op)
 
+    def _log(self, run_id: str, batch: Batch) -> None:
+        if self.backend.keeps_repeated_metric_rows and batch.metrics:
+            batch = self._unseen(run_id, batch)
+        self.backend.log_batch(run_id, batch)
+
+    def _log_all(self, run_id: str, metrics: Sequence[Sequence[Any]] = (),
+                 params: Mapping[str, str] | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
+        """Writes that may need several calls (each within MLflow's limits)."""
+        for batch in mlflow_adapter.batches(metrics, params, tags):
+            self._log(run_id, batch)
+
+    def _unseen(self, run_id: str, batch: Batch) -> Batch:
+        """The deprecated file store (``file:`` URIs, refused by MLflow 3 unless
+        ``MLFLOW_ALLOW_FILE_STORE`` is set) appends an identical metric row again, where the
+        SQL store drops it; for that local store, the history is checked here instead."""
+        seen: dict[str, set[tuple[int, int, float]]] = {}
+        out = Batch()
+        out.params, out.tags = batch.params, batch.tags
+        for row in batch.metrics:
+            name, value, stamp, step = row
+            if name not in seen:
+                seen[name] = {(t, s, v) for _k, v, t, s in self.backend.metric_history(run_id,
+                                                                                      name)}
+            if (stamp, step, value) not in seen[name]:
+                out.metrics[row] = None
+        return out
+
+    def _known_run(self, key: Sequence[str]) -> RunRecord | None:
+        """The active run with ``key``: the cached one, else the one MLflow finds."""
+        canon = _canonical(key)
+        if canon in self._runs:
+            run = self.backend.get_run(self._runs[canon])
+            if run.lifecycle_stage == "active":
+                return run
+            del self._runs[canon]
+        return self._find(key)
+
     def _op_ensure_run(self, op: Op) -> None:
         key, canon = op["key"], _canonical(op["key"])
-        run = None
-        if canon in self._runs:
-            run = self.store.get_run(self._runs[canon])
-            if run.info.lifecycle_stage != "active":
-                del self._runs[canon]
-                run = None
-        if run is None:
-            run = self._find(key)
+        run = self._known_run(key)
         parent_id = self.resolve(op["parent"]) if op.get("parent") else None
         wanted = {**op["tags"], KEY_TAG: canon, KEY_ID_TAG: key_id(key)}
         if parent_id:
@@ -546,90 +421,32 @@ class _Applier:
         if run is None:
             run = self._adopt(op, parent_id)
         if run is None:
-            run = self.store.create_run(
-                experiment_id=self.experiment_id(), user_id=wanted.get("mlflow.user", "unknown"),
-                start_time=op["time_ms"], tags=[RunTag(k, v) for k, v in wanted.items()],
-                run_name=op["name"])
-            self._runs[canon] = run.info.run_id
-            have_params: dict[str, str] = {}
-        else:
-            self._runs[canon] = run.info.run_id
-            have_params = dict(run.data.params)
-            changed = [RunTag(k, v) for k, v in wanted.items() if run.data.tags.get(k) != v]
-            for chunk in _chunks(changed, PARAMS_TAGS_PER_BATCH):
-                self.store.log_batch(run.info.run_id, metrics=[], params=[], tags=chunk)
-        run_id = run.info.run_id
+            run = self.backend.create_run(self.experiment_id(), name=op["name"],
+                                          start_time=op["time_ms"], tags=wanted)
+        self._runs[canon] = run.run_id
         conflicts = sorted(k for k, v in op["params"].items()
-                           if k in have_params and have_params[k] != v)
+                           if k in run.params and run.params[k] != v)
         if conflicts and canon not in self._warned_conflicts:
             self._warned_conflicts.add(canon)
             log.warning("run %s (key %s) already has other values for params %s; kept them "
-                        "(MLflow params never change)", run_id, canon, conflicts[:10])
-        missing = [Param(k, v) for k, v in op["params"].items() if k not in have_params]
-        for chunk in _chunks(missing, PARAMS_TAGS_PER_BATCH):
-            self.store.log_batch(run_id, metrics=[], params=chunk, tags=[])
-        if op.get("reopen") and run.info.status != "RUNNING":
-            self.store.update_run_info(run_id, run_status=RunStatus.RUNNING, end_time=None,
-                                       run_name=None)
+                        "(MLflow params never change)", run.run_id, canon, conflicts[:10])
+        self._log_all(run.run_id,
+                      params={k: v for k, v in op["params"].items() if k not in run.params},
+                      tags={k: v for k, v in wanted.items() if run.tags.get(k) != v})
+        if op.get("reopen") and run.status != "RUNNING":
+            self.backend.set_status(run.run_id, "RUNNING", None)
 
     def _op_log_metrics(self, op: Op) -> None:
-        run_id = self.resolve(op["key"])
-        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in op["metrics"]]
-        if self._keeps_repeats():
-            metrics = self._unseen(run_id, metrics)
-        for chunk in _chunks(metrics, METRICS_PER_BATCH):
-            self.store.log_batch(run_id, metrics=chunk, params=[], tags=[])
-
-    def _keeps_repeats(self) -> bool:
-        """The deprecated file store (``file:`` URIs, refused by MLflow 3 unless
-        ``MLFLOW_ALLOW_FILE_STORE`` is set) appends an identical metric row again, where the
-        SQL store drops it; for that local store, the history is checked here instead."""
-        from mlflow.store.tracking.file_store import FileStore
-
-        return isinstance(self.store, FileStore)
-
-    def _unseen(self, run_id: str, metrics: list[Any]) -> list[Any]:
-        seen: dict[str, set[tuple[int, int, float]]] = {}
-        out = []
-        for m in metrics:
-            if m.key not in seen:
-                seen[m.key] = {(h.timestamp, h.step, h.value)
-                               for h in self.store.get_metric_history(run_id, m.key)}
-            if (m.timestamp, m.step, m.value) not in seen[m.key]:
-                seen[m.key].add((m.timestamp, m.step, m.value))
-                out.append(m)
-        return out
+        self._log_all(self.resolve(op["key"]), metrics=op["metrics"])
 
     def _op_log_params(self, op: Op) -> None:
-        run_id = self.resolve(op["key"])
-        params = [Param(k, v) for k, v in op["params"].items()]
-        for chunk in _chunks(params, PARAMS_TAGS_PER_BATCH):
-            self.store.log_batch(run_id, metrics=[], params=chunk, tags=[])
+        self._log_all(self.resolve(op["key"]), params=op["params"])
 
     def _op_set_tags(self, op: Op) -> None:
-        run_id = self.resolve(op["key"])
-        tags = [RunTag(k, v) for k, v in op["tags"].items()]
-        for chunk in _chunks(tags, PARAMS_TAGS_PER_BATCH):
-            self.store.log_batch(run_id, metrics=[], params=[], tags=chunk)
+        self._log_all(self.resolve(op["key"]), tags=op["tags"])
 
     def _op_set_terminated(self, op: Op) -> None:
-        run_id = self.resolve(op["key"])
-        self.store.update_run_info(run_id, run_status=RunStatus.from_string(op["status"]),
-                                   end_time=int(op["time_ms"]), run_name=None)
-
-    def _artifact_target(self, run_id: str) -> _ArtifactTarget:
-        if run_id not in self._artifacts:
-            from mlflow.store.artifact.artifact_repository_registry import (
-                get_artifact_repository,
-            )
-
-            uri = self.store.get_run(run_id).info.artifact_uri
-            try:
-                repo = get_artifact_repository(uri, tracking_uri=self.uri)
-            except TypeError:  # pragma: no cover - MLflow 2.x takes only the URI
-                repo = get_artifact_repository(uri)
-            self._artifacts[run_id] = _ArtifactTarget(repo, self.timeout_s)
-        return self._artifacts[run_id]
+        self.backend.set_status(self.resolve(op["key"]), op["status"], int(op["time_ms"]))
 
     def _op_log_artifact(self, op: Op) -> None:
         source = Path(op["path"])
@@ -645,14 +462,128 @@ class _Applier:
                 rel = Path(root).relative_to(source).as_posix()
                 folder = posixpath.join(base or "", rel) if rel != "." else base
                 files += [(Path(root) / n, folder or None) for n in sorted(names)]
-        target = self._artifact_target(run_id)
         listed: dict[str | None, dict[str, int | None]] = {}
         for local, folder in files:
             if folder not in listed:
-                listed[folder] = target.sizes(folder)
+                listed[folder] = self.backend.artifact_sizes(run_id, folder)
             if listed[folder].get(local.name) == local.stat().st_size:
                 continue
-            target.upload(local, folder)
+            self.backend.upload_artifact(run_id, local, folder)
+
+
+# ---------------------------------------------------------------------------------- groups
+
+
+#: Ops whose writes merge into one ``log_batch`` call.
+_MERGEABLE = ("log_metrics", "log_params", "set_tags")
+#: The most ops one attempt writes (an op may log nothing, e.g. only NaN metrics).
+_GROUP_OPS = mlflow_adapter.LIMITS.entities
+
+
+@dataclass
+class _Group:
+    """The ops at the front of what waits that one attempt writes, as read (``lines``)."""
+
+    lines: list[bytes]
+    ops: list[Op | None]
+    batch: Batch | None = None  # their merged writes, when there are several ops
+
+
+_SHAPES: dict[str, type] = {"metrics": list, "params": dict, "tags": dict}
+
+
+def _writes(op: Op | None) -> dict[str, Any] | None:
+    """The metrics, params and tags an op logs, if it is one that merges; else None."""
+    if not (isinstance(op, dict) and op.get("v") == OP_VERSION and op.get("op") in _MERGEABLE
+            and isinstance(op.get("key"), list)):
+        return None
+    writes = {name: op.get(name, kind()) for name, kind in _SHAPES.items()}
+    return writes if all(isinstance(writes[k], kind) for k, kind in _SHAPES.items()) else None
+
+
+def _joins(group: _Group, batch: Batch, op: Op | None) -> bool:
+    """Whether ``op`` merges into ``group`` (its writes are added to ``batch`` if so)."""
+    writes = _writes(op)
+    first = group.ops[0] if group.ops else op
+    if writes is None or op is None or first is None or op["key"] != first["key"]:
+        return False
+    try:
+        return batch.add(**writes)
+    except (TypeError, ValueError, IndexError):  # a malformed row: left to a call of its own
+        return False
+
+
+def _front(lines: Iterable[bytes], one: bool = False) -> _Group:
+    """The group at the front of ``lines``: the first op and, unless ``one``, the ops right
+    after it that log metrics, params or tags to the same run, as many as one ``log_batch``
+    call takes (MLflow's async logging queue merges one run's writes the same way)."""
+    group, batch = _Group([], []), Batch()
+    for line in itertools.islice(lines, _GROUP_OPS):
+        op = _decode(line)
+        joins = not one and _joins(group, batch, op)
+        if group.lines and not joins:
+            break
+        group.lines.append(line)
+        group.ops.append(op)
+        if not joins:
+            break
+    if len(group.ops) > 1:
+        group.batch = batch
+    return group
+
+
+@dataclass
+class _Verdict:
+    """What an attempt at a group means for the ops at the front."""
+
+    done: int = 0                 # ops that are done with: written, or (one) dropped
+    applied: int = 0              # of which written
+    drop_reason: str | None = None
+    answered: bool = False        # MLflow itself answered, whatever it said
+    retry_in: float | None = None  # MLflow takes no writes now: try again after this long
+    error: str | None = None
+
+
+class _Policy:
+    """The retry rules for the ops at the front, shared by the writer's thread and
+    :func:`replay`: exponential backoff with jitter while MLflow does not answer; an op that
+    keeps getting a 500 is given up after ``give_up_after`` tries; a merged group MLflow
+    refuses is tried again one op at a time, so that only the op it objects to is dropped."""
+
+    def __init__(self, initial_s: float, max_s: float, give_up_after: int) -> None:
+        self.initial_s, self.max_s, self.give_up_after = initial_s, max_s, give_up_after
+        self.backoff = initial_s
+        self.server_errors = 0  # 500s in a row for the op at the front
+        self.one_by_one = 0     # ops at the front to write one at a time
+
+    def attempt(self, applier: _Applier, group: _Group) -> _Verdict:
+        try:
+            applier.apply(group)
+        except Exception as exc:
+            return self._failed(len(group.lines), _classify(exc), exc)
+        return self._done(_Verdict(done=len(group.lines), applied=len(group.lines),
+                                   answered=True))
+
+    def _failed(self, size: int, error: str, exc: BaseException) -> _Verdict:
+        answered = error != DOWN and not isinstance(exc, _Refused)
+        if size > 1 and error != DOWN:
+            self.one_by_one = size
+            return _Verdict(answered=answered)
+        gave_up = error == SERVER_ERROR and self.server_errors + 1 >= self.give_up_after
+        if error == REFUSED or gave_up:
+            reason = _describe(exc)
+            if gave_up:
+                reason = f"gave up after {self.server_errors + 1} server errors: {reason}"
+            return self._done(_Verdict(done=1, drop_reason=reason, answered=answered))
+        self.server_errors += error == SERVER_ERROR
+        wait = self.backoff * random.uniform(0.8, 1.2)
+        self.backoff = min(self.backoff * 2, self.max_s)
+        return _Verdict(retry_in=wait, error=_describe(exc))
+
+    def _done(self, verdict: _Verdict) -> _Verdict:
+        self.backoff, self.server_errors = self.initial_s, 0
+        self.one_by_one = max(0, self.one_by_one - verdict.done)
+        return verdict
 
 
 # ---------------------------------------------------------------------------------- journal
@@ -737,24 +668,29 @@ class _Journal:
         self.count += 1
         return True
 
-    def head(self) -> bytes | None:
-        if not self._ahead and self._read < self._size:
+    def peek(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` lines from the front, oldest first (read ahead, not consumed)."""
+        while len(self._ahead) < limit and self._read < self._size:
             with open(self.path, "rb") as handle:
                 handle.seek(self._read)
                 chunk = handle.read(2**20)
                 while chunk and b"\n" not in chunk and self._read + len(chunk) < self._size:
                     chunk += handle.read(2**20)
             cut = chunk.rfind(b"\n") + 1
+            if not cut:  # pragma: no cover - the file is shorter than counted
+                break
             for line in chunk[:cut].split(b"\n")[:-1]:
                 self._ahead.append((line, len(line) + 1))
             self._read += cut
-        return self._ahead[0][0] if self._ahead else None
+        return [line for line, _size in itertools.islice(self._ahead, limit)]
 
-    def pop(self) -> None:
-        _line, size = self._ahead.popleft()
-        self._offset += size
-        self.count -= 1
-        if self.count == 0 or self._offset >= max(2**20, self._size - self._offset):
+    def pop(self, count: int = 1) -> None:
+        """Forget the first ``count`` lines (written or dropped)."""
+        for _ in range(count):
+            _line, size = self._ahead.popleft()
+            self._offset += size
+            self.count -= 1
+        if count and (self.count == 0 or self._offset >= max(2**20, self._size - self._offset)):
             self.compact()
 
     def compact(self) -> None:
@@ -809,6 +745,7 @@ class WriterStatus:
     lost: int          # refused by the journal's bound (or submitted after close)
     down_since: float | None
     last_error: str | None
+    link: str = "up"   # the writer's Link: up, down or closing
 
     @property
     def pending(self) -> int:
@@ -873,30 +810,31 @@ def _decode(line: bytes) -> Op | None:
     return op if isinstance(op, dict) else None
 
 
-def _attempt(applier: _Applier, op: Op | None) -> tuple[str | None, BaseException | None]:
-    """(None, None) when applied, else (the error's class, the error)."""
-    if op is None:
-        return REFUSED, _Refused("unreadable journal line")
-    try:
-        applier.apply(op)
-    except Exception as exc:
-        return _classify(exc), exc
-    return None, None
+def _raw(line: bytes) -> Op:
+    """What ``dropped.jsonl`` keeps of a journal line that is not an op."""
+    return {"raw": line.decode("utf-8", "replace")[:2000]}
 
 
-def _describe(exc: BaseException) -> str:
-    """One line about an error, credentials masked (MLflow's texts quote the URI)."""
-    text = redact(str(exc)).replace("\n", " ")
-    return f"{type(exc).__name__}: {text[:300]}"
+class Link(enum.Enum):
+    """Where a :class:`TrackingWriter` stands with MLflow. It changes in one place
+    (``TrackingWriter._enter``): UP -> DOWN when an attempt finds MLflow not answering (or
+    answering 5xx); DOWN -> UP when MLflow answers again, whatever it says; UP or DOWN ->
+    CLOSING on :meth:`TrackingWriter.close`, which is final (an outage still shows in
+    :attr:`WriterStatus.down_since`)."""
+
+    UP = "up"            # ops are written as they come (a journal left earlier goes first)
+    DOWN = "down"        # ops go to the journal; its head is retried with backoff
+    CLOSING = "closing"  # write until close()'s deadline, then journal the rest and stop
 
 
 class TrackingWriter:
     """Writes ops to MLflow in the background, journaling what MLflow cannot take now.
 
     ``submit`` is safe from any thread and never blocks or raises; ops are applied in the
-    order they were submitted. One writer per journal folder: constructing a second one
-    (in any process, while the first is open) raises :class:`debias.files.LockHeld`, whose
-    note names the holder. Ops a previous writer left in the journal are written first.
+    order they were submitted, consecutive writes of one run merged into one ``log_batch``
+    call. One writer per journal folder: constructing a second one (in any process, while the
+    first is open) raises :class:`debias.files.LockHeld`, whose note names the holder. Ops a
+    previous writer left in the journal are written first.
 
     Args:
         uri: the tracking URI (``http(s)://`` server or ``sqlite:///`` file).
@@ -943,10 +881,12 @@ class TrackingWriter:
         for line in self._journal.rejected:
             self._drops.add({"raw": line.decode("utf-8", "replace")[:2000]},
                             "unreadable journal line")
-        self._retry_initial_s, self._retry_max_s = retry_initial_s, retry_max_s
-        self._give_up_after, self._max_queue = give_up_after, max_queue
+        self._policy = _Policy(retry_initial_s, retry_max_s, give_up_after)
+        self._retry_max_s, self._max_queue = retry_max_s, max_queue
         self._request_timeout_s, self._exit_timeout_s = request_timeout_s, exit_timeout_s
+        # Everything below is shared with the callers' threads: read and changed under _cv.
         self._cv = threading.Condition()
+        self._link = Link.UP
         self._queue: deque[bytes] = deque()
         self._journaled = self._journal.count
         self._in_flight = 0
@@ -955,10 +895,10 @@ class TrackingWriter:
         self._dropped = self._drops.count
         self._applied = 0
         self._lost = 0
-        self._closing = False
         self._closed = False
         self._close_deadline = math.inf
-        self._wake = False
+        self._next_try = 0.0  # when the journal's head may be tried again (monotonic)
+        self._wake = False    # try it now (flush, close)
         self._down_since: float | None = None
         self._last_error: str | None = None
         self._warned: set[str] = set()
@@ -984,7 +924,7 @@ class TrackingWriter:
             return
         try:
             with self._cv:
-                if self._closing:
+                if self._link is Link.CLOSING:
                     self._lost += 1
                     self._warn_once("closed", "MLflow writes submitted after close() are lost")
                     return
@@ -998,6 +938,12 @@ class TrackingWriter:
         except Exception:  # pragma: no cover - nothing above should raise
             log.exception("could not queue an MLflow write")
 
+    @property
+    def link(self) -> Link:
+        """Up, down or closing (see :class:`Link`)."""
+        with self._cv:
+            return self._link
+
     def pending(self) -> int:
         """Ops submitted (or found in the journal) and not yet written or dropped."""
         with self._cv:
@@ -1009,7 +955,7 @@ class TrackingWriter:
                 uri=_redact(self.uri), journal=self._journal.path, queued=len(self._queue),
                 journaled=self._journaled, in_flight=self._in_flight, applied=self._applied,
                 dropped=self._dropped, lost=self._lost, down_since=self._down_since,
-                last_error=self._last_error)
+                last_error=self._last_error, link=self._link.value)
 
     @property
     def dropped(self) -> list[DroppedOp]:
@@ -1042,11 +988,10 @@ class TrackingWriter:
         and release the journal. Returns how many ops remain journaled (0: all written);
         logs one warning saying where they are when some do. Idempotent."""
         with self._cv:
-            if not self._closing:
-                self._closing = True
+            if self._link is not Link.CLOSING:
                 self._close_deadline = time.monotonic() + max(0.0, timeout_s)
                 self._wake = True
-                self._cv.notify_all()
+                self._enter(Link.CLOSING)
         self._thread.join(max(0.0, timeout_s) + self._request_timeout_s + 10.0)
         with contextlib.suppress(Exception):
             atexit.unregister(self._at_exit)
@@ -1086,154 +1031,147 @@ class TrackingWriter:
     # ------------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
-        backoff = self._retry_initial_s
-        next_try = 0.0
-        head_errors = 0
-        while True:
+        while (step := self._next_step()) is not None:
             try:
-                with self._cv:
-                    while not (self._queue or self._journaled or self._closing):
-                        self._cv.wait()
-                    now = time.monotonic()
-                    closing_now = self._closing and now >= self._close_deadline
-                    nothing = not (self._queue or self._journaled)
-                    if self._closing and (nothing or closing_now):
-                        break
-                    down = self._down_since is not None
-                    if self._journaled and down and not self._wake and now < next_try:
-                        if self._queue:  # keep what arrives during an outage on disk
-                            line = self._queue.popleft()
-                            self._in_flight = 1
-                        else:
-                            self._cv.wait(min(next_try, self._close_deadline) - now)
-                            continue
-                    elif self._journaled:
-                        line = None
-                    else:
-                        line = self._queue.popleft()
-                        self._in_flight = 1
-                    self._wake = False
-                if line is not None and self._journaled:
-                    self._spill(line)  # behind the journal while MLflow is down
-                    continue
-                if line is not None:  # nothing journaled: write it directly
-                    error, exc = _attempt(self._applier, _decode(line))
-                    if error is None:
-                        self._done(applied=True)
-                    elif error == REFUSED:
-                        self._drop(line, exc)
-                    else:
-                        self._spill(line)
-                        head_errors = 1 if error == SERVER_ERROR else 0
-                        self._went_down(exc)
-                        backoff = self._retry_initial_s
-                        next_try = time.monotonic() + self._jitter(backoff)
-                    continue
-                head = self._journal.head()
-                if head is None:  # pragma: no cover - count and file disagree
-                    with self._cv:
-                        self._journaled = self._journal.count = 0
-                    continue
-                error, exc = _attempt(self._applier, _decode(head))
-                if error is None or error == REFUSED or (
-                        error == SERVER_ERROR and head_errors + 1 >= self._give_up_after):
-                    if error is not None:
-                        reason = _describe(exc) if exc else "refused"
-                        if error == SERVER_ERROR:
-                            reason = f"gave up after {head_errors + 1} server errors: {reason}"
-                        self._drops_add(head, reason)
-                    self._journal.pop()
-                    head_errors = 0
-                    backoff = self._retry_initial_s
-                    with self._cv:
-                        self._journaled = self._journal.count
-                        self._dropped = self._drops.count
-                        if error is None:
-                            self._applied += 1
-                        if error is None or not isinstance(exc, _Refused):
-                            self._back_up()  # MLflow itself answered
-                        self._cv.notify_all()
-                else:
-                    head_errors += error == SERVER_ERROR
-                    self._went_down(exc)
-                    next_try = time.monotonic() + self._jitter(backoff)
-                    backoff = min(backoff * 2, self._retry_max_s)
+                step()
             except Exception:  # a bug or a failing disk: say so, keep going, never spin
-                log.exception("MLflow writer: unexpected error")
-                with self._cv:
-                    self._in_flight = 0
-                    self._cv.notify_all()
-                time.sleep(min(1.0, self._retry_max_s))
+                self._survive()
         self._finish()
 
-    def _jitter(self, seconds: float) -> float:
-        return seconds * random.uniform(0.8, 1.2)
-
-    def _spill(self, line: bytes) -> None:
-        """Append a queued op to the journal (or count it lost past the bound)."""
-        try:
-            ok = self._journal.append(line)
-        except OSError as exc:
-            ok = False
-            self._warn_once("journal-io", "cannot write the MLflow journal %s (%s): writes "
-                            "MLflow cannot take now are lost", self._journal.path, exc)
+    def _next_step(self) -> Callable[[], None] | None:
+        """Wait for work and take it: the journal's head when it is due; else what is queued,
+        journaled behind it while the head waits, or written at once when nothing is
+        journaled. None: closing, and nothing is left or the time is up."""
         with self._cv:
-            self._in_flight = 0
+            while True:
+                now = time.monotonic()
+                waiting = self._journaled or self._queue
+                if self._link is Link.CLOSING and (not waiting or now >= self._close_deadline):
+                    return None
+                due = self._wake or now >= self._next_try
+                if self._journaled and due:
+                    self._wake = False
+                    return self._drain
+                if self._queue and self._journaled:
+                    return partial(self._spill, self._take(len(self._queue)))
+                if self._queue:
+                    self._wake = False
+                    group = _front(self._queue, one=self._policy.one_by_one > 0)
+                    self._take(len(group.lines))
+                    return partial(self._write, group)
+                self._cv.wait(self._idle_s(now))
+
+    def _idle_s(self, now: float) -> float | None:
+        """Under the condition: how long to wait for news (None: until notified)."""
+        until = min(self._next_try if self._journaled else math.inf, self._close_deadline)
+        return None if until == math.inf else max(0.0, until - now)
+
+    def _take(self, count: int) -> list[bytes]:
+        """Under the condition: the first ``count`` queued ops, now in flight."""
+        lines = [self._queue.popleft() for _ in range(count)]
+        self._in_flight += count
+        return lines
+
+    def _drain(self) -> None:
+        """Try the group at the journal's head."""
+        group = _front(self._journal.peek(_GROUP_OPS), one=self._policy.one_by_one > 0)
+        if not group.lines:  # pragma: no cover - count and file disagree
+            with self._cv:
+                self._journaled = self._journal.count = 0
+            return
+        verdict = self._attempt(group)
+        self._journal.pop(verdict.done)
+        self._settle(verdict)
+
+    def _write(self, group: _Group) -> None:
+        """Try a group taken from the queue (nothing is journaled): what is not done goes to
+        the journal if MLflow does not answer, else back to the queue's front (split)."""
+        verdict = self._attempt(group)
+        rest = group.lines[verdict.done:]
+        if rest and verdict.retry_in is not None:
+            self._spill(rest)
+        elif rest:
+            with self._cv:
+                self._queue.extendleft(reversed(rest))
+                self._in_flight -= len(rest)
+        self._settle(verdict, in_flight_done=verdict.done)
+
+    def _attempt(self, group: _Group) -> _Verdict:
+        verdict = self._policy.attempt(self._applier, group)
+        if verdict.drop_reason is not None:
+            # Only this thread adds; readers copy the list (atomic under the GIL), so the
+            # file write stays outside the condition that submit() takes.
+            self._drops.add(group.ops[0] or _raw(group.lines[0]), verdict.drop_reason)
+        return verdict
+
+    def _settle(self, verdict: _Verdict, in_flight_done: int = 0) -> None:
+        """Count what the attempt did, and move the link."""
+        with self._cv:
+            self._in_flight -= in_flight_done
             self._journaled = self._journal.count
-            if not ok:
-                self._lost += 1
-                self._warn_once("journal-full", "the MLflow journal %s is full (%d MB): "
-                                "writes MLflow cannot take now are lost until it answers "
-                                "again", self._journal.path, self._journal.max_bytes // 2**20)
-            self._cv.notify_all()
-
-    def _done(self, applied: bool, answered: bool = True) -> None:
-        with self._cv:
-            self._in_flight = 0
+            self._applied += verdict.applied
             self._dropped = self._drops.count
-            if applied:
-                self._applied += 1
-            if answered:
-                self._back_up()
+            if verdict.retry_in is not None:
+                self._next_try = time.monotonic() + verdict.retry_in
+                self._enter(Link.DOWN, verdict.error)
+            elif verdict.answered:
+                self._enter(Link.UP)
             self._cv.notify_all()
 
-    def _drops_add(self, line: bytes, reason: str) -> None:
-        # Only this thread adds; readers copy the list (atomic under the GIL), so the file
-        # write stays outside the condition that submit() takes.
-        self._drops.add(_decode(line) or {"raw": line.decode("utf-8", "replace")[:2000]}, reason)
-
-    def _drop(self, line: bytes, exc: BaseException | None) -> None:
-        self._drops_add(line, _describe(exc) if exc else "refused")
-        # A local refusal (a missing artifact file, a bad op) says nothing about MLflow.
-        self._done(applied=False, answered=not isinstance(exc, _Refused))
-
-    def _went_down(self, exc: BaseException | None) -> None:
-        with self._cv:
-            self._last_error = _describe(exc) if exc else None
+    def _enter(self, link: Link, error: str | None = None) -> None:
+        """Under the condition: the one place the link changes (an outage is logged once
+        when it starts and once when it ends; CLOSING is final)."""
+        if link is Link.DOWN:
+            self._last_error = error
             if self._down_since is None:
                 self._down_since = time.time()
                 log.warning("MLflow at %s does not take writes now (%s); keeping them in %s "
                             "and retrying in the background", _redact(self.uri),
                             self._last_error, self._journal.path)
-
-    def _back_up(self) -> None:
-        """Under the condition: MLflow answered; say so once per outage."""
-        if self._down_since is not None:
+        elif link is Link.UP and self._down_since is not None:
             log.warning("MLflow at %s answers again after %.0f s; writing the %d journaled "
                         "write(s)", _redact(self.uri), time.time() - self._down_since,
                         self._journaled)
             self._down_since = None
             self._last_error = None
+        if self._link is not Link.CLOSING:
+            self._link = link
+        self._cv.notify_all()
+
+    def _spill(self, lines: list[bytes]) -> None:
+        """Append ops in flight to the journal, in order (or count them lost past the
+        bound)."""
+        for line in lines:
+            try:
+                ok = self._journal.append(line)
+            except OSError as exc:
+                ok = False
+                self._warn_once("journal-io", "cannot write the MLflow journal %s (%s): writes "
+                                "MLflow cannot take now are lost", self._journal.path, exc)
+            with self._cv:
+                self._in_flight -= 1
+                self._journaled = self._journal.count
+                if not ok:
+                    self._lost += 1
+                    self._warn_once("journal-full", "the MLflow journal %s is full (%d MB): "
+                                    "writes MLflow cannot take now are lost until it answers "
+                                    "again", self._journal.path, self._journal.max_bytes // 2**20)
+                self._cv.notify_all()
+
+    def _survive(self) -> None:
+        """After an unexpected error: log it; ops it caught in flight count as lost."""
+        log.exception("MLflow writer: unexpected error")
+        with self._cv:
+            self._lost += self._in_flight
+            self._in_flight = 0
+            self._cv.notify_all()
+        time.sleep(min(1.0, self._retry_max_s))
 
     def _finish(self) -> None:
         """On close: everything still in memory goes to the journal, which is compacted."""
-        while True:
-            with self._cv:
-                if not self._queue:
-                    break
-                line = self._queue.popleft()
-                self._in_flight = 1
-            self._spill(line)
+        with self._cv:
+            lines = self._take(len(self._queue))
+        self._spill(lines)
         try:
             self._journal.compact()
         except OSError as exc:  # pragma: no cover - the remainder is still in the file
@@ -1266,32 +1204,26 @@ def replay(uri: str, experiment: str, journal_dir: str | Path, *, retry_for_s: f
         journal = _Journal(directory, max_bytes=2**62)
         drops = _Drops(directory)
         for line in journal.rejected:
-            drops.add({"raw": line.decode("utf-8", "replace")[:2000]}, "unreadable journal line")
+            drops.add(_raw(line), "unreadable journal line")
         applier = _Applier(uri, experiment, timeout_s=request_timeout_s,
                            artifact_location=artifact_location)
-        applied, head_errors, backoff = 0, 0, 0.5
-        deadline = time.monotonic() + retry_for_s
+        policy = _Policy(0.5, 30.0, give_up_after=20)
+        applied, deadline = 0, time.monotonic() + retry_for_s
         try:
-            while (head := journal.head()) is not None:
-                op = _decode(head)
-                error, exc = _attempt(applier, op)
-                if error is None:
-                    applied += 1
-                elif error == REFUSED or (error == SERVER_ERROR and head_errors + 1 >= 20):
-                    drops.add(op or {"raw": head.decode("utf-8", "replace")[:2000]},
-                              _describe(exc) if exc else "refused")
-                else:
-                    head_errors += error == SERVER_ERROR
-                    if time.monotonic() + backoff > deadline:
-                        log.warning("MLflow at %s does not take writes (%s); %d write(s) stay "
-                                    "in %s", _redact(uri), _describe(exc) if exc else error,
-                                    journal.count, journal.path)
-                        break
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
+            while lines := journal.peek(_GROUP_OPS):
+                group = _front(lines, one=policy.one_by_one > 0)
+                verdict = policy.attempt(applier, group)
+                if verdict.drop_reason is not None:
+                    drops.add(group.ops[0] or _raw(group.lines[0]), verdict.drop_reason)
+                journal.pop(verdict.done)
+                applied += verdict.applied
+                if verdict.retry_in is None:
                     continue
-                journal.pop()
-                head_errors, backoff = 0, 0.5
+                if time.monotonic() + verdict.retry_in > deadline:
+                    log.warning("MLflow at %s does not take writes (%s); %d write(s) stay in %s",
+                                _redact(uri), verdict.error, journal.count, journal.path)
+                    break
+                time.sleep(verdict.retry_in)
         finally:
             journal.compact()
         return applied

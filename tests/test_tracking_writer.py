@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -508,3 +509,175 @@ def test_an_op_that_keeps_failing_with_500_is_given_up(tmp_path: Path) -> None:
     finally:
         writer.close(timeout_s=0.2)
         fake.stop()
+
+
+# ------------------------------------------------------------------ merged writes, the link
+
+
+class _CountingProxy:
+    """Forwards every request to a real MLflow server and records each (method, path, status,
+    JSON body); with ``down`` set it answers 503 itself, as a server that is away would."""
+
+    def __init__(self, upstream: str) -> None:
+        proxy = self
+        self.down = False
+        self.calls: list[tuple[str, str, int, Any]] = []
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else b""
+                status, data = 503, b'{"error_code": "TEMPORARILY_UNAVAILABLE"}'
+                if not proxy.down:
+                    status, data = self._upstream(body)
+                    with contextlib.suppress(ValueError):
+                        body = json.loads(body) if body else None
+                    with proxy.lock:
+                        proxy.calls.append((self.command, self.path.split("?")[0], status, body))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _upstream(self, body: bytes) -> tuple[int, bytes]:
+                request = urllib.request.Request(
+                    upstream + self.path, data=body if self.command != "GET" else None,
+                    method=self.command, headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        return answer.status, answer.read()
+                except urllib.error.HTTPError as err:
+                    return err.code, err.read()
+
+            do_GET = do_POST = do_PUT = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def log_batches(self) -> list[tuple[int, Any]]:
+        """(status, request body) of each log-batch call that reached the server."""
+        with self.lock:
+            return [(status, body) for _m, path, status, body in self.calls
+                    if path.endswith("/runs/log-batch")]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def proxy(server: MlflowServer) -> Iterator[_CountingProxy]:
+    server.ensure_running()
+    counting = _CountingProxy(server.uri)
+    try:
+        yield counting
+    finally:
+        counting.stop()
+
+
+def test_ops_are_grouped_by_run_up_to_one_calls_limits() -> None:
+    """What one attempt writes: consecutive metric/param/tag ops of one run; another run's
+    op, an ensure_run or a param's second value starts a new group."""
+    def lines(*ops: tw.Op) -> list[bytes]:
+        return [json.dumps(op).encode() for op in ops]
+
+    ops = lines(epoch(A, 1), tw.log_params(A, {"x": "1"}), tw.set_tags(A, {"t": "a"}),
+                epoch(A, 2), tw.set_tags(A, {"t": "b"}), epoch(B, 1))
+    group = tw._front(ops)
+    assert len(group.lines) == 5 and group.batch is not None
+    assert len(group.batch.metrics) == 4 and group.batch.tags == {"t": "b"}
+    assert len(tw._front(ops, one=True).lines) == 1
+    assert len(tw._front(lines(tw.ensure_run(A, name="a"), epoch(A, 1))).lines) == 1
+    conflict = lines(tw.log_params(A, {"x": "1"}), epoch(A, 1), tw.log_params(A, {"x": "2"}))
+    assert len(tw._front(conflict).lines) == 2
+    many = lines(*(tw.log_metrics(A, {"m": float(s)}, step=s) for s in range(1500)))
+    assert len(tw._front(many).lines) == 1000  # MLflow's 1000 metrics per call
+
+
+def test_a_drained_journal_becomes_few_log_batch_calls_within_mlflows_limits(
+        proxy: _CountingProxy, tmp_path: Path) -> None:
+    """1,207 journaled ops (1,200 epochs of one run, then another run's three) reach a real
+    server as five log-batch calls, each within MLflow's per-call limits, and all land."""
+    exp, journal = "merged", tmp_path / "journal"
+    ops = [tw.ensure_run(P, name="erm/Odd"),
+           tw.ensure_run(A, name="a", parent=P, params={"train.lr": 0.1}),
+           *(epoch(A, s) for s in range(1, 1201)), tw.set_tags(A, {"note": "done"}),
+           tw.set_terminated(A), tw.ensure_run(B, name="b", parent=P),
+           *(epoch(B, s) for s in (1, 2, 3))]
+    journal.mkdir()
+    (journal / "journal.jsonl").write_text("".join(json.dumps(op) + "\n" for op in ops))
+    assert tw.replay(proxy.uri, exp, journal) == len(ops)
+    calls = proxy.log_batches()
+    # A's params; A's 2,400 metric rows and its tag in three calls; B's six rows in one.
+    assert len(calls) == 5 and all(status == 200 for status, _ in calls)
+    for _status, body in calls:
+        assert len(body.get("metrics", [])) <= 1000 and len(body.get("params", [])) <= 100
+        assert len(body.get("tags", [])) <= 100
+    assert [len(body.get("metrics", [])) for _, body in calls] == [0, 1000, 1000, 400, 6]
+    runs = runs_by_key(proxy.uri, exp)
+    run_a, run_b = runs[key_str(A)][0], runs[key_str(B)][0]
+    assert history(proxy.uri, run_a, "val/avg_acc") == list(range(1, 1201))
+    assert history(proxy.uri, run_b, "train/loss") == [1, 2, 3]
+    assert run_a.data.tags["note"] == "done" and run_a.info.status == "FINISHED"
+
+
+def test_the_link_goes_down_and_up_and_the_outage_drains_as_one_call(
+        proxy: _CountingProxy, tmp_path: Path) -> None:
+    writer = tw.TrackingWriter(proxy.uri, "link", tmp_path / "journal", **FAST)
+    try:
+        assert writer.link is tw.Link.UP
+        writer.submit(tw.ensure_run(A, name="a"))
+        assert writer.flush(60) and writer.link is tw.Link.UP
+        proxy.down = True
+        for step in range(1, 31):
+            writer.submit(epoch(A, step))
+        wait_for(lambda: writer.status().journaled == 30, 60, "the epochs to be journaled")
+        assert writer.link is tw.Link.DOWN and writer.status().link == "down"
+        before = len(proxy.log_batches())
+        proxy.down = False
+        assert writer.flush(60)
+        assert writer.link is tw.Link.UP and writer.status().down_since is None
+        calls = proxy.log_batches()[before:]
+        assert [(status, len(body["metrics"])) for status, body in calls] == [(200, 60)]
+    finally:
+        writer.close(timeout_s=5)
+    assert writer.link is tw.Link.CLOSING
+    writer.submit(epoch(A, 31))  # after close: counted lost, never written
+    assert writer.status().lost == 1
+    run = runs_by_key(proxy.uri, "link")[key_str(A)][0]
+    assert history(proxy.uri, run, "train/loss") == list(range(1, 31))
+
+
+def test_a_merged_call_mlflow_refuses_is_retried_op_by_op(proxy: _CountingProxy,
+                                                          tmp_path: Path) -> None:
+    """A param's second value inside a merged call: MLflow refuses the call; the writer
+    writes its ops one at a time, drops only that one, and everything else lands."""
+    writer = tw.TrackingWriter(proxy.uri, "split", tmp_path / "journal", **FAST)
+    try:
+        writer.submit(tw.ensure_run(A, name="a", params={"train.lr": "0.1"}))
+        assert writer.flush(60)
+        proxy.down = True  # so the four ops wait in the journal and drain as one group
+        for op in (epoch(A, 1), tw.log_params(A, {"train.lr": "0.2"}), epoch(A, 2),
+                   tw.set_tags(A, {"x": "1"})):
+            writer.submit(op)
+        wait_for(lambda: writer.status().journaled == 4, 60, "the ops to be journaled")
+        before = len(proxy.log_batches())
+        proxy.down = False
+        assert writer.flush(60)
+        statuses = [status for status, _ in proxy.log_batches()[before:]]
+        assert statuses == [400, 200, 400, 200, 200]  # merged, then one by one
+        assert [d.op["op"] for d in writer.dropped] == ["log_params"]
+        assert "Changing param values is not allowed" in writer.dropped[0].reason
+        assert writer.status().applied == 1 + 3 and writer.link is tw.Link.UP
+    finally:
+        writer.close(timeout_s=5)
+    run = runs_by_key(proxy.uri, "split")[key_str(A)][0]
+    assert history(proxy.uri, run, "train/loss") == [1, 2]
+    assert run.data.params == {"train.lr": "0.1"} and run.data.tags["x"] == "1"
