@@ -27,8 +27,8 @@ MLflow's public API, all here: ``mlflow.utils.rest_utils.http_request``,
 (an object store it names), ``mlflow.store.artifact.artifact_repository_registry.
 get_artifact_repository``; the REST endpoints and their JSON are MLflow's documented REST API.
 ``tests/test_mlflow_adapter.py`` runs both backends against a real store and a real
-``mlflow server``; it passes with MLflow 2.16.0 (the oldest ``pyproject.toml`` admits) and the
-installed 3.x.
+``mlflow server``; it passes with MLflow 2.16.0 (the oldest ``pyproject.toml`` admits; it
+needs SQLAlchemy < 2.1 to open a SQL store at all) and with 3.17.
 """
 
 from __future__ import annotations
