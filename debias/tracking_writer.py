@@ -310,9 +310,12 @@ class _Applier:
                     self._experiment_id = self.backend.create_experiment(
                         self.experiment, self.artifact_location)
                     return self._experiment_id
-                except Exception as exc:  # another client created it in between?
+                except Exception as exc:
+                    if _classify(exc) != REFUSED:
+                        raise
+                    # Refused: another client may have created it in between.
                     found = self.backend.find_experiment(self.experiment)
-                    if found is None or _classify(exc) != REFUSED:
+                    if found is None:
                         raise
             if found.lifecycle_stage != "active":
                 raise _Refused(f"MLflow experiment {self.experiment!r} is deleted; "
