@@ -19,6 +19,7 @@ from pathlib import Path
 
 from scipy.stats import t as student_t
 
+from debias.display import format_config
 from debias.spec import LABEL_FREE_METRICS
 from debias.tracking import Tracker
 
@@ -186,7 +187,7 @@ def _delta(stat: Stat, paired_with: str = "") -> str:
 
 
 def _cells(row: Row) -> tuple[str, ...]:
-    config = ", ".join(f"{k}={v}" for k, v in sorted(row.best_params.items())) or "(file values)"
+    config = format_config(row.best_params) or "(file values)"
     score = "n/a" if math.isnan(row.val_score) else f"{100 * row.val_score:.1f}"
     select = f"val ({row.selection})" if row.selection_reads_bias else f"none ({row.selection})"
     return (row.target, row.bias, row.method, str(row.test_wga.n), score, str(row.test_wga),

@@ -24,6 +24,7 @@ from debias.annotation_page import (
     start_annotation_server,
     stop_annotation_server,
 )
+from debias.commands import interpreter
 from debias.slim.annotations import (
     AnnotationError,
     read_annotations,
@@ -315,12 +316,13 @@ def test_the_printed_commands_carry_every_override_quoted(tmp_path: Path) -> Non
                  "search.space={slim.curated_size: {int: [60, 180]}}", "name=it's mine"]
     command = sweep_command("sweeps/slim synthetic.yaml", overrides, csv_path)
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "launch.py", "sweeps/slim synthetic.yaml"]
+    python = interpreter()  # the interpreter running this, as a person would type it here
+    assert argv[:3] == [python, "launch.py", "sweeps/slim synthetic.yaml"]
     assert argv[3:] == [a for o in [*overrides, f"slim.annotations={csv_path}"]
                         for a in ("--set", o)]
     given = [*overrides, f"slim.annotations = {csv_path}"]  # already set: not twice
     assert shlex.split(sweep_command("s.yaml", given, csv_path))[3:] == [
         a for o in given for a in ("--set", o)]
     again = shlex.split(annotate_command("s.yaml", overrides))
-    assert again == ["python", "launch.py", "s.yaml",
+    assert again == [python, "launch.py", "s.yaml",
                      *(a for o in overrides for a in ("--set", o)), "--annotate"]
