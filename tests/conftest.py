@@ -31,6 +31,19 @@ def ray_local():
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that pins torch's thread count (for exact numbers) leaves it as it found it:
+    CPU results depend on the number of threads, so a leaked count would change the numbers
+    of every later test in the process (and make them differ between a run of one file and
+    the suite)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _ray_local_released(request: pytest.FixtureRequest):
     """After a test on the shared local Ray: every CPU must come back. What still holds one
     (an actor or placement group a sweep left behind) is named in a warning and removed, so
