@@ -63,6 +63,10 @@ class ClaimRefused(RuntimeError):
     """Another sweep holds the experiment, or its runs belong to another sweep."""
 
 
+#: Seconds one refresh or release of a claim may take (a single attempt).
+QUICK_S = 10.0
+
+
 def _stale_after() -> float:
     return float(os.environ.get("DEBIAS_CLAIM_STALE_S", 120))
 
@@ -114,10 +118,19 @@ class _Entry:
 
 
 class Claim:
-    """A held claim: refreshed by a thread until :meth:`release`."""
+    """A held claim: refreshed by a thread until :meth:`release`.
 
-    def __init__(self, client: Any, experiment_id: str, key: str, data: dict[str, Any]) -> None:
+    The refresh and the release go through :func:`debias.mlflow_adapter.connect` (one
+    attempt per request, at most :data:`QUICK_S` seconds): a tracking server that is down
+    when the sweep ends must not hold the driver in MLflow's own retries (minutes) for a tag
+    that goes stale by itself (a dead process's claim is not live, see :func:`_live`)."""
+
+    def __init__(self, client: Any, experiment_id: str, key: str, data: dict[str, Any],
+                 uri: str) -> None:
+        from debias.mlflow_adapter import connect
+
         self.client = client
+        self.store = connect(uri, QUICK_S)
         self.experiment_id = experiment_id
         self.key = key
         self.data = data
@@ -127,12 +140,12 @@ class Claim:
 
     def _write(self) -> None:
         self.data["heartbeat"] = time.time()
-        self.client.set_experiment_tag(self.experiment_id, self.key, json.dumps(self.data))
+        self.store.set_experiment_tag(self.experiment_id, self.key, json.dumps(self.data))
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                tag = self.client.get_experiment(self.experiment_id).tags.get(self.key)
+                tag = self.store.experiment_tags(self.experiment_id).get(self.key)
                 if not tag:
                     log.error("the claim of this sweep on its MLflow experiment was removed "
                               "(another process took it as stale?); another sweep of this "
@@ -148,7 +161,7 @@ class Claim:
             return
         self._stop.set()
         with contextlib.suppress(Exception):
-            self.client.delete_experiment_tag(self.experiment_id, self.key)
+            self.store.delete_experiment_tag(self.experiment_id, self.key)
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
@@ -226,7 +239,7 @@ def claim_experiment(uri: str, name: str, storage: Path) -> Claim:
             rivals = [e for e in entries if e.key != key and _live(e, time.time(), me)]
             if not rivals:
                 me["state"] = "held"
-                claim = Claim(client, experiment_id, key, me)
+                claim = Claim(client, experiment_id, key, me, uri)
                 claim._write()
                 return claim
             with contextlib.suppress(Exception):

@@ -1,6 +1,7 @@
 """MLflow as the tracking writer reaches it: the one module an MLflow release can break.
 
-:mod:`debias.tracking_writer` needs a few things MLflow's public client does not give:
+:mod:`debias.tracking_writer` (and a sweep's claim refreshing its experiment tag,
+:mod:`debias.claim`) need a few things MLflow's public client does not give:
 
 - **One attempt per request, with a short timeout, over HTTP.** ``MlflowClient`` retries a
   request for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, with a 2 s backoff
@@ -298,6 +299,12 @@ class Backend(Protocol):
 
     def upload_artifact(self, run_id: str, local: Path, folder: str | None) -> None: ...
 
+    def experiment_tags(self, experiment_id: str) -> dict[str, str]: ...
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None: ...
+
+    def delete_experiment_tag(self, experiment_id: str, key: str) -> None: ...
+
 
 def connect(uri: str, timeout_s: float) -> Backend:
     """The backend for ``uri``: MLflow's REST API, one attempt of at most ``timeout_s`` per
@@ -370,6 +377,15 @@ class _ClientBackend:
 
     def upload_artifact(self, run_id: str, local: Path, folder: str | None) -> None:
         self.client.log_artifact(run_id, str(local), folder)
+
+    def experiment_tags(self, experiment_id: str) -> dict[str, str]:
+        return dict(self.client.get_experiment(experiment_id).tags)
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self.client.set_experiment_tag(experiment_id, key, value)
+
+    def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        self.client.delete_experiment_tag(experiment_id, key)
 
 
 def _host_creds(uri: str) -> Any:
@@ -542,3 +558,16 @@ class _RestBackend:
         with open(local, "rb") as handle:
             self._call("PUT", f"{_ARTIFACTS}/{path}", host=base, data=handle,
                        extra_headers={"Content-Type": mime})
+
+    def experiment_tags(self, experiment_id: str) -> dict[str, str]:
+        found = self._call("GET", f"{_API}/experiments/get",
+                           {"experiment_id": experiment_id})["experiment"]
+        return _pairs(found.get("tags", ()))
+
+    def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        self._call("POST", f"{_API}/experiments/set-experiment-tag",
+                   {"experiment_id": experiment_id, "key": key, "value": value})
+
+    def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        self._call("POST", f"{_API}/experiments/delete-experiment-tag",
+                   {"experiment_id": experiment_id, "key": key})

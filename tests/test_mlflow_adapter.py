@@ -145,6 +145,13 @@ def test_a_backend_does_what_the_writer_asks(store: tuple[ma.Backend, str | None
     assert backend.artifact_sizes(first.run_id, "plots") == {"a.txt": 5}
     assert backend.artifact_sizes(first.run_id, None) == {"a.txt": 5}  # not the folder
 
+    # Experiment tags (a sweep's claim): set, read, replaced, deleted.
+    backend.set_experiment_tag(created, "debias.claim.x", '{"pid": 1}')
+    backend.set_experiment_tag(created, "debias.claim.x", '{"pid": 2}')
+    assert backend.experiment_tags(created)["debias.claim.x"] == '{"pid": 2}'
+    backend.delete_experiment_tag(created, "debias.claim.x")
+    assert "debias.claim.x" not in backend.experiment_tags(created)
+
 
 def test_the_rest_backend_uses_mlflows_documented_rest_api(
         request: pytest.FixtureRequest) -> None:
