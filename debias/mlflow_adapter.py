@@ -28,8 +28,9 @@ MLflow's public API, all here: ``mlflow.utils.rest_utils.http_request``,
 (an object store it names), ``mlflow.store.artifact.artifact_repository_registry.
 get_artifact_repository``; the REST endpoints and their JSON are MLflow's documented REST API.
 ``tests/test_mlflow_adapter.py`` runs both backends against a real store and a real
-``mlflow server``; it passes with MLflow 2.16.0 (the oldest ``pyproject.toml`` admits; it
-needs SQLAlchemy < 2.1 to open a SQL store at all) and with 3.17.
+``mlflow server``; it passes with MLflow 3.17 (the oldest ``pyproject.toml`` admits, the
+version the whole suite runs) and, before the experiment-tag calls, passed with 2.16.0 under
+SQLAlchemy < 2.1 (2.16 cannot open a SQL store with SQLAlchemy 2.1, so it is not admitted).
 """
 
 from __future__ import annotations
