@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -171,35 +171,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    redaction.install(args.tracking_uri)
+def _usage_errors(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that do not go together (argparse exits with the message)."""
     if (args.status is not None or args.submit) and not args.address:
         parser.error("--status and --submit need --address (the head's dashboard, e.g. "
                      "http://127.0.0.1:8265)")
-    if args.status is not None:
-        return _status(args.status, args.address)
-    if args.schema:
-        from debias.schema import schema_json
-
-        print(schema_json(), end="")
-        return 0
-    if args.write_dataset is not None:
-        from debias.data.export_layouts import write_dataset_command
-
-        return write_dataset_command(*args.write_dataset, images=args.images,
-                                     size=args.image_size)
-    if args.compare is not None and args.sweep is None:
-        return _compare(args.compare, args.tracking_uri, Path("debias_results"))
-    if args.sweep is None:
+    if args.sweep is None and args.status is None and not args.schema \
+            and args.write_dataset is None and args.compare is None:
         parser.error("the sweep file is required (except with --status NAME, --schema or "
                      "--compare NAME ...)")
     if args.ui and args.annotate:
         parser.error("--ui and --annotate are separate commands; pass one")
     if args.port is not None and not (args.ui or args.annotate):
         parser.error("--port goes with --ui or --annotate")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from debias.schema import schema_json
+
+    print(schema_json(), end="")
+    return 0
+
+
+def _write_dataset(args: argparse.Namespace) -> int:
+    from debias.data.export_layouts import write_dataset_command
+
+    return write_dataset_command(*args.write_dataset, images=args.images, size=args.image_size)
+
+
+#: Commands that need no sweep file, by the flag that asks for one, first match wins.
+_FILELESS: tuple[tuple[Callable[[argparse.Namespace], bool],
+                       Callable[[argparse.Namespace], int]], ...] = (
+    (lambda a: a.status is not None, lambda a: _status(a.status, a.address)),
+    (lambda a: a.schema, _schema),
+    (lambda a: a.write_dataset is not None, _write_dataset),
+    (lambda a: a.compare is not None and a.sweep is None,
+     lambda a: _compare(a.compare, a.tracking_uri, Path("debias_results"))),
+)
+
+#: Commands on a loaded sweep file, by their flag, first match wins; without one the sweep
+#: runs (or --report / --dry-run / --submit, see :func:`_run`).
+_ON_SWEEP: tuple[tuple[str, Callable[[Spec, argparse.Namespace], int]], ...] = (
+    ("compare", lambda spec, a: _compare(a.compare, spec.tracking_uri, spec.storage)),
+    ("export", lambda spec, a: _export(spec, Path(a.export))),
+    ("sync", lambda spec, a: _sync(spec)),
+    ("ui", lambda spec, a: _ui(spec, a.port)),
+    ("annotate", lambda spec, a: _method_command(spec, "annotate", a)),
+)
+
+
+def _load(args: argparse.Namespace) -> Spec | None:
+    """The sweep file with its overrides, its tracking URI's masked credentials filled in
+    from the environment; None with the error printed."""
     # A driver submitted as a Ray Job resolves relative paths against the head's workdir.
     workdir = os.environ.get(REMOTE_WORKDIR_ENV)
     cwd = Path(workdir).expanduser() if workdir else None
@@ -208,21 +231,34 @@ def _main(argv: Sequence[str] | None = None) -> int:
         uri, note = redaction.unmask_uri(spec.tracking_uri)
     except (SpecError, redaction.MaskedCredentials) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None
     spec.config["tracking"]["uri"] = uri
     redaction.install(uri)
     if note:
         print(note, file=sys.stderr)
-    if args.compare is not None:
-        return _compare(args.compare, spec.tracking_uri, spec.storage)
-    if args.export is not None:
-        return _export(spec, Path(args.export))
-    if args.sync:
-        return _sync(spec)
-    if args.ui:
-        return _ui(spec, args.port)
-    if args.annotate:
-        return _annotate(spec, args)
+    return spec
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redaction.install(args.tracking_uri)
+    _usage_errors(parser, args)
+    for asked, command in _FILELESS:
+        if asked(args):
+            return command(args)
+    spec = _load(args)
+    if spec is None:
+        return 2
+    for flag, on_sweep in _ON_SWEEP:
+        if getattr(args, flag) not in (None, False):
+            return on_sweep(spec, args)
+    return _run(spec, args)
+
+
+def _run(spec: Spec, args: argparse.Namespace) -> int:
+    """The sweep itself (or its --report, --submit, --dry-run): the plan, then the runs."""
     from debias.environment import EnvironmentProblem, check_dataset_memory
 
     try:  # before the plan, which may already read (generate) the data
@@ -230,7 +266,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except EnvironmentProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from debias.preflight import PreflightFailed, preflight
+    from debias.preflight import PreflightFailed
     from debias.sweep import SweepError, SweepInterrupted, describe_plan
 
     try:
@@ -240,40 +276,48 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.submit:
             return _submit(spec, args)
         if args.dry_run:
-            preflight(spec, dry_run=True, resume=args.resume)
-            from debias.cache_space import check_decoded_space
-            from debias.estimate import estimate_line
-
-            check_decoded_space(spec)  # this machine's disk (a run checks every node's)
-            print(estimate_line(spec, args.images_per_s, num_cpus=args.num_cpus), flush=True)
-            print("dry run: the sweep file and the data are valid; nothing was run.")
-            return 0
-        from debias.sweep import run_sweep
-
-        if args.verbose:
-            os.environ["DEBIAS_VERBOSE"] = "1"
-        outcome = run_sweep(spec, address=args.address, resume=args.resume,
-                            num_cpus=args.num_cpus, retry_failed=args.retry_failed)
-        if outcome.pending_writes:
-            print(f"\nthe sweep ran every trial, but the MLflow tracking server did not take "
-                  f"{outcome.pending_writes} write(s); they are journaled in "
-                  f"{outcome.journal}. Once it answers, upload them with "
-                  f"`{sweep_command(spec, '--sync')}` (or --resume); the report follows.",
-                  file=sys.stderr)
-            return 3
-        if outcome.dropped:
-            print(f"\n{_dropped_hint(spec, outcome.dropped, outcome.journal)}",
-                  file=sys.stderr)
-        code = _report(spec, log_artifacts=True)
-        if outcome.dropped and code:
-            print(_dropped_hint(spec, outcome.dropped, outcome.journal), file=sys.stderr)
-        return code
+            return _dry_run(spec, args)
+        return _sweep(spec, args)
     except SweepInterrupted as exc:
         print(f"\ninterrupted: {exc}", file=sys.stderr)
         return 130
     except (SweepError, PreflightFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _dry_run(spec: Spec, args: argparse.Namespace) -> int:
+    from debias.cache_space import check_decoded_space
+    from debias.estimate import estimate_line
+    from debias.preflight import preflight
+
+    preflight(spec, dry_run=True, resume=args.resume)
+    check_decoded_space(spec)  # this machine's disk (a run checks every node's)
+    print(estimate_line(spec, args.images_per_s, num_cpus=args.num_cpus), flush=True)
+    print("dry run: the sweep file and the data are valid; nothing was run.")
+    return 0
+
+
+def _sweep(spec: Spec, args: argparse.Namespace) -> int:
+    from debias.sweep import run_sweep
+
+    if args.verbose:
+        os.environ["DEBIAS_VERBOSE"] = "1"
+    outcome = run_sweep(spec, address=args.address, resume=args.resume,
+                        num_cpus=args.num_cpus, retry_failed=args.retry_failed)
+    if outcome.pending_writes:
+        print(f"\nthe sweep ran every trial, but the MLflow tracking server did not take "
+              f"{outcome.pending_writes} write(s); they are journaled in "
+              f"{outcome.journal}. Once it answers, upload them with "
+              f"`{sweep_command(spec, '--sync')}` (or --resume); the report follows.",
+              file=sys.stderr)
+        return 3
+    if outcome.dropped:
+        print(f"\n{_dropped_hint(spec, outcome.dropped, outcome.journal)}", file=sys.stderr)
+    code = _report(spec, log_artifacts=True)
+    if outcome.dropped and code:
+        print(_dropped_hint(spec, outcome.dropped, outcome.journal), file=sys.stderr)
+    return code
 
 
 def _dropped_hint(spec: Spec, dropped: int, journal: Path) -> str:
@@ -315,10 +359,22 @@ def _ui(spec: Spec, port: int | None) -> int:
     return run_ui(spec.tracking_uri, spec.name, port)
 
 
-def _annotate(spec: Spec, args: argparse.Namespace) -> int:
-    from debias.annotate import run_annotate
+def _method_command(spec: Spec, command: str, args: argparse.Namespace) -> int:
+    """``--<command>`` of a method of the sweep (:attr:`Method.commands`), e.g. SLIM's
+    ``--annotate``: the CLI knows no method, it asks the sweep's."""
+    import importlib
 
-    return run_annotate(spec, args.sweep, args.overrides, args.port)
+    from debias.methods import resolve_method
+
+    for name in spec.methods:
+        target = resolve_method(name).commands.get(command)
+        if target:
+            module, _, function = target.partition(":")
+            run = getattr(importlib.import_module(module), function)
+            return int(run(spec, args.sweep, args.overrides, args.port))
+    print(f"error: --{command} is a command of a method this sweep does not run; sweep "
+          f"{spec.name!r} runs {', '.join(spec.methods)}", file=sys.stderr)
+    return 1
 
 
 def _open_tracker(uri: str, name: str) -> Any:
@@ -350,7 +406,7 @@ def _open_tracker(uri: str, name: str) -> Any:
 
 
 def _report(spec: Spec, log_artifacts: bool) -> int:
-    from debias.plots import sweep_plots
+    from debias.plots import SWEEP_FIGURES, safe_name, sweep_plots
     from debias.report import collect, render_text, row_metrics, starved_notes, write_report
 
     tracker = _open_tracker(spec.tracking_uri, spec.name)
@@ -378,8 +434,8 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
             tracker.log_metrics(row.parent_id, {k: round(v, 4)
                                                 for k, v in row_metrics(row).items()})
             name = parents[row.parent_id].info.run_name if row.parent_id in parents else ""
-            mine = [p for stem, p in plots.items() if not stem.startswith(
-                ("group_accuracy_", "cluster_purity_")) or stem.endswith(f"_{_stem(name)}")]
+            mine = [p for stem, p in plots.items()
+                    if stem in SWEEP_FIGURES or stem.endswith(f"_{safe_name(name)}")]
             for path in (md, csv_path, *mine):
                 tracker.log_artifact(row.parent_id, path)
         if spec.is_study:
@@ -396,12 +452,6 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
             print(f"MLflow runs table, on the comparison: "
                   f"{server_comparison_url(spec.tracking_uri, spec.name)}")
     return 0
-
-
-def _stem(name: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "_"
 
 
 def report_notes(spec: Spec) -> list[str]:

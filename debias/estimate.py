@@ -177,23 +177,18 @@ def _sizes(data: GroupedDataset) -> dict[str, int]:
     return {s: len(data.view(s)) for s in ("train", "val", "test")}
 
 
-def _stage_seconds(request: Any, config: dict[str, Any], n: dict[str, int],
-                   rates: Rates) -> tuple[float, float]:
-    """(seconds, training images) of one stage computation."""
-    evaluated = (n["val"] + n["test"]) / rates.eval
-    if request.stage == "reference":
-        epochs = request.kwargs.get("epochs") or config["reference"]["epochs"]
-        return epochs * (n["train"] / rates.train + evaluated), epochs * n["train"]
-    if request.stage == "features":
-        splits = request.kwargs.get("splits") or ("train", "val", "test")
-        return sum(n[s] for s in splits) / rates.eval, 0.0
-    if request.stage == "gradcam":
-        split = "val" if (config.get("slim") or {}).get("retrain") == "last_layer" else "train"
-        return n[split] / rates.train, 0.0
-    if request.stage == "jtt_errors" and not request.after:  # trains its own model first
-        epochs = (config.get("jtt") or {}).get("epochs_id") or 1
-        return epochs * n["train"] / rates.train + n["train"] / rates.eval, epochs * n["train"]
-    return sum(n.values()) / rates.eval, 0.0
+def _stage_seconds(request: Any, n: dict[str, int], rates: Rates) -> tuple[float, float]:
+    """(seconds, training images) of one stage computation, from the work its requester
+    declared (:attr:`StageRequest.work`; none declared: one evaluation pass over every split).
+    A ``train`` or ``backward`` pass costs a training step per image; training images count
+    the ``train`` passes only (a reference or identification model's epochs)."""
+    work = request.work or tuple(("eval", s, 1.0) for s in n)
+    seconds = trained = 0.0
+    for kind, split, passes in work:
+        seconds += passes * n[split] / (rates.eval if kind == "eval" else rates.train)
+        if kind == "train":
+            trained += passes * n[split]
+    return seconds, trained
 
 
 def estimate(spec: Spec, rates: Rates, slots: int) -> Estimate:
@@ -228,7 +223,7 @@ def estimate(spec: Spec, rates: Rates, slots: int) -> Estimate:
                 config = with_params(base, {"seed": seed})
                 seed_s = 0.0
                 for request in cls.shared_stages(config, data):
-                    seconds, images = _stage_seconds(request, config, n, rates)
+                    seconds, images = _stage_seconds(request, n, rates)
                     seed_s += seconds + TRIAL_OVERHEAD_S
                     if request.key in seen:
                         continue

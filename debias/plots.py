@@ -3,8 +3,9 @@
 The table says which config won and by how much; these figures say why one can trust it:
 whether the seed spread is small next to the gaps between methods (test WGA), whether the
 search found a plateau or a lucky spike (metric against each hyperparameter), which group the
-worst-group number comes from (per-group accuracy), and for ClusterFix whether the clusters
-found the bias attribute at all (purity).
+worst-group number comes from (per-group accuracy); a method adds its own (ClusterFix:
+whether its clusters found the bias attribute at all, drawn in its module with the helpers
+here).
 
 Each figure explains itself without the README: one colour per method everywhere (the same
 method has the same colour in every figure of a sweep) and a legend, axis labels with units,
@@ -44,19 +45,26 @@ from debias.tracking import Tracker
 __all__ = [
     "CI_CAPTION",
     "SELECTION_METRIC",
+    "SWEEP_FIGURES",
     "TargetRuns",
+    "caption",
     "draw_sweep",
     "load_target_runs",
     "method_colors",
-    "plot_cluster_purity",
+    "new_figure",
     "plot_group_accuracy",
     "plot_metric_vs_params",
     "plot_test_wga",
     "read_png_data",
+    "safe_name",
+    "save_figure",
+    "set_title",
     "sweep_plots",
-    "weighted_purity",
 ]
 
+#: The figures of the whole sweep; every other stem is one pipeline's, ending in
+#: ``_<pipeline>`` (:func:`safe_name` of its parent run's name).
+SWEEP_FIGURES = ("test_wga", "metric_vs_params")
 #: What every trial logs as the value its search metric took at the selected epoch.
 SELECTION_METRIC = "selected/score"
 TEST_WGA = "test/worst_group_acc"
@@ -74,14 +82,14 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 # ---------------------------------------------------------------------------- small helpers
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure on its own Agg canvas (see the module docstring for why not pyplot)."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path | str, drawn: Any) -> Path:
+def save_figure(fig: Figure, path: Path | str, drawn: Any) -> Path:
     """Write the PNG with what it draws embedded, so the file alone can be verified."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +117,7 @@ def _spread(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _set_title(ax: Axes, text: str) -> None:
+def set_title(ax: Axes, text: str) -> None:
     """Wrap a long title to the axes' width, so a long target name is not cut off."""
     width_in = ax.get_figure().get_figwidth()
     ax.set_title(textwrap.fill(text, width=max(20, int(width_in * 9))), fontsize="medium")
@@ -135,7 +143,7 @@ def _is_accuracy(metric: str) -> bool:
     return "acc" in metric.rsplit("/", 1)[-1]
 
 
-def _caption(fig: Figure, text: str) -> None:
+def caption(fig: Figure, text: str) -> None:
     """What the marks mean, under the figure (laid out with it, so never cut off)."""
     fig.supxlabel(textwrap.fill(text, width=max(40, int(fig.get_figwidth() * 13))),
                   fontsize="small", color="0.3")
@@ -175,7 +183,7 @@ def _as_numbers(values: Sequence[Any]) -> list[float] | None:
     return out
 
 
-def _safe_name(text: str) -> str:
+def safe_name(text: str) -> str:
     """A target name as a file-name part (attribute names are plain, but be sure)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "_"
 
@@ -204,7 +212,7 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
     targets = sorted({target for target, _ in data})
     methods = _ordered_methods(method for _, method in data)
     colors = method_colors(methods)
-    fig = _new_figure(max(5.5, 3.0 + (0.6 + 0.5 * len(methods)) * len(targets)), 4.0)
+    fig = new_figure(max(5.5, 3.0 + (0.6 + 0.5 * len(methods)) * len(targets)), 4.0)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(methods))
     drawn = []
@@ -228,14 +236,14 @@ def plot_test_wga(runs_by_target_method: Mapping[tuple[str, str], Sequence[float
     ax.set_xticks(range(len(targets)), targets)
     ax.set_xlabel("target attribute")
     ax.set_ylabel("test worst-group accuracy (%)")
-    _set_title(ax, "Test worst-group accuracy of each method's best config")
+    set_title(ax, "Test worst-group accuracy of each method's best config")
     _as_percent(ax)
     if methods:
         fig.legend(title="method", loc="outside right upper")
     seeds = sorted({len(v) for v in data.values()})
-    _caption(fig, f"bars: mean over {'/'.join(map(str, seeds)) or 0} seed(s); dots: each seed; "
+    caption(fig, f"bars: mean over {'/'.join(map(str, seeds)) or 0} seed(s); dots: each seed; "
                   + CI_CAPTION)
-    _save(fig, path, drawn)
+    save_figure(fig, path, drawn)
     return fig
 
 
@@ -320,7 +328,7 @@ def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: 
     markers = {g: MARKERS[i % len(MARKERS)] for i, g in enumerate(targets)}
     ncols = min(3, max(1, len(params)))
     nrows = max(1, math.ceil(len(params) / ncols))
-    fig = _new_figure(4.2 * ncols + 1.6, 3.4 * nrows + 0.9)
+    fig = new_figure(4.2 * ncols + 1.6, 3.4 * nrows + 0.9)
     axes = _panel_grid(fig, len(params))
     drawn: dict[str, Any] = {"metric": metric, "params": {}}
     percent = _is_accuracy(metric)
@@ -340,9 +348,9 @@ def plot_metric_vs_params(trials: Sequence[Mapping[str, Any]], searched_params: 
         fig.legend(handles=handles, title="method", loc="outside right upper")
     fig.suptitle(f"Search: {metric} (validation, the selection metric) per searched "
                  "hyperparameter")
-    _caption(fig, "each point: one search trial (search seed), at the epoch its selection "
+    caption(fig, "each point: one search trial (search seed), at the epoch its selection "
                   "metric chose; a panel shows only the methods that search its key")
-    _save(fig, path, drawn)
+    save_figure(fig, path, drawn)
     return fig
 
 
@@ -374,7 +382,7 @@ def plot_group_accuracy(group_acc: Mapping[Any, Sequence[float]], path: Path | s
     base = method_colors([method])[method] if method else "C0"
     colors = ["C3" if i == worst else base for i in range(len(groups))]
     labels = [_group_label(g, target, bias) for g in groups]
-    fig = _new_figure(max(5.5, 2.5 + 1.3 * len(groups)), 4.0)
+    fig = new_figure(max(5.5, 2.5 + 1.3 * len(groups)), 4.0)
     ax = fig.add_subplot()
     several = any(len(data[g]) > 1 for g in groups)
     bars = ax.bar(range(len(groups)), means, 0.7, yerr=cis if several else None, capsize=3,
@@ -387,7 +395,7 @@ def plot_group_accuracy(group_acc: Mapping[Any, Sequence[float]], path: Path | s
     ax.set_xticks(range(len(groups)), [label.replace(", ", "\n") for label in labels])
     ax.set_xlabel(f"group: target {target} (y) and bias attribute {bias} (a)")
     ax.set_ylabel("test accuracy (%)")
-    _set_title(ax, title)
+    set_title(ax, title)
     _as_percent(ax)
     if groups:
         fig.legend(handles=[Patch(color="C3", alpha=0.8,
@@ -395,71 +403,11 @@ def plot_group_accuracy(group_acc: Mapping[Any, Sequence[float]], path: Path | s
                             Patch(color=base, alpha=0.8, label="other groups")],
                    loc="outside right upper", fontsize="small")
     n = sorted({len(data[g]) for g in groups})
-    _caption(fig, f"bars: mean over {'/'.join(map(str, n)) or 0} seed(s)"
+    caption(fig, f"bars: mean over {'/'.join(map(str, n)) or 0} seed(s)"
                   + ("; dots: each seed; " + CI_CAPTION if several else " (no error bars)"))
-    _save(fig, path, [{"group": _group_label(g), "mean": m, "std": s, "ci95": c,
+    save_figure(fig, path, [{"group": _group_label(g), "mean": m, "std": s, "ci95": c,
                        "values": data[g]}
                       for g, m, s, c in zip(groups, means, stds, cis, strict=True)])
-    return fig
-
-
-# ---------------------------------------------------------------------------- 4. clusters
-
-
-def weighted_purity(sizes: Mapping[int, float], purity: Mapping[int, float]) -> float:
-    """Size-weighted mean purity, as ClusterFix logs `clusterfix/mean_purity`: empty clusters
-    (no purity) weigh nothing; NaN when there is nothing to weigh."""
-    total = sum(sizes.values())
-    if total <= 0:
-        return math.nan
-    return sum(sizes[c] * purity[c] for c in sizes
-               if c in purity and math.isfinite(purity[c])) / total
-
-
-def plot_cluster_purity(sizes: Mapping[int, float], purity: Mapping[int, float],
-                        path: Path | str, title: str = "ClusterFix cluster purity",
-                        clusters_per_class: int | None = None) -> Figure:
-    """Per ClusterFix cluster, its purity against the bias attribute (share of its majority
-    bias value), annotated with its size, and a line at the size-weighted mean purity: near 1
-    means the pseudo-groups found the bias; near the bias's base rate means they did not.
-
-    Clusters are numbered class by class (``k`` per target class); give
-    ``clusters_per_class`` to colour them by the class they split. The mean line has gid
-    ``weighted_mean``."""
-    clusters = sorted(set(sizes) | set(purity))
-    heights = [purity.get(c, math.nan) for c in clusters]
-    heights = [h if math.isfinite(h) else 0.0 for h in heights]
-    counts = [sizes.get(c, 0.0) for c in clusters]
-    classes = [c // clusters_per_class if clusters_per_class else 0 for c in clusters]
-    fig = _new_figure(max(4.0, 1.5 + 0.45 * len(clusters)), 3.6)
-    ax = fig.add_subplot()
-    bars = ax.bar(range(len(clusters)), heights, 0.8, color=[f"C{k}" for k in classes],
-                  alpha=0.8)
-    for bar, cluster, count in zip(bars, clusters, counts, strict=True):
-        bar.set_gid(f"cluster {cluster}")
-        ax.annotate(f"n={count:g}" if count else "empty", (bar.get_x() + bar.get_width() / 2,
-                    bar.get_height()), xytext=(0, 2), textcoords="offset points",
-                    ha="center", va="bottom", fontsize="x-small", rotation=90)
-    mean = weighted_purity(dict(zip(clusters, counts, strict=True)), purity)
-    handles: list[Any] = []
-    if math.isfinite(mean):
-        handles.append(ax.axhline(mean, color="black", linestyle="--", linewidth=1,
-                                  gid="weighted_mean", label=f"size-weighted mean {mean:.2f}"))
-    if clusters_per_class:
-        handles += [Patch(color=f"C{k}", alpha=0.8, label=f"clusters of target class {k}")
-                    for k in sorted(set(classes))]
-    if handles:
-        ax.legend(handles=handles, loc="lower right", fontsize="small")
-    ax.set_xticks(range(len(clusters)), [str(c) for c in clusters])
-    ax.set_xlabel("cluster" + (" (coloured by the target class it splits)"
-                               if clusters_per_class else ""))
-    ax.set_ylabel("purity w.r.t. the bias attribute")
-    ax.set_ylim(0.0, 1.15)
-    _set_title(ax, title)
-    _caption(fig, "purity: the share of a cluster's training images that have its most "
-                  "common bias value (1 = the cluster is one bias group); n: images in it")
-    _save(fig, path, {"clusters": clusters, "sizes": counts, "purity": heights,
-                      "weighted_mean": mean})
     return fig
 
 
@@ -541,33 +489,17 @@ def _group_accuracy(runs: Sequence[Any]) -> dict[Any, list[float]]:
     return out
 
 
-#: A method's per-cluster metrics: ``<method>/cluster_size/<c>`` and ``.../cluster_purity/<c>``
-#: (any method that partitions the training set may log them; ClusterFix does).
-_CLUSTER_METRIC = re.compile(r"^(\w+)/cluster_(size|purity)/(\d+)$")
-
-
-def _per_cluster(metrics: Mapping[str, float], kind: str) -> dict[int, float]:
-    return {int(m.group(3)): v for k, v in metrics.items()
-            if (m := _CLUSTER_METRIC.match(k)) and m.group(2) == kind}
-
-
-def _clusters_per_class(run: Any) -> int | None:
-    """k of a run that logs clusters, from its ``<method>.k`` param (if it has one)."""
-    owner = next((m.group(1) for k in run.data.metrics if (m := _CLUSTER_METRIC.match(k))), "")
-    k = run.data.params.get(f"{owner}.k", "")
-    return int(k) if k.isdigit() and int(k) > 0 else None
-
-
 def draw_sweep(tracker: Tracker, folder: Path | str,
                log_params: Collection[str] | None = None) -> dict[str, tuple[Path, Figure]]:
     """Write the sweep's figures into ``folder`` from MLflow alone, like ``--report``;
     returns {file stem: (path, figure)}.
 
-    Stems: ``test_wga``, ``metric_vs_params``, ``group_accuracy_<pipeline>``,
-    ``cluster_purity_<pipeline>`` (methods that log clusters). A figure with no data yet (no
-    finished seed runs, no searched params, no cluster metrics) is skipped rather than drawn
-    empty. ``log_params``: the keys the search sampled on a log scale (the sweep file's
-    ``log: true``); None (``--compare``, no file at hand) decides from the values."""
+    Stems: ``test_wga``, ``metric_vs_params``, ``group_accuracy_<pipeline>``, and each
+    method's own (:meth:`Method.figures`: ``cluster_purity_<pipeline>`` for ClusterFix). A
+    figure with no data yet (no finished seed runs, no searched params, no cluster metrics)
+    is skipped rather than drawn empty. ``log_params``: the keys the search sampled on a log
+    scale (the sweep file's ``log: true``); None (``--compare``, no file at hand) decides
+    from the values."""
     folder = Path(folder)
     targets = load_target_runs(tracker)
     written: dict[str, tuple[Path, Figure]] = {}
@@ -588,19 +520,24 @@ def draw_sweep(tracker: Tracker, folder: Path | str,
     for t in targets:
         groups = _group_accuracy(t.seeds)
         if groups:
-            emit(f"group_accuracy_{_safe_name(t.key)}", plot_group_accuracy, groups,
+            emit(f"group_accuracy_{safe_name(t.key)}", plot_group_accuracy, groups,
                  title=f"{t.method}: per-group test accuracy of its best config "
                        f"(target {t.target}, bias {t.bias}, {len(t.seeds)} seed(s))",
                  target=t.target, bias=t.bias, method=t.method)
-        first = next((r for r in t.seeds if _per_cluster(r.data.metrics, "purity")), None)
-        if first is not None:
-            metrics = first.data.metrics
-            emit(f"cluster_purity_{_safe_name(t.key)}", plot_cluster_purity,
-                 _per_cluster(metrics, "size"), _per_cluster(metrics, "purity"),
-                 title=f"{t.target}: {t.method} clusters vs {t.bias} "
-                       f"(seed {first.data.tags.get('seed', '?')})",
-                 clusters_per_class=_clusters_per_class(first))
+        written.update(_method_figures(t, folder))
     return written
+
+
+def _method_figures(target: TargetRuns, folder: Path) -> dict[str, tuple[Path, Figure]]:
+    """The figures the pipeline's method draws itself (:meth:`Method.figures`); none for a
+    method this process cannot load (``--compare`` of a store from elsewhere)."""
+    from debias.methods import MethodLoadError, resolve_method
+
+    try:
+        method = resolve_method(target.method)
+    except MethodLoadError:
+        return {}
+    return method.figures(target, folder)
 
 
 def sweep_plots(tracker: Tracker, folder: Path | str,

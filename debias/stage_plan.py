@@ -54,6 +54,12 @@ class StageRequest:
     config: dict[str, Any] = field(compare=False, hash=False)
     kwargs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     after: tuple[str, ...] = ()
+    #: What the stage computes, for ``--dry-run``'s estimate (:mod:`debias.estimate`): passes
+    #: over splits, each ``(kind, split, passes)``, kind ``train`` (training steps),
+    #: ``backward`` (a forward and backward pass that trains nothing: GradCAM) or ``eval``
+    #: (forward only); empty: one ``eval`` pass over every split. Declared by whoever
+    #: requests the stage, so the estimate knows no method.
+    work: tuple[tuple[str, str, float], ...] = field(default=(), compare=False)
 
 
 def _cache_file(cache_dir: str, stage: str, key: str) -> Path:

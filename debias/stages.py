@@ -210,9 +210,11 @@ def compute_features(config: dict[str, Any], source: str, splits: list[str],
 
 def reference_request(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
                       epochs: int | None = None) -> StageRequest:
+    n = float(epochs or config["reference"]["epochs"])
     return StageRequest("reference", reference_key(config, data, seed, epochs),
                         "debias.stages:compute_reference", config,
-                        {"seed": seed, "epochs": epochs})
+                        {"seed": seed, "epochs": epochs},
+                        work=(("train", "train", n), ("eval", "val", n), ("eval", "test", n)))
 
 
 def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
@@ -228,5 +230,5 @@ def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
     out.append(StageRequest("features", features_key(config, data, source, splits, normalize),
                             "debias.stages:compute_features", config,
                             {"source": source, "splits": list(splits), "normalize": normalize},
-                            after))
+                            after, work=tuple(("eval", s, 1.0) for s in splits)))
     return out

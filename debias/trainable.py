@@ -28,7 +28,6 @@ from debias.engine import Trainer
 from debias.files import atomic_torch_save
 from debias.last_layer import LastLayerTrial
 from debias.methods import Method, resolve_method
-from debias.slim.annotations import AnnotationError
 from debias.spec import trial_config
 from debias.stage_plan import STAGE_PHASE, StageRequest, run_stage_task
 from debias.tracking import FAILURE_KEY, NOTE_PREFIX
@@ -70,10 +69,19 @@ def build_trial(config: dict[str, Any], device: str | None = None) -> Trial:
     return TRIAL_KINDS[kind](config, method, device=device)
 
 
-#: Failures that no retry can cure: bad or missing data and annotation files, a method
-#: reading labels it declared it does not use, a checkpoint or stage file that does not load.
+#: Failures that no retry can cure: bad or missing data, a method reading labels it
+#: declared it does not use, a checkpoint or stage file that does not load; each method adds
+#: its own (:attr:`Method.deterministic_errors`, SLIM's bad annotation file).
 DETERMINISTIC: tuple[type[BaseException], ...] = (
-    DatasetError, AnnotationError, BiasLabelsHidden, CorruptFile, pickle.UnpicklingError)
+    DatasetError, BiasLabelsHidden, CorruptFile, pickle.UnpicklingError)
+
+
+def deterministic(config: dict[str, Any]) -> tuple[type[BaseException], ...]:
+    """The failures no retry cures for a trial or stage task of ``config``'s method."""
+    try:
+        return DETERMINISTIC + resolve_method(config["method"]).deterministic_errors
+    except Exception:  # an unloadable method fails on its own, with its own message
+        return DETERMINISTIC
 
 
 def _assigned_cpus() -> float:
@@ -159,10 +167,12 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     limit_threads(_assigned_cpus())
     if params.get("phase") == STAGE_PHASE:  # a shared stage, planned before its trials
-        request = StageRequest(**{**params["stage"], "after": tuple(params["stage"]["after"])})
+        stage = params["stage"]
+        request = StageRequest(**{**stage, "after": tuple(stage["after"]),
+                                  "work": tuple(tuple(w) for w in stage.get("work", ()))})
         try:
             run_stage_task(request)
-        except DETERMINISTIC as exc:
+        except deterministic(request.config) as exc:
             tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})
             return
         tune.report({"stage_key": request.key, "selected/score": math.nan})
@@ -173,7 +183,7 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
         if config["debug"].get("bad_data"):
             raise DatasetError("debug.bad_data: an injected deterministic failure")
         trainer, restart_note = _resume(config, checkpoint)
-    except DETERMINISTIC as exc:
+    except deterministic(config) as exc:
         # The same input fails the same way on every retry: end the trial now, with its
         # cause, instead of Tune retrying it max_failures times into the same wall.
         tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})

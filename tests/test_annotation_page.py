@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from debias.annotate import annotate_command, sweep_command
-from debias.annotation_page import (
+from debias.commands import interpreter
+from debias.slim.annotate import annotate_command, sweep_command
+from debias.slim.annotation_page import (
     MAX_BODY,
     AnnotationServer,
     start_annotation_server,
     stop_annotation_server,
 )
-from debias.commands import interpreter
 from debias.slim.annotations import (
     AnnotationError,
     read_annotations,

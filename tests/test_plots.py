@@ -14,15 +14,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from debias.methods.clusterfix import plot_cluster_purity, weighted_purity
 from debias.plots import (
     SELECTION_METRIC,
-    plot_cluster_purity,
     plot_group_accuracy,
     plot_metric_vs_params,
     plot_test_wga,
     read_png_data,
     sweep_plots,
-    weighted_purity,
 )
 from debias.tracking import ROLE_TAG, Tracker
 

@@ -161,8 +161,25 @@ class Method:
     #: Whether the method's reference code augments training images (random resized crop and
     #: flip) by default; ``train.augment: auto`` follows it (docs/methods.md says per method).
     reference_augments: ClassVar[bool] = True
+    #: Errors of this method that no retry can cure (a bad annotation file, say): a trial
+    #: or stage task raising one ends at once with its cause instead of being retried.
+    deterministic_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: Commands of ``launch.py SWEEP --<name>`` this method brings: name -> "module:function",
+    #: called as ``function(spec, sweep, overrides, port) -> exit code`` (SLIM's
+    #: ``annotate``: its human step). Named by string, so that the CLI imports the module
+    #: only when the command runs.
+    commands: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ sweep-time hooks
+
+    @classmethod
+    def figures(cls, target: Any, folder: Path) -> dict[str, tuple[Path, Any]]:
+        """This method's own figures of one pipeline for ``--report``, drawn from MLflow:
+        ``target`` is a :class:`debias.plots.TargetRuns` (its parent run's tags, finished
+        search and seed runs), ``folder`` where to write PNGs; returns {file stem: (path,
+        matplotlib Figure)}. None by default; ClusterFix draws its clusters' purity. Draw
+        with :mod:`debias.plots`' helpers, imported inside (a trial never loads matplotlib)."""
+        return {}
 
     @classmethod
     def params_of(cls, config: Mapping[str, Any]) -> Section:

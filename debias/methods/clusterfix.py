@@ -26,6 +26,10 @@ apart from the model, so it can be checked on hand-made tensors.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -230,6 +234,10 @@ class ClusterFix(Method):
     extra_selection_metrics = ("val/worst_pseudo_group_acc",)
 
     @classmethod
+    def figures(cls, target: Any, folder: Path) -> dict[str, tuple[Path, Any]]:
+        return cluster_purity_figures(target, folder)
+
+    @classmethod
     def check(cls, ctx: SweepContext) -> None:
         if "backbone" in ctx.values_of("clusterfix.features") and \
                 ctx.config["backbone"].get("weights") == "none":
@@ -342,3 +350,97 @@ class ClusterFix(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights.load_state_dict(state["weights"])
         self._first_epoch = False
+
+
+# ---------------------------------------------------------------------------- its figure
+# Drawn by ``--report`` from MLflow (debias.plots.draw_sweep asks every method for its own
+# figures); matplotlib is imported only here, never in a trial.
+
+#: ClusterFix's per-cluster metrics as its trials log them (clusters numbered class by
+#: class, ``k`` per target class).
+_CLUSTER_METRIC = re.compile(r"^clusterfix/cluster_(size|purity)/(\d+)$")
+
+
+def per_cluster(metrics: Mapping[str, float], kind: str) -> dict[int, float]:
+    """{cluster: value} of ``clusterfix/cluster_<kind>/<c>`` (kind: size or purity)."""
+    return {int(m.group(2)): v for key, v in metrics.items()
+            if (m := _CLUSTER_METRIC.match(key)) and m.group(1) == kind}
+
+
+def weighted_purity(sizes: Mapping[int, float], purity: Mapping[int, float]) -> float:
+    """Size-weighted mean purity, as ClusterFix logs `clusterfix/mean_purity`: empty clusters
+    (no purity) weigh nothing; NaN when there is nothing to weigh."""
+    total = sum(sizes.values())
+    if total <= 0:
+        return math.nan
+    return sum(sizes[c] * purity[c] for c in sizes
+               if c in purity and math.isfinite(purity[c])) / total
+
+
+def plot_cluster_purity(sizes: Mapping[int, float], purity: Mapping[int, float],
+                        path: Path | str, title: str = "ClusterFix cluster purity",
+                        clusters_per_class: int | None = None) -> Any:
+    """Per ClusterFix cluster, its purity against the bias attribute (share of its majority
+    bias value), annotated with its size, and a line at the size-weighted mean purity: near 1
+    means the pseudo-groups found the bias; near the bias's base rate means they did not.
+
+    Clusters are numbered class by class (``k`` per target class); give
+    ``clusters_per_class`` to colour them by the class they split. The mean line has gid
+    ``weighted_mean``. Returns the matplotlib Figure."""
+    from matplotlib.patches import Patch
+
+    from debias.plots import caption, new_figure, save_figure, set_title
+
+    clusters = sorted(set(sizes) | set(purity))
+    heights = [purity.get(c, math.nan) for c in clusters]
+    heights = [h if math.isfinite(h) else 0.0 for h in heights]
+    counts = [sizes.get(c, 0.0) for c in clusters]
+    classes = [c // clusters_per_class if clusters_per_class else 0 for c in clusters]
+    fig = new_figure(max(4.0, 1.5 + 0.45 * len(clusters)), 3.6)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(clusters)), heights, 0.8, color=[f"C{k}" for k in classes],
+                  alpha=0.8)
+    for bar, cluster, count in zip(bars, clusters, counts, strict=True):
+        bar.set_gid(f"cluster {cluster}")
+        ax.annotate(f"n={count:g}" if count else "empty", (bar.get_x() + bar.get_width() / 2,
+                    bar.get_height()), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize="x-small", rotation=90)
+    mean = weighted_purity(dict(zip(clusters, counts, strict=True)), purity)
+    handles: list[Any] = []
+    if math.isfinite(mean):
+        handles.append(ax.axhline(mean, color="black", linestyle="--", linewidth=1,
+                                  gid="weighted_mean", label=f"size-weighted mean {mean:.2f}"))
+    if clusters_per_class:
+        handles += [Patch(color=f"C{k}", alpha=0.8, label=f"clusters of target class {k}")
+                    for k in sorted(set(classes))]
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize="small")
+    ax.set_xticks(range(len(clusters)), [str(c) for c in clusters])
+    ax.set_xlabel("cluster" + (" (coloured by the target class it splits)"
+                               if clusters_per_class else ""))
+    ax.set_ylabel("purity w.r.t. the bias attribute")
+    ax.set_ylim(0.0, 1.15)
+    set_title(ax, title)
+    caption(fig, "purity: the share of a cluster's training images that have its most "
+                 "common bias value (1 = the cluster is one bias group); n: images in it")
+    save_figure(fig, path, {"clusters": clusters, "sizes": counts, "purity": heights,
+                            "weighted_mean": mean})
+    return fig
+
+
+def cluster_purity_figures(target: Any, folder: Path) -> dict[str, tuple[Path, Any]]:
+    """``cluster_purity_<pipeline>``: the clusters of the pipeline's first finished seed run
+    (``target``: a :class:`debias.plots.TargetRuns`); nothing if none logged clusters."""
+    from debias.plots import safe_name
+
+    first = next((r for r in target.seeds if per_cluster(r.data.metrics, "purity")), None)
+    if first is None:
+        return {}
+    k = str(first.data.params.get("clusterfix.k", ""))
+    path = Path(folder) / f"cluster_purity_{safe_name(target.key)}.png"
+    fig = plot_cluster_purity(
+        per_cluster(first.data.metrics, "size"), per_cluster(first.data.metrics, "purity"),
+        path, title=f"{target.target}: {target.method} clusters vs {target.bias} "
+                    f"(seed {first.data.tags.get('seed', '?')})",
+        clusters_per_class=int(k) if k.isdigit() and int(k) > 0 else None)
+    return {path.stem: (path, fig)}

@@ -155,11 +155,13 @@ class JTT(Method):
         assert isinstance(params, JTTParams)
         errors = StageRequest("jtt_errors", stage_key("jtt_errors", ERRORS_VERSION,
                                                       errors_inputs(config, data, params)),
-                              "debias.methods.jtt:compute_errors", config)
+                              "debias.methods.jtt:compute_errors", config,
+                              work=(("train", "train", float(params.epochs_id)),
+                                    ("eval", "train", 1.0)))
         if params.error_predictions == "training_pass":
             return [errors]  # the stage trains its own identification model
         ref = reference_request(config, data, epochs=params.epochs_id)
-        return [ref, dataclasses.replace(errors, after=(ref.key,))]
+        return [ref, dataclasses.replace(errors, after=(ref.key,), work=(("eval", "train", 1.0),))]
 
     def prepare(self) -> None:
         p = self.params

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import field_validator
@@ -30,6 +30,7 @@ from pydantic import field_validator
 from debias.last_layer import LastLayerParams, grid_size
 from debias.methods.base import BiasLabels, Method, SweepContext
 from debias.params import Choice, Float, Floats, Int, Number, Text
+from debias.slim.annotations import AnnotationError
 from debias.slim.modes import (
     MODE_SPLITS,
     curation,
@@ -113,6 +114,8 @@ class SLIM(Method):
     section = "slim"
     Params = SLIMParams
     summary = "GradCAM attention + a few annotations -> balanced curated subset -> retrain"
+    deterministic_errors = (AnnotationError,)  # a bad annotation file stays bad on a retry
+    commands: ClassVar[dict[str, str]] = {"annotate": "debias.slim.annotate:run_annotate"}
 
     # ------------------------------------------------------------------ sweep-time hooks
 
@@ -174,9 +177,9 @@ class SLIM(Method):
     @classmethod
     def preflight(cls, spec: Spec, dry_run: bool) -> None:
         """With a person annotating, the file must hold rows for every retrain mode the
-        sweep can take before trials start (see :func:`debias.annotate.check_request`)."""
+        sweep can take before trials start (see :func:`debias.slim.annotate.check_request`)."""
         if spec.config["slim"]["annotator"] == "csv":
-            from debias.annotate import check_request
+            from debias.slim.annotate import check_request
 
             check_request(spec, dry_run)
 

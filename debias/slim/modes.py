@@ -123,7 +123,8 @@ def stage_requests(config: dict[str, Any], data: GroupedDataset) -> list[StageRe
     split = MODE_SPLITS[config["slim"]["retrain"]]
     gradcam = StageRequest("gradcam", stage_key("gradcam", GRADCAM_VERSION, {
         "data": data.identity(), "model": ref.key, "split": split}),
-        "debias.slim.modes:compute_gradcam", config, after=(ref.key,))
+        "debias.slim.modes:compute_gradcam", config, after=(ref.key,),
+        work=(("backward", split, 1.0),))
     out = [ref, gradcam]
     if split == "val":
         out += [r for r in features_requests({**config, "seed": seed}, data, "reference",

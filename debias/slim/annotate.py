@@ -4,7 +4,7 @@ The page works on the annotation request CSV (``slim.annotations``). If it does 
 yet it is built first by the code path a SLIM trial uses (:class:`debias.methods.slim.SLIM`'s
 ``prepare``: the cached ERM reference model, the cached GradCAM attention, the same sampling),
 which writes the request and its overlay PNGs and stops with an AnnotationError. Then the
-page (:mod:`debias.annotation_page`, saving through
+page (:mod:`debias.slim.annotation_page`, saving through
 :class:`debias.slim.annotation_store.AnnotationStore`) is served on 127.0.0.1 until Ctrl-C;
 a second ``--annotate`` on the same CSV is refused with the first one's URL. When every
 image is answered it prints the command that runs the sweep with the answers: the same
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from debias.annotation_page import start_annotation_server, stop_annotation_server
+from debias.slim.annotation_page import start_annotation_server, stop_annotation_server
 from debias.slim.annotation_store import AnnotationStore
 from debias.slim.annotations import (
     AnnotationError,
