@@ -40,7 +40,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
-from debias.tracking import Tracker
+from debias.tracking import Tracker, best_of_params
 
 __all__ = [
     "CI_CAPTION",
@@ -438,8 +438,7 @@ def _searched(parent: Any, search: Sequence[Any]) -> tuple[str, ...]:
     """The hyperparameters the search varied: the parent's `best.*` params once the target is
     done; before that (a half-finished sweep), the params whose values differ between its
     search trials."""
-    best = [k[len("best."):] for k in parent.data.params
-            if k.startswith("best.") and k != "best.score"]
+    best = list(best_of_params(parent.data.params))
     if best:
         return tuple(sorted(best))
     names = {k for run in search for k in run.data.params} - {"seed"}

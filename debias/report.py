@@ -21,7 +21,7 @@ from scipy.stats import t as student_t
 
 from debias.display import format_config
 from debias.spec import LABEL_FREE_METRICS
-from debias.tracking import Tracker
+from debias.tracking import BEST_SCORE, Tracker, best_of_params
 
 __all__ = ["AmbiguousReference", "Row", "Stat", "collect", "pair", "paired_difference",
            "render_markdown", "render_text", "write_report"]
@@ -102,13 +102,12 @@ def _rows_of(tracker: Tracker) -> list[Row]:
         wga = {int(r.data.tags["seed"]): r.data.metrics["test/worst_group_acc"] for r in runs
                if "test/worst_group_acc" in r.data.metrics}
         avg = [r.data.metrics["test/avg_acc"] for r in runs if "test/avg_acc" in r.data.metrics]
-        best = {k[len("best."):]: v for k, v in params.items()
-                if k.startswith("best.") and k != "best.score"}
+        best = best_of_params(params)
         rows.append(Row(
             target=tags.get("target_attribute", name), bias=tags.get("bias_attribute", "?"),
             method=tags.get("method", "?"), status=parent.info.status,
             sweep=tracker.experiment, best_params=best,
-            val_score=float(params.get("best.score", "nan")),
+            val_score=float(params.get(BEST_SCORE, "nan")),
             seeds=tuple(sorted(wga)), wga_by_seed=wga,
             test_wga=Stat.of(list(wga.values())), test_avg=Stat.of(avg),
             bias_labels=tags.get("bias_labels", "?"),

@@ -38,6 +38,7 @@ from debias.tracking import (
     ROLE_TAG,
     STAGE_PREFIX,
     SWEEP_ID_TAG,
+    best_as_params,
     flatten,
 )
 
@@ -147,8 +148,7 @@ class SweepLog:
         same write, and never moves its end time)."""
         key = self.parent_key(pipeline)
         if best_params:
-            self.writer.submit(tw.log_params(key, {f"best.{k}": v
-                                                   for k, v in best_params.items()}))
+            self.writer.submit(tw.log_params(key, best_as_params(best_params)))
         if best is not None:
             self.writer.submit(tw.set_tags(key, {"best_trial": f"{best[0]}/{best[1]}"}))
         self.writer.submit(tw.set_terminated(key, status, end_time_ms=end_ms))

@@ -44,7 +44,7 @@ def _signed(stat: Any) -> str:
 
 
 def compact_markdown(rows: Sequence[Any], notes: Sequence[str] = (),
-                     title: str | None = None) -> str:
+                     title: str | None = None, against: str = "ERM") -> str:
     """The comparison as a narrow Markdown table: method (and target, when there are
     several), test WGA and average accuracy (mean ± 95% CI over seeds, Student t), the paired
     WGA difference against ERM, and which bias labels training and selection read; each
@@ -56,8 +56,9 @@ def compact_markdown(rows: Sequence[Any], notes: Sequence[str] = (),
               "bias labels"]
     legend = ("each method's best config on the test split, mean ± 95% CI over seeds "
               "(Student t): worst-group accuracy (WGA), average accuracy (acc), the paired "
-              "WGA difference against ERM on the same seeds (Δ); bias labels read for "
-              "training / by the selection rule")
+              "WGA difference against {against} on the same seeds (Δ); bias labels read "
+              "for training / by the selection rule")
+    legend = legend.format(against=against)
     lines = [f"{title}: {legend}\n" if title else f"{legend[0].upper()}{legend[1:]}.\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -102,19 +103,43 @@ def replace_block(text: str, file: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content + m.group(2), text, count=1)
 
 
-def _generate(sweep: str, overrides: Sequence[str], out: str) -> str:
+def _against(rows: Sequence[Any], reference: Sequence[Any], name: str) -> list[Any]:
+    """``rows`` with Δ paired against the same method, target and bias in ``reference``."""
+    import dataclasses
+
+    from debias.report import paired_difference
+
+    out = []
+    for r in rows:
+        ref = next((x for x in reference if (x.method, x.target, x.bias)
+                    == (r.method, r.target, r.bias)), None)
+        if ref is None:
+            raise LookupError(f"sweep {name!r} has no {r.method} row for target {r.target!r}")
+        delta = paired_difference(r.wga_by_seed, ref.wga_by_seed)
+        out.append(dataclasses.replace(r, delta_wga=delta, paired_with=name))
+    return out
+
+
+def _generate(sweep: str, overrides: Sequence[str], out: str, against: str | None = None
+              ) -> str:
     from debias.report import collect
     from debias.spec import load_spec
     from debias.tracking import Tracker
 
     spec = load_spec(sweep, overrides)
     rows = collect(Tracker(spec.tracking_uri, spec.name, create=False))
+    label = "ERM"
+    if against:
+        reference = collect(Tracker(spec.tracking_uri, against, create=False))
+        rows = _against(rows, reference, against)
+        label = f"the same method in sweep {against!r}"
     command = shlex.join([".venv/bin/python", "-m", "debias.tables", sweep,
-                          *(a for o in overrides for a in ("--set", o)), "--out", out])
+                          *(a for o in overrides for a in ("--set", o)), "--out", out,
+                          *(["--against", against] if against else [])])
     source = shlex.join([".venv/bin/python", "launch.py", sweep,
                          *(a for o in overrides for a in ("--set", o))])
     return (f"<!-- generated from the MLflow record of `{source}` by `{command}`; "
-            "do not edit -->\n" + compact_markdown(rows, _selection(rows)))
+            "do not edit -->\n" + compact_markdown(rows, _selection(rows), against=label))
 
 
 def _selection(rows: Sequence[Any]) -> list[str]:
@@ -132,11 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="the overrides the sweep ran with")
     p.add_argument("--out", required=True, help="the Markdown file to write (committed)")
+    p.add_argument("--against", default=None, metavar="SWEEP",
+                   help="pair each row with the same method's row of sweep SWEEP (same store: "
+                        "an ablation against the study it varies) instead of with ERM")
     p.add_argument("--readme", default="README.md",
                    help="the README whose block of --out is replaced ('' for none)")
     args = p.parse_args(argv)
     try:
-        text = _generate(args.sweep, args.overrides, args.out)
+        text = _generate(args.sweep, args.overrides, args.out, args.against)
     except Exception as exc:  # a missing store or experiment: say so, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

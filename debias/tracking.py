@@ -19,8 +19,9 @@ from debias.environment import redact_uri
 if TYPE_CHECKING:  # MLflow takes ~1 s to import; a trial process reads only the names here
     import mlflow
 
-__all__ = ["ARTIFACT_PREFIX", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "NOTE_PREFIX",
-           "ROLE_TAG", "STAGE_PREFIX", "SWEEP_ID_TAG", "StoreNotReady", "Tracker", "flatten",
+__all__ = ["ARTIFACT_PREFIX", "BEST_PREFIX", "BEST_SCORE", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "NOTE_PREFIX",
+           "ROLE_TAG", "STAGE_PREFIX", "SWEEP_ID_TAG", "StoreNotReady", "Tracker", "best_as_params",
+           "best_of_params", "flatten",
            "open_store", "redact_uri"]
 
 #: Every `group/name` result key is forwarded each epoch (train/, val/, the method's own such as
@@ -113,6 +114,25 @@ def _initialise(uri: str) -> None:
     root = Path(uri[len("sqlite:///"):]).absolute().parent if uri.startswith("sqlite:///") \
         else Path.cwd()
     SqlAlchemyStore(uri, str(root / "mlartifacts"))
+
+
+#: A parent run's best config is logged as params ``best.<dotted key>`` (e.g.
+#: ``best.clusterfix.k``), its validation score as ``best.score``: written by
+#: :func:`best_as_params`, read back by :func:`best_of_params` (the report and the plots).
+BEST_PREFIX = "best."
+BEST_SCORE = "best.score"
+
+
+def best_as_params(best: Mapping[str, Any]) -> dict[str, Any]:
+    """A search's best config (dotted keys) as the parent run's params."""
+    return {f"{BEST_PREFIX}{k}": v for k, v in best.items()}
+
+
+def best_of_params(params: Mapping[str, str]) -> dict[str, str]:
+    """The best config (dotted keys -> the values as MLflow holds them) of a parent run's
+    params; empty before its search is done."""
+    return {k[len(BEST_PREFIX):]: v for k, v in params.items()
+            if k.startswith(BEST_PREFIX) and k != BEST_SCORE}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
