@@ -19,9 +19,9 @@ from debias.environment import redact_uri
 if TYPE_CHECKING:  # MLflow takes ~1 s to import; a trial process reads only the names here
     import mlflow
 
-__all__ = ["ARTIFACT_PREFIX", "BEST_PREFIX", "BEST_SCORE", "FAILURE_KEY", "FINAL_PREFIXES", "IGNORED_PREFIXES", "NOTE_PREFIX",
-           "ROLE_TAG", "STAGE_PREFIX", "SWEEP_ID_TAG", "StoreNotReady", "Tracker", "best_as_params",
-           "best_of_params", "flatten",
+__all__ = ["ARTIFACT_PREFIX", "BEST_PREFIX", "BEST_SCORE", "FAILURE_KEY", "FINAL_PREFIXES",
+           "IGNORED_PREFIXES", "NOTE_PREFIX", "ROLE_TAG", "STAGE_PREFIX", "SWEEP_ID_TAG",
+           "StoreNotReady", "Tracker", "best_as_params", "best_of_params", "flatten",
            "open_store", "redact_uri"]
 
 #: Every `group/name` result key is forwarded each epoch (train/, val/, the method's own such as
