@@ -56,7 +56,7 @@ def measure(name: str, args: list[str], env: dict[str, str] | None = None) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the quickstart only")
-    p.add_argument("--no-study", action="store_true", help="skip the 11-minute study")
+    p.add_argument("--no-study", action="store_true", help="skip the 8-minute study")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     start = time.perf_counter()
