@@ -86,6 +86,10 @@ cat benchmarks/notes.md >>"$tmp"   # the GPU status and the analysis of missed t
 # The embedded dataset's section (tuned ERM vs GroupDRO per correlation and data seed); the
 # full run takes about 40 minutes on 2 CPUs. --quick: one setting, 2 epochs, one lr, 16 px.
 run benchmarks/bench_embedded.py "${quick[@]}"
+# The input pipeline at 224 px (the four data-path figures of issue 20), and the dry run's
+# estimate against the measured quickstart, study and a real-data sweep (about 15 minutes).
+run benchmarks/bench_input_pipeline.py "${quick[@]}"
+run benchmarks/bench_estimate.py "${quick[@]}"
 mv "$tmp" "$out"
 trap - EXIT
 echo "wrote $out" >&2
