@@ -98,7 +98,7 @@ def calibrate(spec: Spec, method: str, epochs: int) -> dict[str, float]:
     build, so shared stages and the dataset are already there, as in a sweep's trial),
     training time per visited sample (without evaluation), samples per epoch, evaluation per
     epoch. NaN where the method's trial has no SGD epochs."""
-    torch.set_num_threads(max(1, int(spec.config["resources"]["cpu"])))
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))
     config = spec.trial_base(spec.targets[0], method)
     build_trial(config, device="cpu")  # computes its shared stages, warms imports and data
     start = time.perf_counter()
@@ -420,10 +420,10 @@ def main() -> None:
             (tmp / "per_method").mkdir()
             baseline = per_method_baseline(
                 sweep, overrides, spec.methods, args.num_cpus,
-                args.num_cpus / float(spec.config["resources"]["cpu"]), tmp / "per_method",
+                args.num_cpus / spec.resources.cpu, tmp / "per_method",
                 ray_tmp)
 
-    slots = args.num_cpus / float(spec.config["resources"]["cpu"])
+    slots = args.num_cpus / spec.resources.cpu
     method_of = {pl.name: pl.method for pl in pipelines(spec)}
     ids = sorted(trials, key=lambda t: (trials[t].rows[0].get("timestamp", 0), t))
     for t in ids:
@@ -515,11 +515,11 @@ def main() -> None:
         "",
         f"Machine: {machine(f'ray {ray.__version__}, CPU only')}. Date: {stamp()}.",
         f"{how}: methods {spec.methods}, targets {spec.targets}, "
-        f"{spec.search['num_samples']} search trials + {len(spec.seeds)} seeds per pipeline "
+        f"{spec.search.num_samples} search trials + {len(spec.seeds)} seeds per pipeline "
         f"({len(method_of)} pipelines, all in one Tune experiment): {len(ids)} Tune trials = "
         f"{counts['search']} search + {counts['seeds']} seeds + {counts[STAGE_PHASE]} stage "
         f"tasks ({', '.join(stage_names) or 'none'}); epochs per trial {epochs_seen}; "
-        f"resources per trial {spec.config['resources']}, local Ray num_cpus={args.num_cpus} "
+        f"resources per trial {spec.resources.model_dump()}, local Ray num_cpus={args.num_cpus} "
         f"({slots:g} parallel slots). Stage tasks hold a slot like any trial: they are "
         "counted as busy time below.",
         "",

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from debias.data import DatasetError, GroupedDataset, load_grouped
+from debias.data import DatasetError, GroupedDataset
 from debias.data.decoded import decoded_bytes, decoded_path, stored_size
 from debias.preflight import PreflightFailed
 from debias.spec import Spec
@@ -23,10 +23,9 @@ class CacheSpaceError(PreflightFailed):
 def _decoded_needs(spec: Spec) -> tuple[GroupedDataset, int] | None:
     """The dataset whose images the sweep decodes, and the bytes of its decoded array;
     None where nothing is decoded (in-memory data, ``cache.decoded: off``)."""
-    if spec.config["cache"]["decoded"] == "off":
+    if spec.cache.decoded == "off":
         return None
-    target = spec.targets[0]
-    data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
+    data = spec.load_data(spec.targets[0])
     if data.image_paths is None:
         return None
     return data, decoded_bytes(len(data), data.image_size)
@@ -37,9 +36,8 @@ def _gib(n: float) -> str:
 
 
 def _cache_dir(spec: Spec) -> Path:
-    cache = spec.config["cache"]
-    if cache["decoded"] == "local":
-        return Path(cache["local_dir"]).expanduser()
+    if spec.cache.decoded == "local":
+        return Path(spec.cache.local_dir).expanduser()
     return spec.storage / "cache"
 
 
@@ -53,7 +51,7 @@ def decoded_cache_lines(spec: Spec) -> list[str]:
     if needs is None:
         return []
     data, size = needs
-    placement = spec.config["cache"]["decoded"]
+    placement = spec.cache.decoded
     where = ("on each node's disk" if placement == "local" else "in the sweep's storage")
     s = stored_size(data.image_size)
     return [f"  decoded images (cache.decoded: {placement}): {len(data):,} images x {s} x {s} "
@@ -95,7 +93,7 @@ def check_decoded_space(spec: Spec, nodes: Iterable[str] | None = None) -> None:
         return
     data, need = needs
     folder = _cache_dir(spec)
-    if spec.config["cache"]["decoded"] == "shared" or nodes is None:
+    if spec.cache.decoded == "shared" or nodes is None:
         free, present = _free(folder, decoded_path(data, folder))
         if not present and free < need:
             raise CacheSpaceError(_space_problem("", folder, free, need))

@@ -262,7 +262,7 @@ def _run(spec: Spec, args: argparse.Namespace) -> int:
     from debias.environment import EnvironmentProblem, check_dataset_memory
 
     try:  # before the plan, which may already read (generate) the data
-        check_dataset_memory(spec.config["dataset"])
+        check_dataset_memory(spec.dataset)
     except EnvironmentProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -457,9 +457,9 @@ def _report(spec: Spec, log_artifacts: bool) -> int:
 def report_notes(spec: Spec) -> list[str]:
     """What a reader of the table must know: the selection rule, the seeds, each method's
     caveats."""
-    from debias.spec import LABEL_FREE_METRICS
+    from debias.sections import LABEL_FREE_METRICS
 
-    metric = spec.search["metric"]
+    metric = spec.search.metric
     rule = ("reads no bias labels" if metric in LABEL_FREE_METRICS
             else "reads validation bias labels")
     from debias.sweep import num_search_trials
@@ -467,7 +467,7 @@ def report_notes(spec: Spec) -> list[str]:
     trials = ", ".join(f"{m} {num_search_trials(spec, m)}" for m in spec.methods)
     among = "; ".join(f"{m}: {spec.method_class(m).steps(spec.context(m))}"
                       for m in spec.methods)
-    notes = [f"selection: {metric} ({spec.search['mode']}) {rule}",
+    notes = [f"selection: {metric} ({spec.search.mode}) {rule}",
              f"budget: search trials per target: {trials} (equal trials, where a method has "
              f"keys to search); within a trial the selection picks among {among}",
              f"search trials trained with seed {spec.search_seed}; the reported seeds "

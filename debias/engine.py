@@ -23,12 +23,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from debias.cache import CorruptFile, StageCache
-from debias.data import GroupedDataset, SplitView, decoded_cache_dir, load_grouped
+from debias.data import GroupedDataset, SplitView
 from debias.data.pipeline import InputPipeline, loader_workers
 from debias.methods.base import BiasAudit, Method
 from debias.metrics import GroupMetrics, group_metrics
 from debias.models import Classifier, build_classifier
 from debias.seeding import derive_seed, seed_everything
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["STARVED_WAIT_FRAC", "Selection", "Trainer", "method_for", "predict_classes",
            "trial_device"]
@@ -93,7 +94,7 @@ def trial_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def method_for(method: type[Method], config: dict[str, Any], data: GroupedDataset,
+def method_for(method: type[Method], config: TrialConfig, data: GroupedDataset,
                cache: StageCache, device: torch.device) -> Method:
     """The method of a trial, on a table that hides the training split's bias labels unless
     the method declares it uses them; what it reports about them goes through the audit."""
@@ -106,15 +107,14 @@ class Trainer:
     """One trial: builds data, method and model from a resolved trial config, then yields the
     metrics of each epoch. Checkpoints are plain state_dicts (loadable with weights_only)."""
 
-    def __init__(self, config: dict[str, Any], method: type[Method],
+    def __init__(self, config: Settings, method: type[Method],
                  device: str | None = None, data: GroupedDataset | None = None) -> None:
-        self.config = config
-        self.seed = int(config["seed"])
-        self.train_cfg = config["train"]
+        self.config = config = TrialConfig.of(config)
+        self.seed = config.seed
+        self.train_cfg = t = config.train
         self.device = trial_device(device)
-        self.data: GroupedDataset = data or load_grouped(config["dataset"], config["target"],
-                                                         config["bias"])
-        self.cache = StageCache(config["cache_dir"])
+        self.data: GroupedDataset = data or config.load_data()
+        self.cache = StageCache(config.cache_dir)
         self.method = method_for(method, config, self.data, self.cache, self.device)
         before = StageCache.events()
         self.method.prepare()
@@ -125,23 +125,19 @@ class Trainer:
         self.stage_tags = self.cache.stage_tags()
 
         seed_everything(derive_seed(self.seed, "init"))
-        backbone = config["backbone"]
         self.model: Classifier = build_classifier(
-            backbone["arch"], backbone["weights"], self.method.heads()).to(self.device)
+            config.backbone.arch, config.backbone.weights, self.method.heads()).to(self.device)
         self.method.setup_model(self.model)
-        t = self.train_cfg
-        self.memory_format = (torch.channels_last if t["channels_last"]
+        self.memory_format = (torch.channels_last if t.channels_last
                               else torch.contiguous_format)
         self.model = self.model.to(memory_format=self.memory_format)
         # bf16 autocast where the hardware has it (CUDA); a no-op context on the CPU path.
-        self.amp = bool(t["amp"]) and self.device.type == "cuda"
-        self.step_model = torch.compile(self.model) if t["compile"] else self.model
+        self.amp = t.amp and self.device.type == "cuda"
+        self.step_model = torch.compile(self.model) if t.compile else self.model
         self.optimizer = self._optimizer()
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=self.train_cfg["epochs"])
-            if self.train_cfg["scheduler"] == "cosine" else None)
-        sel = config["selection"]
-        self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
+            self.optimizer, T_max=t.epochs) if t.scheduler == "cosine" else None)
+        self.selection = Selection(metric=config.selection.metric, mode=config.selection.mode)
         self.epoch = 0  # epochs completed
         self.selected_state: dict[str, torch.Tensor] | None = None
         # The training split's group mix weighs `weighted_acc`; a table that hides the
@@ -156,9 +152,9 @@ class Trainer:
         # train.augment says otherwise. Workers follow the CPUs the trial holds (the
         # trainable sets torch's threads to them) unless train.num_workers is a number.
         self.pipeline = InputPipeline(
-            self.data, cache_dir=decoded_cache_dir(config), device=self.device,
+            self.data, cache_dir=config.decoded_dir, device=self.device,
             augment=method.augments(t), seed=self.seed,
-            workers=loader_workers(t["num_workers"], self.device, torch.get_num_threads(),
+            workers=loader_workers(t.num_workers, self.device, torch.get_num_threads(),
                                    in_memory=self.data.images is not None),
             memory_format=self.memory_format)
         self.train_labels = torch.tensor(self.data.view("train").y, device=self.device)
@@ -174,11 +170,11 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         t = self.train_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if t["optimizer"] == "sgd":
-            return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"],
-                                   weight_decay=t["weight_decay"])
-        cls = torch.optim.Adam if t["optimizer"] == "adam" else torch.optim.AdamW
-        return cls(params, lr=t["lr"], weight_decay=t["weight_decay"])
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum,
+                                   weight_decay=t.weight_decay)
+        cls = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -218,7 +214,7 @@ class Trainer:
 
     def epochs(self) -> Iterator[dict[str, float]]:
         """Train the remaining epochs, yielding each epoch's metrics after it completes."""
-        while self.epoch < self.train_cfg["epochs"]:
+        while self.epoch < self.train_cfg.epochs:
             metrics = self.train_one_epoch()
             yield metrics
 
@@ -234,7 +230,7 @@ class Trainer:
         total, count = 0.0, 0
         self.pipeline.wait_s = 0.0
         start = time.perf_counter()
-        for images, positions in self.pipeline.epoch(order, self.train_cfg["batch_size"],
+        for images, positions in self.pipeline.epoch(order, self.train_cfg.batch_size,
                                                      epoch):
             labels = self.train_labels[positions.to(self.device, non_blocking=True)]
             with self._autocast():
@@ -259,7 +255,7 @@ class Trainer:
         metrics.update(self.stage_tags)
         metrics.update(self.evaluate("val"))
         metrics.update(self.selection.record(metrics, self.epoch, self._select))
-        if self.epoch >= self.train_cfg["epochs"]:
+        if self.epoch >= self.train_cfg.epochs:
             self.pipeline.close()  # the workers' memory back as soon as training ends
         return metrics
 
@@ -280,7 +276,7 @@ class Trainer:
         preds = np.empty(len(self.data.view(split)), dtype=np.int64)
         with self._autocast():
             for images, positions in self.pipeline.split(split,
-                                                         self.train_cfg["eval_batch_size"]):
+                                                         self.train_cfg.eval_batch_size):
                 preds[positions.numpy()] = self.step_model(images).argmax(1).cpu().numpy()
         return preds
 

@@ -18,10 +18,13 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from debias.redaction import redact, redact_uri, remember_uri
+
+if TYPE_CHECKING:
+    from debias.sections import Dataset
 
 __all__ = ["RESERVED_NAMES", "EnvironmentProblem", "check_environment", "check_experiment",
            "check_name", "check_report_store", "check_storage", "check_tracking_server",
@@ -510,13 +513,13 @@ def available_memory() -> int | None:
     return None
 
 
-def check_dataset_memory(dataset: Mapping[str, Any]) -> None:
+def check_dataset_memory(dataset: Dataset) -> None:
     """The embedded dataset fits in this machine's memory before it is generated: its
     ``image_size`` x ``size`` is checked against MemAvailable (1024 px took 18.5 GB)."""
-    if dataset.get("name") != "synthetic":
+    if dataset.name != "synthetic":
         return
-    size = int(dataset.get("size") or 5000)
-    image_size = int(dataset.get("image_size") or 32)
+    size = dataset.size
+    image_size = dataset.image_size or 32
     need, have = synthetic_peak_bytes(image_size, size), available_memory()
     if have is not None and need > have:
         raise EnvironmentProblem(
@@ -542,7 +545,7 @@ def check_environment(spec: Any, resume: bool = False) -> None:
     check_name(spec.name)
     check_tracking_uri(spec.tracking_uri)
     check_storage(spec.storage)
-    check_dataset_memory(spec.config["dataset"])
+    check_dataset_memory(spec.dataset)
     archs = {a for m in spec.methods for a in spec.values_of("backbone.arch", m)}
     arch = next(iter(archs)) if len(archs) == 1 else None
     for weights in _weights_values(spec):

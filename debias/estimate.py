@@ -32,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from debias.data import GroupedDataset, load_grouped
+from debias.data import GroupedDataset
 from debias.spec import Spec, with_params
+from debias.trial_config import TrialConfig
 
 __all__ = ["EVAL_SPEEDUP", "SWEEP_OVERHEAD_S", "TRIAL_OVERHEAD_S", "Estimate", "Rates",
            "estimate", "estimate_line", "local_slots", "time_step"]
@@ -85,7 +86,7 @@ class Estimate:
 def _device(spec: Spec) -> Any:
     import torch
 
-    gpu = float(spec.config["resources"].get("gpu") or 0)
+    gpu = spec.resources.gpu
     return torch.device("cuda" if gpu > 0 and torch.cuda.is_available() else "cpu")
 
 
@@ -99,14 +100,14 @@ def time_step(spec: Spec, min_seconds: float = 0.5, batch: int | None = None) ->
     from debias.models import build_classifier
 
     device = _device(spec)
-    size = int(spec.config["dataset"]["image_size"])
-    arch = spec.config["backbone"]["arch"]
+    size = int(spec.dataset.image_size or 32)
+    arch = spec.backbone.arch
     # Small batches keep the timing short for big models on a CPU; per image it is close.
-    n = batch or max(2, min(int(spec.config["train"]["batch_size"]),
+    n = batch or max(2, min(spec.train.batch_size,
                             32 if size <= 64 else 8))
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(spec.config["resources"]["cpu"])))
+        torch.set_num_threads(max(1, int(spec.resources.cpu)))
     try:
         model = build_classifier(arch, "none", {"target": 2}).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -137,7 +138,7 @@ def time_step(spec: Spec, min_seconds: float = 0.5, batch: int | None = None) ->
     finally:
         torch.set_num_threads(threads)
     where = (f"a training step of {arch} at {size} px timed here on {device.type}"
-             + (f" with {max(1, int(spec.config['resources']['cpu']))} thread(s)"
+             + (f" with {max(1, int(spec.resources.cpu))} thread(s)"
                 if device.type == "cpu" else ""))
     return Rates(train=rates[0], eval=rates[1], where=where)
 
@@ -150,15 +151,14 @@ def given_rate(images_per_s: float) -> Rates:
 def local_slots(spec: Spec, num_cpus: int | None = None) -> int:
     """Trials a local Ray on this machine runs at once (what ``launch.py`` without
     ``--address`` gets)."""
-    res = spec.config["resources"]
     cpus = num_cpus or os.cpu_count() or 1
-    slots = int(cpus // float(res["cpu"]))
-    gpu = float(res.get("gpu") or 0)
+    slots = int(cpus // spec.resources.cpu)
+    gpu = spec.resources.gpu
     if gpu > 0:
         import torch
 
         slots = min(slots, int(torch.cuda.device_count() / gpu))
-    cap = spec.search.get("max_concurrent_total")
+    cap = spec.search.max_concurrent_total
     return max(1, min(slots, cap) if cap else slots)
 
 
@@ -170,7 +170,7 @@ def _mean_epochs(spec: Spec, method: str) -> float:
         if d.path == "train.epochs":
             return (sum(d.values) / len(d.values) if d.kind == "choice"
                     else (float(d.low) + float(d.high)) / 2)
-    return float(spec.config["train"]["epochs"])
+    return float(spec.train.epochs)
 
 
 def _sizes(data: GroupedDataset) -> dict[str, int]:
@@ -199,7 +199,7 @@ def estimate(spec: Spec, rates: Rates, slots: int) -> Estimate:
     seen: set[str] = set()
     for pipe in pipelines(spec):
         cls = spec.method_class(pipe.method)
-        data = load_grouped(spec.config["dataset"], pipe.target, spec.bias_for(pipe.target))
+        data = spec.load_data(pipe.target)
         n = _sizes(data)
         epochs = _mean_epochs(spec, pipe.method)
         kinds = {cls.trial_kind(p) for p in spec.param_variants(pipe.method)}
@@ -215,12 +215,12 @@ def estimate(spec: Spec, rates: Rates, slots: int) -> Estimate:
         out.work_s += trial_s * (n_search + n_seeds)
         base = spec.trial_base(pipe.target, pipe.method)
         chain = 0.0
-        parallel = min(slots, spec.search.get("max_concurrent") or slots)
+        parallel = min(slots, spec.search.max_concurrent or slots)
         for phase, seeds, count in (("search", [spec.search_seed], n_search),
                                     ("seeds", spec.seeds, n_seeds)):
             stage_s = 0.0
             for seed in seeds:
-                config = with_params(base, {"seed": seed})
+                config = TrialConfig.of(with_params(base, {"seed": seed}))
                 seed_s = 0.0
                 for request in cls.shared_stages(config, data):
                     seconds, images = _stage_seconds(request, n, rates)
@@ -261,5 +261,5 @@ def estimate_line(spec: Spec, images_per_s: float | None = None,
             f"{est.epochs:,.0f} epochs, {est.train_images:,.0f} training images seen, "
             f"{est.stages} stage computations{f' ({stages})' if stages else ''}; about "
             f"{_duration(est.wall_s)} ({est.wall_s:.0f} s) on {slots} slot(s) ({cpus} CPUs "
-            f"here, {spec.config['resources']['cpu']:g} per trial), from {rates.where} "
+            f"here, {spec.resources.cpu:g} per trial), from {rates.where} "
             f"({rates.train:,.0f} training, {rates.eval:,.0f} evaluated images/s per trial)")

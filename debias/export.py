@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import yaml
 
-from debias.data import GroupedDataset, decoded_cache_dir, load_grouped, make_torch_dataset
+from debias.data import GroupedDataset, make_torch_dataset
 from debias.engine import predict_classes
 from debias.methods import resolve_method
 from debias.metrics import group_metrics
 from debias.models import Classifier, build_classifier
 from debias.tracking import Tracker
+from debias.trial_config import TrialConfig
 
 __all__ = ["ExportedModel", "evaluate", "export_sweep", "load_model"]
 
@@ -48,9 +49,10 @@ def load_model(folder: str | Path, device: str = "cpu") -> ExportedModel:
     state = torch.load(folder / "state_dict.pt", map_location=device, weights_only=True)
     heads = {k.split(".")[1]: int(v.shape[0]) for k, v in state.items()
              if k.startswith("heads.") and k.endswith(".weight")}
-    model = build_classifier(config["backbone"]["arch"], "none", heads)
-    method = resolve_method(config["method"])
-    last_layer = method.trial_kind(method.params_of(config)) == "last_layer"
+    settings = TrialConfig.of(config)
+    model = build_classifier(settings.backbone.arch, "none", heads)
+    method = resolve_method(settings.method)
+    last_layer = method.trial_kind(method.params_of(settings)) == "last_layer"
     if last_layer:  # the head stays float64, as it was fitted
         head = {k: state.pop(k) for k in list(state) if k.startswith("heads.target.")}
         model.load_state_dict({**model.state_dict(), **state})
@@ -65,8 +67,8 @@ def load_model(folder: str | Path, device: str = "cpu") -> ExportedModel:
 def evaluate(exported: ExportedModel, split: str = "test", device: str = "cpu",
              data: GroupedDataset | None = None) -> dict[str, float]:
     """The group metrics of ``split`` as the trial logged them (``{split}/...``)."""
-    config = exported.config
-    data = data or load_grouped(config["dataset"], config["target"], config["bias"])
+    config = TrialConfig.of(exported.config)
+    data = data or config.load_data()
     dev = torch.device(device)
     if exported.last_layer:
         from debias.stages import extract_features
@@ -78,9 +80,9 @@ def evaluate(exported: ExportedModel, split: str = "test", device: str = "cpu",
         preds = logits.argmax(axis=1)
     else:
         dataset = make_torch_dataset(data, split, train=False,
-                                     cache_dir=decoded_cache_dir(config))
-        preds = predict_classes(exported.model, dataset, config["train"]["eval_batch_size"],
-                                dev, config["train"]["num_workers"])
+                                     cache_dir=config.decoded_dir)
+        preds = predict_classes(exported.model, dataset, config.train.eval_batch_size,
+                                dev, config.train.num_workers)
     view = data.view(split)
     return group_metrics(preds, view.y, view.a, n_classes=data.n_classes, n_bias=data.n_bias,
                          train_group_mix=data.group_counts("train")).as_flat(split)

@@ -37,7 +37,7 @@ import torch
 from pydantic import field_validator
 
 from debias.cache import CorruptFile, StageCache
-from debias.data import GroupedDataset, load_grouped
+from debias.data import GroupedDataset
 from debias.engine import Selection, method_for, trial_device
 from debias.linear_heads import LinearHead, class_weight_options, fit_averaged_head, standardiser
 from debias.methods.base import Method
@@ -45,6 +45,7 @@ from debias.metrics import group_metrics
 from debias.params import Choice, Floats, Int, Number, Section
 from debias.seeding import derive_seed
 from debias.stages import frozen_features, reference_key, reference_model
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["LastLayerParams", "LastLayerTrial", "grid_size"]
 
@@ -85,13 +86,14 @@ class LastLayerTrial:
     """One last-layer trial: the method's subsets, the grid one point a step, then the final
     head."""
 
-    def __init__(self, config: dict[str, Any], method: type[Method], device: str | None = None,
+    def __init__(self, config: Settings, method: type[Method],
+                 device: str | None = None,
                  data: GroupedDataset | None = None) -> None:
-        self.config = config
-        self.seed = int(config["seed"])
+        self.config = config = TrialConfig.of(config)
+        self.seed = config.seed
         self.device = trial_device(device)
-        self.data = data or load_grouped(config["dataset"], config["target"], config["bias"])
-        self.cache = StageCache(config["cache_dir"])
+        self.data = data or config.load_data()
+        self.cache = StageCache(config.cache_dir)
         self.method = method_for(method, config, self.data, self.cache, self.device)
         params = self.method.params
         assert isinstance(params, LastLayerParams), "a last-layer method's Params has the grid"
@@ -103,14 +105,14 @@ class LastLayerTrial:
         fit_half, self.held_out = self.method.fit_halves()
         subsets = self.method.fit_subsets(fit_half)
         ref_seed = self.method.reference_seed()
-        features = frozen_features({**config, "seed": ref_seed}, self.data, self.cache,
+        features = frozen_features(config.with_seed(ref_seed), self.data, self.cache,
                                    self.device, "reference", splits=("val", "test"),
                                    normalize=False)
         # What this trial computed vs reused of the shared stages, reported with every step.
         self.cache_events = {k: float(v - before.get(k, 0))
                              for k, v in StageCache.events().items()}
         self.reference_key = reference_key(config, self.data, seed=ref_seed)
-        self.reference = reference_model({**config, "seed": ref_seed}, self.data, self.cache,
+        self.reference = reference_model(config.with_seed(ref_seed), self.data, self.cache,
                                          self.device)
         self.stage_tags = self.cache.stage_tags()
 
@@ -134,8 +136,7 @@ class LastLayerTrial:
             "last_layer/grid_size": float(len(self.grid)),
         }
         self.train_mix = self.data.group_counts("train")
-        sel = config["selection"]
-        self.selection = Selection(metric=sel["metric"], mode=sel["mode"])
+        self.selection = Selection(metric=config.selection.metric, mode=config.selection.mode)
         self.selected_head: LinearHead | None = None
         self.selected_point: int | None = None  # index into the grid
         self.final_report: dict[str, float] = {}

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from debias.commands import sweep_command
-from debias.data import DatasetError, load_grouped
+from debias.data import DatasetError
 from debias.environment import EnvironmentProblem, check_environment, redact_uri, sqlite_path
 from debias.files import atomic_write_text
 from debias.methods.base import PreflightError
@@ -51,7 +51,7 @@ def preflight(spec: Spec, dry_run: bool = False, resume: bool = False,
         raise PreflightFailed(str(exc)) from None
     for target in spec.targets:
         try:
-            data = load_grouped(spec.config["dataset"], target, spec.bias_for(target))
+            data = spec.load_data(target)
         except DatasetError as exc:
             raise PreflightFailed(f"{exc}{spec.env_note('dataset.root')}") from None
         for split in ("train", "val"):

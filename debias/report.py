@@ -20,7 +20,7 @@ from pathlib import Path
 from scipy.stats import t as student_t
 
 from debias.display import format_config
-from debias.spec import LABEL_FREE_METRICS
+from debias.sections import LABEL_FREE_METRICS
 from debias.tracking import BEST_SCORE, Tracker, best_of_params
 
 __all__ = ["AmbiguousReference", "Row", "Stat", "collect", "pair", "paired_difference",

@@ -16,14 +16,8 @@ from typing import Any
 
 from debias.methods import known_methods
 from debias.params import Section, searchable
-from debias.spec import (
-    SECTIONS,
-    SELECTION_METRICS,
-    SHARED_SEARCHABLE,
-    Asha,
-    TopLevel,
-    builtin_sections,
-)
+from debias.sections import SECTIONS, SELECTION_METRICS, SHARED_SEARCHABLE, Asha, TopLevel
+from debias.spec import builtin_sections
 
 __all__ = ["SCHEMA_ID", "schema_json", "sweep_schema"]
 

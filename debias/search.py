@@ -37,6 +37,7 @@ from debias.params import SearchDomain
 from debias.spec import PIPELINE_KEYS, trial_config
 from debias.stage_plan import STAGE_PHASE, StagePlanner
 from debias.tracking import FAILURE_KEY
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["PIPELINE_KEYS", "DefineByRun", "PipelinePlan", "PipelineScheduler", "SweepSearcher",
            "TrialRecord"]
@@ -362,12 +363,10 @@ class SweepSearcher(Searcher):
         the tasks that compute the missing ones)."""
         if self.planner is None or pipeline not in self.bases:
             return True
-        from debias.data import load_grouped
         from debias.methods import resolve_method
 
-        config = trial_config(self.bases, {**params, "pipeline": pipeline})
-        data = load_grouped(config["dataset"], config["target"], config["bias"])
-        requests = resolve_method(config["method"]).shared_stages(config, data)
+        config = TrialConfig.of(trial_config(self.bases, {**params, "pipeline": pipeline}))
+        requests = resolve_method(config.method).shared_stages(config, config.load_data())
         if requests:
             self.pipes[pipeline].has_stages = True
         return self.planner.ready(requests)
@@ -414,15 +413,16 @@ class SweepSearcher(Searcher):
         self.on_search_done = callback
 
 
-def trial_steps(config: Mapping[str, Any]) -> int:
+def trial_steps(config: Settings) -> int:
     """The steps a trial of this resolved config reports when nothing stops it: its epochs,
     or a last-layer trial's grid points."""
     from debias.methods import resolve_method
 
-    method = resolve_method(config["method"])
+    config = TrialConfig.of(config)
+    method = resolve_method(config.method)
     params = method.params_of(config)
     if method.trial_kind(params) == "epochs":
-        return int(config["train"]["epochs"])
+        return config.train.epochs
     from debias.last_layer import grid_size
 
     return grid_size(params)  # type: ignore[arg-type]

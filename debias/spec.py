@@ -1,12 +1,13 @@
-"""The sweep-file schema, and the only place that validates it.
+"""The only place that validates a sweep file.
 
-Every section is a typed model (:mod:`debias.params`); a method's own section is declared in
-the method's module (its ``Params``) and found through the one registry
-(:mod:`debias.methods`). The same models generate the JSON Schema editors use
+Every section is a typed model (:mod:`debias.sections`, built with :mod:`debias.params`); a
+method's own section is declared in the method's module (its ``Params``) and found through
+the one registry (:mod:`debias.methods`). The same models generate the JSON Schema editors use
 (``launch.py --schema``, ``sweeps/sweep.schema.json``).
 
-Everything downstream (the planner, the trainable, the tracker) receives a validated
-:class:`Spec` and never re-checks user input. Validation collects *every* problem in the file
+Everything downstream receives a validated :class:`Spec`, whose sections it reads typed
+(``spec.train.epochs``), and never re-checks user input; a trial receives its settings as a
+:class:`debias.trial_config.TrialConfig`. Validation collects *every* problem in the file
 and raises one :class:`SpecError` whose lines each name the key path, the bad value and what
 is allowed, so a user fixes a file in one round trip and nothing starts on an invalid file.
 """
@@ -22,25 +23,23 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import annotated_types as at
 import yaml
-from pydantic import BeforeValidator, Field, Strict, field_validator
 
-from debias.data import DATASETS, DatasetError, check_pair, dataset_attributes
+from debias.data import (
+    DATASETS,
+    DatasetError,
+    GroupedDataset,
+    check_pair,
+    dataset_attributes,
+    load_grouped,
+)
 from debias.methods import Method, MethodLoadError, known_methods, resolve_method
 from debias.methods.base import SweepContext
-from debias.models import ARCHS
 from debias.params import (
-    Choice,
-    Flag,
-    Float,
-    Int,
-    Number,
     SearchDomain,
     Section,
-    Text,
     check_section,
     check_value,
     choice_values,
@@ -49,8 +48,28 @@ from debias.params import (
     searchable,
     show,
 )
+from debias.sections import (
+    DEFAULT_IMAGE_SIZE,
+    LABEL_FREE_METRICS,
+    MAX_SEED,
+    METADATA_ONLY,
+    SECTIONS,
+    SELECTION_METRICS,
+    SHARED_SEARCHABLE,
+    SYNTHETIC_ONLY,
+    Asha,
+    Backbone,
+    Cache,
+    Dataset,
+    Resources,
+    Search,
+    TopLevel,
+    Train,
+)
 
 __all__ = [
+    "LABEL_FREE_METRICS",
+    "MAX_SEED",
     "PIPELINE_KEYS",
     "SELECTION_METRICS",
     "SearchDomain",
@@ -64,10 +83,6 @@ __all__ = [
     "with_params",
 ]
 
-
-#: The largest seed: what numpy's RandomState (Optuna's samplers seed it) accepts, 2**32 - 1;
-#: torch and numpy's Generator accept more.
-MAX_SEED = 2**32 - 1
 
 #: ``storage`` may not be one of these folders (Ray's results, checkpoints and the stage
 #: cache would be written into the system), nor lie inside those of ``SYSTEM_TREES``.
@@ -83,213 +98,6 @@ class SpecError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} is invalid ({len(problems)} problem(s)):\n{lines}")
-
-
-# --------------------------------------------------------------------------- the sections
-
-
-class Train(Section):
-    """SGD (or Adam) of the trial's model; every method that trains by epochs reads it."""
-
-    epochs: int = Int(10, 1, 10_000)
-    batch_size: int = Int(64, 1, 65_536)
-    eval_batch_size: int = Int(256, 1, 65_536, searchable=False)
-    optimizer: Literal["sgd", "adam", "adamw"] = Choice("sgd")
-    lr: Number = Float(1e-2, 0, 10, lo_open=True)
-    weight_decay: Number = Float(1e-4, 0, 10)
-    momentum: Number = Float(0.9, 0, 1, hi_open=True)
-    scheduler: Literal["none", "cosine"] = Choice("none")
-    num_workers: Literal["auto"] | Annotated[int, Strict(), at.Ge(0), at.Le(64)] = Field(
-        "auto", description="DataLoader workers per trial; auto: none for in-memory data, "
-        "else resources.cpu on a GPU trial, one fewer on a CPU trial",
-        json_schema_extra={"x-searchable": False,
-                           "x-expected": "'auto' or an integer in [0, 64]"})
-    augment: Literal["auto", "on", "off"] = Choice(
-        "auto", doc="random-resized-crop + flip of on-disk training images; auto: what the "
-                    "method's reference code does (off for GroupDRO and JTT, on for the "
-                    "others); in-memory (synthetic) images are never augmented")
-    # GPU path: bf16 autocast (CUDA only; ignored on CPU), channels_last tensors, torch.compile.
-    amp: bool = Flag(False)
-    channels_last: bool = Flag(False)
-    compile: bool = Flag(False)
-
-
-class Backbone(Section):
-    arch: Literal[ARCHS] = Choice("small_cnn")
-    weights: str = Text("none", expected="'imagenet', 'none' or a path to a state_dict file",
-                        doc="checked up front: a path must exist")
-
-
-class Reference(Section):
-    """The ERM reference model ClusterFix (where no pretrained backbone exists), SLIM, JTT
-    and DFR start from. Fixed per sweep and never searched, so every trial of a seed shares
-    one cached model; its seed is the trial's, so reported seeds re-train it."""
-
-    epochs: int = Int(10, 1, 10_000, searchable=False)
-    batch_size: int = Int(64, 1, 65_536, searchable=False)
-    optimizer: Literal["sgd", "adam", "adamw"] = Choice("sgd", searchable=False)
-    lr: Number = Float(0.05, 0, 10, lo_open=True, searchable=False)
-    weight_decay: Number = Float(5e-4, 0, 10, searchable=False)
-    momentum: Number = Float(0.9, 0, 1, hi_open=True, searchable=False)
-    scheduler: Literal["none", "cosine"] = Choice("none", searchable=False)
-
-
-def _split_value(value: Any) -> Any:
-    """A split column's value as written in the CSV: YAML reads ``0`` as an int."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class MetadataSplits(Section):
-    """metadata: what the split column holds for each split."""
-
-    train: Annotated[str, BeforeValidator(_split_value)] = Text("train")
-    val: Annotated[str, BeforeValidator(_split_value)] = Text("val")
-    test: Annotated[str, BeforeValidator(_split_value)] = Text("test")
-
-
-class Dataset(Section):
-    name: Literal[DATASETS] = Choice(..., searchable=False)
-    root: str | None = Text(None, doc="real datasets: the folder holding its files")
-    image_size: int | None = Int(None, 8, 1024, searchable=False)
-    spurious_correlation: Number = Float(
-        0.95, 0.5, 1.0, searchable=False,
-        doc="synthetic: P(background matches the target) in train; val/test balanced")
-    seed: int = Int(0, 0, MAX_SEED, searchable=False, doc="synthetic: draws another dataset")
-    size: int = Int(5000, 100, 5000, searchable=False,
-                    doc="synthetic: how many of the 5,000 digits (a seeded subset; smaller for "
-                        "quick runs, the default for results)")
-    file: str = Text("metadata.csv", doc="metadata: the CSV (a row per image), under root")
-    path_column: str = Text("path", doc="metadata: the column of image paths (under root)")
-    split_column: str = Text("split", doc="metadata: the column naming each image's split")
-    splits: MetadataSplits = Field(
-        default_factory=MetadataSplits, description="metadata: the split column's values",
-        json_schema_extra={"x-searchable": False, "x-expected": "a mapping {train: VALUE, "
-                           "val: VALUE, test: VALUE} of the split column's values"})
-
-
-SYNTHETIC_ONLY = ("spurious_correlation", "seed", "size")
-METADATA_ONLY = ("file", "path_column", "split_column", "splits")
-DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224, "metadata": 224}
-
-
-class Search(Section):
-    algorithm: Literal["optuna", "random", "grid"] = Choice("optuna")
-    metric: str = Text("val/worst_group_acc", expected="a selection metric")
-    mode: Literal["max", "min"] = Choice("max")
-    num_samples: int = Int(1, 1, 100_000, doc="search trials per target (and per method)")
-    max_concurrent: int | None = Int(None, 1, 100_000, doc="running trials per pipeline")
-    max_concurrent_total: int | None = Int(None, 1, 100_000,
-                                           doc="running trials of the whole sweep")
-    seed: int = Int(0, 0, MAX_SEED, doc="the sampler's seed")
-    startup_trials: int | None = Int(
-        None, 1, 100_000, doc="optuna: TPE's random start-up trials per pipeline before its "
-                              "model-based ones; default a third of num_samples (2 to 10)")
-    trial_seed: int = Int(
-        1000, 0, MAX_SEED,
-        doc="the seed every search trial trains with; never one of `seeds`, so the "
-            "reported seeds are fresh runs, not the search's own trials")
-    space: dict[str, Any] | None = None
-
-
-class Asha(Section):
-    grace_period: int = Int(1, 1)
-    reduction_factor: Number = Float(3.0, 1, lo_open=True)
-
-
-class Resources(Section):
-    cpu: Number = Float(1.0, 0, lo_open=True)
-    gpu: Number = Float(0.0, 0)
-
-
-class Tracking(Section):
-    uri: str = Text("sqlite:///mlflow.db", expected="a tracking URI (sqlite:///file.db, "
-                                                    "http://host:port, ...)")
-
-
-class Cache(Section):
-    """Where on-disk datasets' decoded images live (debias/data/decoded.py). ``shared``: in
-    the sweep's storage, built once for the cluster (right when storage is local or fast);
-    ``local``: on each node's own disk (``local_dir``, e.g. /tmp or an NVMe mount), built
-    once per node, so an epoch never reads over the network (CelebA at 224 px is ~40 GB);
-    ``off``: decode every image with PIL each epoch."""
-
-    decoded: Literal["shared", "local", "off"] = Choice("shared", searchable=False)
-    local_dir: str = Text("/tmp/debias-cache", expected="a folder on each node's own disk")
-
-
-class Debug(Section):
-    """Fault injection, to check on a real cluster that a crashed trial resumes."""
-
-    fail_once_at_epoch: int | None = Int(None, 1, searchable=False)
-    #: Trials with this seed crash after epoch `fail_once_at_epoch` (default 1) on every
-    #: attempt: a persistent bug, to check that it is recorded and the others carry on.
-    fail_seed: int | None = Int(None, 0, MAX_SEED, searchable=False)
-    #: Trials whose train.lr is this crash after epoch `fail_once_at_epoch` (default: their
-    #: last) on every attempt, after reporting it: a lucky score followed by a crash.
-    fail_lr: Number | None = Float(None, 0, lo_open=True, searchable=False)
-    #: Every trial meets a DatasetError as it starts: a deterministic failure, which must end
-    #: the trial at once with its cause instead of being retried.
-    bad_data: bool = Flag(False)
-    #: Search trials wait as they start (up to 5 minutes) until this many of their pipeline
-    #: have started: forces them to run at once, e.g. on different nodes of a test cluster,
-    #: where a warm worker would otherwise take them one after another.
-    start_together: int | None = Int(None, 2, searchable=False)
-
-
-class TopLevel(Section):
-    name: str = Text(..., expected="a name of letters, digits, '_', '.', '-' (it names the "
-                                   "MLflow experiment)")
-    targets: list[str] = Text(..., expected="a non-empty list of distinct attribute names")
-    seeds: list[int] = Text([0], expected=f"a non-empty list of integers in 0..{MAX_SEED}, "
-                                          "all distinct (e.g. [0, 1, 2])")
-    storage: str = Text("debias_results")
-    max_failures: int = Int(2, 0, 100, searchable=False)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-            raise ValueError("bad name")
-        return v
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _targets(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t for t in v) \
-                or len(set(v)) != len(v):
-            raise ValueError("bad targets")
-        return v
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v: Any) -> Any:
-        if not isinstance(v, list) or not v or len(set(map(str, v))) != len(v) or any(
-                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED
-                for s in v):
-            raise ValueError("bad seeds")
-        return v
-
-
-#: Sections every sweep has (besides the methods' own), in file order.
-SECTIONS: dict[str, type[Section]] = {
-    "dataset": Dataset, "backbone": Backbone, "train": Train, "reference": Reference,
-    "search": Search, "resources": Resources, "tracking": Tracking, "cache": Cache,
-    "debug": Debug,
-}
-#: Sections whose keys a search may vary, for every method of a sweep.
-SHARED_SEARCHABLE = {"train": Train, "backbone": Backbone}
-
-#: Selection metrics every method reports on validation. The last needs no bias labels.
-SELECTION_METRICS = (
-    "val/worst_group_acc",
-    "val/avg_acc",
-    "val/unbiased_acc",
-    "val/weighted_acc",
-    "val/worst_class_acc",
-)
-#: Metrics that select without reading any bias label (of validation or elsewhere).
-LABEL_FREE_METRICS = ("val/avg_acc", "val/worst_class_acc", "val/worst_pseudo_group_acc")
 
 
 def builtin_sections() -> dict[str, type[Method]]:
@@ -346,9 +154,50 @@ class Spec:
                 f"{' and '.join(names)} to point it at your data, e.g. "
                 f"`export {names[0]}=/path/to/datasets`)")
 
+    def _section(self, name: str) -> Any:
+        """A shared section, typed (built once per Spec from its validated values)."""
+        typed = self.__dict__.setdefault("_typed", {})  # a cache beside the frozen fields
+        if name not in typed:
+            typed[name] = SECTIONS[name].model_validate(self.config[name])
+        return typed[name]
+
+    @property
+    def dataset(self) -> Dataset:
+        return self._section("dataset")
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._section("backbone")
+
+    @property
+    def train(self) -> Train:
+        return self._section("train")
+
+    @property
+    def search(self) -> Search:
+        return self._section("search")
+
+    @property
+    def resources(self) -> Resources:
+        return self._section("resources")
+
+    @property
+    def cache(self) -> Cache:
+        return self._section("cache")
+
+    @property
+    def asha(self) -> Asha | None:
+        """ASHA's settings, or None without early stopping (``scheduler: null``)."""
+        scheduler = self.config.get("scheduler")
+        return Asha.model_validate(scheduler["asha"]) if scheduler else None
+
     @property
     def name(self) -> str:
         return self.config["name"]
+
+    @property
+    def max_failures(self) -> int:
+        return self.config["max_failures"]
 
     @property
     def methods(self) -> list[str]:
@@ -373,12 +222,8 @@ class Spec:
         return self.config["seeds"]
 
     @property
-    def search(self) -> dict[str, Any]:
-        return self.config["search"]
-
-    @property
     def search_seed(self) -> int:
-        return self.config["search"]["trial_seed"]
+        return self.search.trial_seed
 
     @property
     def storage(self) -> Path:
@@ -391,6 +236,10 @@ class Spec:
     def bias_for(self, target: str) -> str:
         bias = self.config["bias_attribute"]
         return bias[target] if isinstance(bias, dict) else bias
+
+    def load_data(self, target: str) -> GroupedDataset:
+        """One target's (target, bias) view of the sweep's dataset (this process's copy)."""
+        return load_grouped(self.dataset.model_dump(), target, self.bias_for(target))
 
     def method_class(self, method: str | None = None) -> type[Method]:
         return resolve_method(method or self.methods[0])
@@ -1137,10 +986,10 @@ def _check_scheduler(value: Any, problems: list[str], bad: Any) -> dict[str, Any
 
 def _check_asha(spec: Spec, problems: list[str]) -> None:
     """ASHA stops trials at epoch milestones: it needs epochs, and enough of them."""
-    sched = spec.config["scheduler"]
-    if not sched:
+    asha = spec.asha
+    if asha is None:
         return
-    grace = sched["asha"]["grace_period"]
+    grace = asha.grace_period
     for method in spec.methods:
         cls = spec.method_class(method)
         kinds = {cls.trial_kind(p) for p in spec.param_variants(method)}
@@ -1151,20 +1000,20 @@ def _check_asha(spec: Spec, problems: list[str]) -> None:
                             "points, not epochs)")
     epochs = next((d for d in spec.space if d.path == "train.epochs"), None)
     schedules = next((set(d.values) for d in spec.space if d.path == "train.scheduler"),
-                     {spec.config["train"]["scheduler"]})
+                     {spec.train.scheduler})
     if epochs is not None and "cosine" in schedules:
         problems.append("scheduler: got ASHA with train.epochs searched and train.scheduler "
                         "cosine; expected one of them fixed (ASHA compares trials at equal "
                         "epochs, and a cosine schedule of fewer epochs has annealed further "
                         "by then, so short schedules would win the rungs)")
-    fewest = spec.config["train"]["epochs"] if epochs is None else (
+    fewest = spec.train.epochs if epochs is None else (
         min(epochs.values) if epochs.kind == "choice" else epochs.low)
     if epochs and grace > fewest:
         problems.append(f"scheduler.asha.grace_period: got {grace}; expected at most the fewest "
                         f"epochs a trial can have ({fewest})")
-    elif not epochs and grace > spec.config["train"]["epochs"]:
+    elif not epochs and grace > spec.train.epochs:
         problems.append(f"scheduler.asha.grace_period: got {grace}; expected at most "
-                        f"train.epochs ({spec.config['train']['epochs']})")
+                        f"train.epochs ({spec.train.epochs})")
 
 
 def _check_idle_train_keys(spec: Spec, problems: list[str]) -> None:

@@ -61,6 +61,13 @@ class StageRequest:
     #: requests the stage, so the estimate knows no method.
     work: tuple[tuple[str, str, float], ...] = field(default=(), compare=False)
 
+    @property
+    def cache_dir(self) -> str:
+        """The stage cache this request computes into (its trial's)."""
+        from debias.trial_config import TrialConfig
+
+        return TrialConfig.of(self.config).cache_dir
+
 
 def _cache_file(cache_dir: str, stage: str, key: str) -> Path:
     from debias.cache import StageCache
@@ -87,7 +94,7 @@ def run_stage_task(request: StageRequest) -> str:
         cpus, node = float(os.cpu_count() or 1), ""
     if cpus:
         limit_threads(cpus)
-    if _cache_file(request.config["cache_dir"], request.stage, request.key).is_file():
+    if _cache_file(request.cache_dir, request.stage, request.key).is_file():
         return request.key  # computed already (by the task this one repeats)
     from debias.cache import StageCache
 
@@ -99,7 +106,7 @@ def run_stage_task(request: StageRequest) -> str:
         return request.key  # another task computed it while this one waited for its lock
     from debias.files import append_line
 
-    append_line(Path(request.config["cache_dir"]) / TASK_LOG, json.dumps({
+    append_line(Path(request.cache_dir) / TASK_LOG, json.dumps({
         "stage": request.stage, "key": request.key, "node": node,
         "seconds": round(time.time() - started, 3)}))
     return request.key

@@ -27,6 +27,7 @@ from debias.engine import Trainer, predict_classes
 from debias.methods.erm import ERM
 from debias.models import Classifier, build_classifier
 from debias.stage_plan import StageRequest
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["backbone_identity", "compute_features", "compute_reference", "extract_features",
            "features_key", "features_requests", "frozen_features", "predict",
@@ -54,32 +55,33 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def reference_config(config: dict[str, Any], seed: int | None = None,
+def reference_config(config: Settings, seed: int | None = None,
                      epochs: int | None = None) -> dict[str, Any]:
     """The ERM trial config that trains the reference model: the sweep's dataset, target and
     backbone with the fixed `reference` settings (never the searched `train` values), the
     trial's seed unless ``seed`` says otherwise, and `reference.epochs` unless ``epochs`` does
     (JTT's identification model is the same ERM stopped after T epochs)."""
-    ref = dict(config["reference"])
+    cfg = TrialConfig.of(config)
+    ref = cfg.reference.model_dump()
     if epochs is not None:
         ref["epochs"] = epochs
     return {
         "method": "erm",
-        "dataset": config["dataset"],
-        "target": config["target"],
-        "bias": config["bias"],
-        "seed": config["seed"] if seed is None else seed,
-        "backbone": config["backbone"],
-        "train": {**config["train"], **ref},
+        "dataset": cfg.dataset.model_dump(),
+        "target": cfg.target,
+        "bias": cfg.bias,
+        "seed": cfg.seed if seed is None else seed,
+        "backbone": cfg.backbone.model_dump(),
+        "train": {**cfg.train.model_dump(), **ref},
         "erm": {"balance": "none"},
         # Bias labels never select the reference model: it is the last epoch.
         "selection": {"metric": "val/avg_acc", "mode": "max"},
-        "cache_dir": config["cache_dir"],
+        "cache_dir": cfg.cache_dir,
         "debug": {},
     }
 
 
-def reference_inputs(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+def reference_inputs(config: Settings, data: GroupedDataset, seed: int | None = None,
                      epochs: int | None = None) -> dict[str, Any]:
     """What determines the reference model: its cache key, and part of its dependants' keys."""
     ref_cfg = reference_config(config, seed, epochs)
@@ -87,13 +89,13 @@ def reference_inputs(config: dict[str, Any], data: GroupedDataset, seed: int | N
             "train": ref_cfg["train"], "seed": ref_cfg["seed"]}
 
 
-def reference_key(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+def reference_key(config: Settings, data: GroupedDataset, seed: int | None = None,
                   epochs: int | None = None) -> str:
     """The reference model's cache key: what its dependants (GradCAM, overlays) key on."""
     return stage_key("reference", REFERENCE_VERSION, reference_inputs(config, data, seed, epochs))
 
 
-def reference_model(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+def reference_model(config: Settings, data: GroupedDataset, cache: StageCache,
                     device: torch.device, seed: int | None = None,
                     epochs: int | None = None) -> Classifier:
     """The ERM model trained on the target (cached), in eval mode on `device`."""
@@ -135,11 +137,12 @@ def predict(model: Classifier, data: GroupedDataset, split: str, device: torch.d
     return torch.from_numpy(predict_classes(model, dataset, batch_size, device))
 
 
-def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,
+def features_inputs(config: Settings, data: GroupedDataset, source: str,
                     splits: tuple[str, ...] = SPLITS, normalize: bool = True) -> dict[str, Any]:
     """What determines the frozen features of `source` ('backbone' or 'reference')."""
     if source == "backbone":
-        identity: dict[str, Any] = {"backbone": backbone_identity(config["backbone"])}
+        backbone = TrialConfig.of(config).backbone.model_dump()
+        identity: dict[str, Any] = {"backbone": backbone_identity(backbone)}
     else:
         identity = {"reference": reference_inputs(config, data)}
     inputs = {"data": data.identity(), "source": source, **identity}
@@ -150,14 +153,14 @@ def features_inputs(config: dict[str, Any], data: GroupedDataset, source: str,
     return inputs
 
 
-def features_key(config: dict[str, Any], data: GroupedDataset, source: str,
+def features_key(config: Settings, data: GroupedDataset, source: str,
                  splits: tuple[str, ...] = SPLITS, normalize: bool = True) -> str:
     """The features' cache key: what stages built on them (k-means) key on."""
     return stage_key("features", FEATURES_VERSION,
                      features_inputs(config, data, source, splits, normalize))
 
 
-def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+def frozen_features(config: Settings, data: GroupedDataset, cache: StageCache,
                     device: torch.device, source: str, splits: tuple[str, ...] = SPLITS,
                     normalize: bool = True) -> dict[str, Any]:
     """Trunk features of ``splits`` (default: every split, what ClusterFix shares), from a
@@ -170,8 +173,8 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
 
     def compute() -> dict[str, Any]:
         if source == "backbone":
-            b = config["backbone"]
-            model = build_classifier(b["arch"], b["weights"], {"target": data.n_classes})
+            b = TrialConfig.of(config).backbone
+            model = build_classifier(b.arch, b.weights, {"target": data.n_classes})
             model = model.to(device).eval()
         else:
             model = reference_model(config, data, cache, device)
@@ -188,36 +191,38 @@ def frozen_features(config: dict[str, Any], data: GroupedDataset, cache: StageCa
 # (debias.stage_plan): each computes one stage into the cache by the very call a trial makes.
 
 
-def _task_inputs(config: dict[str, Any]) -> tuple[GroupedDataset, StageCache, torch.device]:
-    from debias.data import load_grouped
+def _task_inputs(config: dict[str, Any]
+                 ) -> tuple[TrialConfig, GroupedDataset, StageCache, torch.device]:
+    """A stage task's typed settings, data, stage cache and device (its config comes over
+    the wire as a plain dict)."""
     from debias.engine import trial_device
 
-    data = load_grouped(config["dataset"], config["target"], config["bias"])
-    return data, StageCache(config["cache_dir"]), trial_device(None)
+    cfg = TrialConfig.of(config)
+    return cfg, cfg.load_data(), StageCache(cfg.cache_dir), trial_device(None)
 
 
 def compute_reference(config: dict[str, Any], seed: int | None = None,
                       epochs: int | None = None) -> None:
-    data, cache, device = _task_inputs(config)
-    reference_model(config, data, cache, device, seed, epochs)
+    cfg, data, cache, device = _task_inputs(config)
+    reference_model(cfg, data, cache, device, seed, epochs)
 
 
 def compute_features(config: dict[str, Any], source: str, splits: list[str],
                      normalize: bool = True) -> None:
-    data, cache, device = _task_inputs(config)
-    frozen_features(config, data, cache, device, source, tuple(splits), normalize)
+    cfg, data, cache, device = _task_inputs(config)
+    frozen_features(cfg, data, cache, device, source, tuple(splits), normalize)
 
 
-def reference_request(config: dict[str, Any], data: GroupedDataset, seed: int | None = None,
+def reference_request(config: TrialConfig, data: GroupedDataset, seed: int | None = None,
                       epochs: int | None = None) -> StageRequest:
-    n = float(epochs or config["reference"]["epochs"])
+    n = float(epochs or config.reference.epochs)
     return StageRequest("reference", reference_key(config, data, seed, epochs),
-                        "debias.stages:compute_reference", config,
+                        "debias.stages:compute_reference", dict(config.raw),
                         {"seed": seed, "epochs": epochs},
                         work=(("train", "train", n), ("eval", "val", n), ("eval", "test", n)))
 
 
-def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
+def features_requests(config: TrialConfig, data: GroupedDataset, source: str,
                       splits: tuple[str, ...] = SPLITS, normalize: bool = True
                       ) -> list[StageRequest]:
     """The features of ``source`` and, for the reference model's, the model first."""
@@ -228,7 +233,7 @@ def features_requests(config: dict[str, Any], data: GroupedDataset, source: str,
         out.append(ref)
         after = (ref.key,)
     out.append(StageRequest("features", features_key(config, data, source, splits, normalize),
-                            "debias.stages:compute_features", config,
+                            "debias.stages:compute_features", dict(config.raw),
                             {"source": source, "splits": list(splits), "normalize": normalize},
                             after, work=tuple(("eval", s, 1.0) for s in splits)))
     return out

@@ -49,7 +49,8 @@ from debias.preflight import (
     sweep_dir,
 )
 from debias.search import PipelinePlan, PipelineScheduler, SweepSearcher, trial_steps
-from debias.spec import LABEL_FREE_METRICS, Spec, config_hash
+from debias.sections import LABEL_FREE_METRICS
+from debias.spec import Spec, config_hash
 from debias.stage_plan import StagePlanner
 from debias.sweep_log import MlflowTrialCallback, SweepLog
 from debias.tracking import FAILURE_KEY, StoreNotReady, Tracker, open_store
@@ -100,14 +101,14 @@ def describe_plan(spec: Spec) -> str:
     s = spec.search
     lines = [
         f"sweep {spec.name!r}: {'study of ' if spec.is_study else ''}method "
-        f"{', '.join(spec.methods)} on {spec.config['dataset']['name']} (from {spec.source})",
+        f"{', '.join(spec.methods)} on {spec.dataset.name} (from {spec.source})",
         f"  targets: {', '.join(f'{t} (bias {spec.bias_for(t)})' for t in spec.targets)}",
-        f"  selection: {s['metric']} ({s['mode']}); " + (
-            "no bias labels" if s["metric"] in LABEL_FREE_METRICS
+        f"  selection: {s.metric} ({s.mode}); " + (
+            "no bias labels" if s.metric in LABEL_FREE_METRICS
             else "reads validation bias labels"),
     ]
     total = 0
-    dataset = spec.config["dataset"]["name"]
+    dataset = spec.dataset.name
     for method in spec.methods:
         n_search = num_search_trials(spec, method)
         total += len(spec.targets) * (n_search + len(spec.seeds))
@@ -116,19 +117,19 @@ def describe_plan(spec: Spec) -> str:
                                  spec.param_variants(method)}))
         samplers = ", ".join(f"{n} {name}" for name, n in
                              _plan(spec, method, method).samplers().items() if n)
-        lines.append(f"  {method}: {s['algorithm']} search, {n_search} trial(s) per target "
+        lines.append(f"  {method}: {s.algorithm} search, {n_search} trial(s) per target "
                      f"({samplers}); steps per trial: {cls.steps(spec.context(method))}; bias "
                      f"labels for training: {uses}")
         for d in spec.space_for(method):
             lines.append(f"    {d.path}: {d.describe()}")
-    if spec.config["scheduler"]:
-        lines.append(f"  early stopping: ASHA {spec.config['scheduler']['asha']} per pipeline")
+    if spec.asha is not None:
+        lines.append(f"  early stopping: ASHA {spec.asha.model_dump()} per pipeline")
     lines += [f"  note: {note}" for note in spec.notes]
     lines += [
         f"  search trials train with seed {spec.search_seed} (search.trial_seed); reported "
         f"seeds: {spec.seeds} ({len(spec.seeds)} fresh re-runs of the best config per target)",
         f"  pipelines: {len(pipelines(spec))} at once; trials in all: {total}",
-        f"  resources per trial: {spec.config['resources']}",
+        f"  resources per trial: {spec.resources.model_dump()}",
         *decoded_cache_lines(spec),
         f"  storage: {spec.storage}",
         f"  tracking: {redact_uri(spec.tracking_uri)}",
@@ -138,11 +139,11 @@ def describe_plan(spec: Spec) -> str:
 
 def _plan(spec: Spec, method: str, name: str) -> PipelinePlan:
     s = spec.search
-    return PipelinePlan(name=name, domains=spec.space_for(method), algorithm=s["algorithm"],
-                        num_samples=s["num_samples"], seeds=tuple(spec.seeds),
-                        max_concurrent=s.get("max_concurrent"),
-                        startup=s.get("startup_trials"),
-                        planned_steps=trial_steps if spec.config["scheduler"] else None)
+    return PipelinePlan(name=name, domains=spec.space_for(method), algorithm=s.algorithm,
+                        num_samples=s.num_samples, seeds=tuple(spec.seeds),
+                        max_concurrent=s.max_concurrent,
+                        startup=s.startup_trials,
+                        planned_steps=trial_steps if spec.asha is not None else None)
 
 
 def _plans(spec: Spec) -> list[PipelinePlan]:
@@ -155,7 +156,7 @@ def _max_epochs(spec: Spec, method: str) -> int:
     for d in spec.space_for(method):
         if d.path == "train.epochs":
             return int(max(d.values) if d.kind == "choice" else d.high)
-    return int(spec.config["train"]["epochs"])
+    return spec.train.epochs
 
 
 #: Signals that stop a sweep the way Ctrl-C does: a `kill`, a scheduler's stop, a closed
@@ -243,7 +244,7 @@ def _run_claimed(spec: Spec, claim: Any, *, address: str | None, resume: bool,
         raise SweepError(str(exc)) from None
     try:
         init_ray(address, num_cpus)
-        check_resources(spec.config["resources"])
+        check_resources(spec.resources.model_dump())
     except ClusterError as exc:
         raise SweepError(str(exc)) from None
     try:  # after Ray is up: what a method builds first (SLIM's request) runs on a worker
@@ -251,7 +252,7 @@ def _run_claimed(spec: Spec, claim: Any, *, address: str | None, resume: bool,
         check_decoded_space(spec, alive_nodes())  # cache.decoded fits on every node's disk
     except PreflightFailed as exc:
         raise SweepError(str(exc)) from None
-    for warning in packing_warnings(spec.config["resources"], node_types()):
+    for warning in packing_warnings(spec.resources.model_dump(), node_types()):
         log.warning(warning)
     record_config(spec)
     if new_id:
@@ -388,13 +389,13 @@ def _trial_errors(grid: Any, pipelines_: list[str], limit: int = 3) -> str:
 
 def _parent_tags(spec: Spec, p: Pipeline) -> dict[str, str]:
     cls = spec.method_class(p.method)
-    dataset = spec.config["dataset"]["name"]
+    dataset = spec.dataset.name
     uses = sorted({cls.bias_labels(v, dataset).describe()
                    for v in spec.param_variants(p.method)})
-    metric = spec.search["metric"]
+    metric = spec.search.metric
     return {"sweep": spec.name, "method": p.method, "target_attribute": p.target,
-            "dataset": spec.config["dataset"]["name"], "bias_attribute": spec.bias_for(p.target),
-            "dataset_config": config_hash(spec.config["dataset"]),
+            "dataset": spec.dataset.name, "bias_attribute": spec.bias_for(p.target),
+            "dataset_config": config_hash(spec.dataset.model_dump()),
             "bias_labels": ",".join(uses), "selection_metric": metric,
             "selection_uses_bias_labels": str(metric not in LABEL_FREE_METRICS).lower(),
             "trial_selects_among": cls.steps(spec.context(p.method))}
@@ -403,9 +404,9 @@ def _parent_tags(spec: Spec, p: Pipeline) -> dict[str, str]:
 def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], resume: bool,
          retry_failed: bool) -> tune.ResultGrid:
     path = tune_path(spec)
-    res = spec.config["resources"]
+    res = spec.resources
     trainable = tune.with_resources(tune.with_parameters(train_trial, bases=bases),
-                                    {"cpu": res["cpu"], "gpu": res["gpu"]})
+                                    {"cpu": res.cpu, "gpu": res.gpu})
     if resume and path.is_dir():
         try:  # a full disk may have cut Tune's state files short: the last good copy
             for line in recover(path):
@@ -421,10 +422,10 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
         plans = _plans(spec)
         # Shared stages are Ray tasks the searcher plans before the trials that read them.
         planner = StagePlanner(str(spec.storage / "cache"))
-        searcher = SweepSearcher(spec.name, plans, metric=TUNE_METRIC, mode=spec.search["mode"],
-                                 seed=spec.search["seed"], bases=bases, planner=planner)
-        scheduler = PipelineScheduler(TUNE_METRIC, spec.search["mode"],
-                                      (spec.config["scheduler"] or {}).get("asha"),
+        searcher = SweepSearcher(spec.name, plans, metric=TUNE_METRIC, mode=spec.search.mode,
+                                 seed=spec.search.seed, bases=bases, planner=planner)
+        scheduler = PipelineScheduler(TUNE_METRIC, spec.search.mode,
+                                      spec.asha.model_dump() if spec.asha else None,
                                       {p.name: _max_epochs(spec, p.method) for p in pipes},
                                       state_path=str(sweep_dir(spec) / "asha_rungs.pkl"))
         # The searcher says when it is done: stage tasks are trials too, and how many a sweep
@@ -435,13 +436,13 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
             trainable,
             param_space={},
             tune_config=tune.TuneConfig(
-                metric=TUNE_METRIC, mode=spec.search["mode"], search_alg=searcher,
+                metric=TUNE_METRIC, mode=spec.search.mode, search_alg=searcher,
                 scheduler=scheduler, num_samples=total, reuse_actors=True,
-                max_concurrent_trials=spec.search.get("max_concurrent_total"),
+                max_concurrent_trials=spec.search.max_concurrent_total,
                 trial_dirname_creator=lambda t: f"{t.config['phase']}_{t.trial_id}"),
             run_config=tune.RunConfig(
                 name=path.name, storage_path=str(path.parent),
-                failure_config=tune.FailureConfig(max_failures=spec.config["max_failures"]),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # The latest checkpoint is for resuming; each holds the selected model too.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=[callback, DiskWatch(str(spec.storage))],
@@ -456,9 +457,9 @@ def _fit(spec: Spec, pipes: list[Pipeline], bases: dict[str, dict[str, Any]], re
 def _slots(spec: Spec) -> int:
     """Trials the cluster can run at once now (and one node's worth more per autoscaling
     node type, so a waiting trial can ask for a node), capped by the sweep-wide cap."""
-    res = spec.config["resources"]
+    res = spec.resources.model_dump()
     slots = sum(trials_per_node(res, r) for _, r, _scaling in node_types())
-    cap = spec.search.get("max_concurrent_total")
+    cap = spec.search.max_concurrent_total
     return max(1, min(slots, cap) if cap else slots)
 
 
@@ -490,5 +491,5 @@ def _reporter(spec: Spec) -> Any:
             parameter_columns=["pipeline", "phase", "seed"], max_report_frequency=10)
     from debias.progress import SweepProgress
 
-    return SweepProgress(spec.name, TUNE_METRIC, spec.search["mode"],
-                         label=spec.search["metric"])
+    return SweepProgress(spec.name, TUNE_METRIC, spec.search.mode,
+                         label=spec.search.metric)

@@ -31,6 +31,7 @@ from debias.methods import Method, resolve_method
 from debias.spec import trial_config
 from debias.stage_plan import STAGE_PHASE, StageRequest, run_stage_task
 from debias.tracking import FAILURE_KEY, NOTE_PREFIX
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["MODEL_CONFIG", "MODEL_FILE", "STATE_FILE", "TRIAL_KINDS", "Trial", "build_trial",
            "limit_threads", "train_trial"]
@@ -62,9 +63,10 @@ class Trial(Protocol):
 TRIAL_KINDS: dict[str, Callable[..., Trial]] = {"epochs": Trainer, "last_layer": LastLayerTrial}
 
 
-def build_trial(config: dict[str, Any], device: str | None = None) -> Trial:
+def build_trial(config: Settings, device: str | None = None) -> Trial:
     """The trial a config asks for: its method, in the kind of trial the method runs."""
-    method: type[Method] = resolve_method(config["method"])
+    config = TrialConfig.of(config)
+    method: type[Method] = resolve_method(config.method)
     kind = method.trial_kind(method.params_of(config))
     return TRIAL_KINDS[kind](config, method, device=device)
 
@@ -76,10 +78,10 @@ DETERMINISTIC: tuple[type[BaseException], ...] = (
     DatasetError, BiasLabelsHidden, CorruptFile, pickle.UnpicklingError)
 
 
-def deterministic(config: dict[str, Any]) -> tuple[type[BaseException], ...]:
+def deterministic(config: Settings) -> tuple[type[BaseException], ...]:
     """The failures no retry cures for a trial or stage task of ``config``'s method."""
     try:
-        return DETERMINISTIC + resolve_method(config["method"]).deterministic_errors
+        return DETERMINISTIC + resolve_method(TrialConfig.of(config).method).deterministic_errors
     except Exception:  # an unloadable method fails on its own, with its own message
         return DETERMINISTIC
 
@@ -98,24 +100,24 @@ def _node_id() -> str:
         return ""
 
 
-def save_selected(trial: Trial, config: dict[str, Any], folder: Path) -> None:
-    """The selected model and its config, beside a checkpoint's state."""
+def save_selected(trial: Trial, config: TrialConfig, folder: Path) -> None:
+    """The selected model and its config (as Tune carried it), beside a checkpoint's state."""
     import yaml
 
     state = trial.selected_model()
     if state is not None:
         atomic_torch_save(folder / MODEL_FILE, state)
-        (folder / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
+        (folder / MODEL_CONFIG).write_text(yaml.safe_dump(dict(config.raw), sort_keys=True))
 
 
-def _start_together(config: dict[str, Any], pipeline: str, trial: str, count: int,
+def _start_together(config: TrialConfig, pipeline: str, trial: str, count: int,
                     timeout_s: float = 300.0) -> None:
     """debug.start_together: sign in under the cache folder (shared by every node), then
     wait until `count` trials of this pipeline have signed in. A retried trial has already
     signed in, so it does not wait again."""
     import time
 
-    folder = Path(config["cache_dir"]) / "debug-start-together" / pipeline.replace("/", "__")
+    folder = Path(config.cache_dir) / "debug-start-together" / pipeline.replace("/", "__")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / trial).touch()
     deadline = time.monotonic() + timeout_s
@@ -135,7 +137,7 @@ def _checkpoints(checkpoint: Any) -> list[Path]:
     return out
 
 
-def _resume(config: dict[str, Any], checkpoint: Any) -> tuple[Trial, str | None]:
+def _resume(config: TrialConfig, checkpoint: Any) -> tuple[Trial, str | None]:
     """The trial, resumed from the newest checkpoint that loads (a checkpoint cut short by a
     kill or a full disk is skipped), or from scratch if none does; with a note naming what
     was skipped (None when the latest loaded, or there was none)."""
@@ -153,10 +155,10 @@ def _resume(config: dict[str, Any], checkpoint: Any) -> tuple[Trial, str | None]
         if not skipped:
             return trainer, None
         note = f"resumed from {folder.name}: {'; '.join(skipped)}"
-        logging.getLogger("debias").warning("trial %s: %s", config.get("trial", ""), note)
+        logging.getLogger("debias").warning("trial %s: %s", config.raw.get("trial", ""), note)
         return trainer, note
     note = f"restarted from scratch: {'; '.join(skipped)}"
-    logging.getLogger("debias").warning("trial %s: %s", config.get("trial", ""), note)
+    logging.getLogger("debias").warning("trial %s: %s", config.raw.get("trial", ""), note)
     return trainer, note
 
 
@@ -177,10 +179,11 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
             return
         tune.report({"stage_key": request.key, "selected/score": math.nan})
         return
-    config = trial_config(bases, params)
+    config = TrialConfig.of(trial_config(bases, params))
     checkpoint = tune.get_checkpoint()
+    debug = config.debug
     try:
-        if config["debug"].get("bad_data"):
+        if debug.bad_data:
             raise DatasetError("debug.bad_data: an injected deterministic failure")
         trainer, restart_note = _resume(config, checkpoint)
     except deterministic(config) as exc:
@@ -188,13 +191,12 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
         # cause, instead of Tune retrying it max_failures times into the same wall.
         tune.report({FAILURE_KEY: f"{type(exc).__name__}: {exc}", "selected/score": math.nan})
         return
-    debug = config["debug"]
-    if debug.get("start_together") and params.get("phase") == "search":
+    if debug.start_together and params.get("phase") == "search":
         _start_together(config, str(params["pipeline"]), str(params.get("trial")),
-                        int(debug["start_together"]))
-    fail_at = debug.get("fail_once_at_epoch")
-    always = debug.get("fail_seed") is not None and debug["fail_seed"] == config["seed"]
-    doomed = debug.get("fail_lr") is not None and debug["fail_lr"] == config["train"]["lr"]
+                        debug.start_together)
+    fail_at = debug.fail_once_at_epoch
+    always = debug.fail_seed is not None and debug.fail_seed == config.seed
+    doomed = debug.fail_lr is not None and debug.fail_lr == config.train.lr
     node_id = _node_id()
     for metrics in trainer.epochs():
         metrics["node_id"] = node_id  # a string: tagged on the MLflow run, not a metric
@@ -205,11 +207,11 @@ def train_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]]) -> Non
             save_selected(trainer, config, Path(folder))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         if always and trainer.epoch >= (fail_at or 1):
-            raise RuntimeError(f"debug.fail_seed: injected failure of seed {config['seed']} "
+            raise RuntimeError(f"debug.fail_seed: injected failure of seed {config.seed} "
                                f"after epoch {trainer.epoch}")
-        if doomed and trainer.epoch >= (fail_at or config["train"]["epochs"]):
+        if doomed and trainer.epoch >= (fail_at or config.train.epochs):
             raise RuntimeError(f"debug.fail_lr: injected failure of train.lr "
-                               f"{config['train']['lr']} after epoch {trainer.epoch}")
+                               f"{config.train.lr} after epoch {trainer.epoch}")
         if trainer.epoch == fail_at and checkpoint is None:
             raise RuntimeError(f"debug.fail_once_at_epoch: injected failure after epoch "
                                f"{trainer.epoch} (the retry resumes from this checkpoint)")

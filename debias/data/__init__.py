@@ -15,7 +15,7 @@ from debias.data.grouped import (
     GroupedDataset,
     SplitView,
 )
-from debias.data.torch_data import decoded_cache_dir, make_torch_dataset
+from debias.data.torch_data import make_torch_dataset
 
 __all__ = [
     "DATASETS",
@@ -27,7 +27,6 @@ __all__ = [
     "check_pair",
     "clear_cache",
     "dataset_attributes",
-    "decoded_cache_dir",
     "has_masks",
     "load_grouped",
     "make_torch_dataset",

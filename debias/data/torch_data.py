@@ -64,17 +64,6 @@ class OnDiskGroupedDataset(torch.utils.data.Dataset):
         return [self[int(p)] for p in positions]
 
 
-def decoded_cache_dir(config: dict) -> str | None:
-    """Where a trial config's decoded images live (its ``cache`` section): the sweep's
-    stage cache (shared), a node-local folder, or nowhere (decode with PIL each epoch)."""
-    placement = (config.get("cache") or {}).get("decoded", "shared")
-    if placement == "off":
-        return None
-    if placement == "local":
-        return str(Path(config["cache"]["local_dir"]).expanduser())
-    return config["cache_dir"]
-
-
 def make_torch_dataset(data: GroupedDataset, split: str, train: bool,
                        cache_dir: str | Path | None = None) -> torch.utils.data.Dataset:
     """Items are (normalised float CxHxW tensor, position into ``data.view(split)`` arrays).

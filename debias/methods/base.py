@@ -21,7 +21,6 @@ says they use them: the engine gives them a table with those labels hidden, and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,8 +34,10 @@ from debias.linear_heads import split_halves
 from debias.metrics import cluster_purity
 from debias.models import Classifier
 from debias.params import SearchDomain, Section
+from debias.sections import Train
 from debias.seeding import derive_seed
 from debias.stage_plan import StageRequest
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["BiasAudit", "BiasLabels", "Method", "NoParams", "PreflightError", "SweepContext"]
 
@@ -182,9 +183,14 @@ class Method:
         return {}
 
     @classmethod
-    def params_of(cls, config: Mapping[str, Any]) -> Section:
-        """This method's typed parameters from a resolved (already validated) config."""
-        return cls.Params.model_validate(config.get(cls.section) or {} if cls.section else {})
+    def params_of(cls, config: Settings) -> Section:
+        """This method's typed parameters from a trial's settings or a resolved (already
+        validated) sweep config."""
+        if not cls.section:
+            return cls.Params.model_validate({})
+        own = (config.section(cls.section) if isinstance(config, TrialConfig)
+               else config.get(cls.section))
+        return cls.Params.model_validate(own or {})
 
     @classmethod
     def bias_labels(cls, params: Section, dataset: str | None = None) -> BiasLabels:
@@ -201,11 +207,12 @@ class Method:
         return "epochs"
 
     @classmethod
-    def augments(cls, train: Mapping[str, Any]) -> bool:
+    def augments(cls, train: Train) -> bool:
         """Whether this method's trials augment training images: ``train.augment``, where
         ``auto`` is the reference code's default (:attr:`reference_augments`)."""
-        choice = train.get("augment", "auto")
-        return cls.reference_augments if choice == "auto" else choice == "on"
+        if train.augment == "auto":
+            return cls.reference_augments
+        return train.augment == "on"
 
     @classmethod
     def uses_train_knobs(cls, params: Section) -> bool:
@@ -213,7 +220,7 @@ class Method:
         return cls.trial_kind(params) == "epochs"
 
     @classmethod
-    def shared_stages(cls, config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+    def shared_stages(cls, config: TrialConfig, data: GroupedDataset) -> list[StageRequest]:
         """The shared stages a trial of ``config`` reads, for the sweep's planner to compute
         once, as Ray tasks, before it starts (cheap per-trial stages may stay in the trial)."""
         del config, data
@@ -244,11 +251,12 @@ class Method:
 
     # ------------------------------------------------------------------ trial-time hooks
 
-    def __init__(self, config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                 device: torch.device, audit: BiasAudit | None = None) -> None:
-        self.config = config
-        self.params = self.params_of(config)
-        self.seed = int(config["seed"])
+    def __init__(self, config: Settings, data: GroupedDataset,
+                 cache: StageCache, device: torch.device, audit: BiasAudit | None = None
+                 ) -> None:
+        self.config = TrialConfig.of(config)
+        self.params = self.params_of(self.config)
+        self.seed = self.config.seed
         self.data = data
         self.cache = cache
         self.device = device

@@ -43,6 +43,7 @@ from debias.params import Choice, Float, Int, Number, Section
 from debias.seeding import derive_seed
 from debias.stage_plan import StageRequest
 from debias.stages import features_key, features_requests, frozen_features
+from debias.trial_config import TrialConfig
 
 __all__ = ["ClusterFix", "ClusterFixParams", "ClusterWeights", "class_mix_order", "cosine_kmeans",
            "kmeans_per_class", "nearest_centre"]
@@ -246,13 +247,13 @@ class ClusterFix(Method):
                 "backbone.weights is 'none' (random features cannot cluster)")
 
     @staticmethod
-    def _source(params: ClusterFixParams, config: dict[str, Any]) -> str:
+    def _source(params: ClusterFixParams, config: TrialConfig) -> str:
         if params.features == "auto":
-            return "reference" if config["backbone"]["weights"] == "none" else "backbone"
+            return "reference" if config.backbone.weights == "none" else "backbone"
         return params.features
 
     @classmethod
-    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[StageRequest]:
+    def shared_stages(cls, config: TrialConfig, data: Any) -> list[StageRequest]:
         # k-means (one per k, seconds) stays in the trial; features and their model do not.
         return features_requests(config, data, cls._source(cls.params_of(config), config))
 
@@ -282,7 +283,7 @@ class ClusterFix(Method):
     def epoch_order(self, epoch: int, rng: np.random.Generator) -> np.ndarray:
         if self.params.class_mix is None:
             return rng.permutation(self.train_positions())
-        return class_mix_order(self.data.view("train").y, int(self.config["train"]["batch_size"]),
+        return class_mix_order(self.data.view("train").y, self.config.train.batch_size,
                                float(self.params.class_mix), rng)
 
     def heads(self) -> dict[str, int]:

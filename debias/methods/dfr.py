@@ -36,6 +36,7 @@ from debias.params import Floats, Int, Number
 from debias.seeding import derive_seed
 from debias.stage_plan import StageRequest
 from debias.stages import features_requests
+from debias.trial_config import TrialConfig
 
 __all__ = ["DFR", "DFRParams", "balanced_draw"]
 
@@ -77,7 +78,7 @@ class DFR(Method):
         return "last_layer"
 
     @classmethod
-    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[StageRequest]:
+    def shared_stages(cls, config: TrialConfig, data: Any) -> list[StageRequest]:
         return features_requests(config, data, "reference", ("val", "test"), normalize=False)
 
     @classmethod

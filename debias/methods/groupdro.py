@@ -121,7 +121,7 @@ class GroupDRO(Method):
         order = (balanced_draws(groups, len(groups), rng) if self.params.reweight_groups
                  else rng.permutation(len(groups)))
         self._mix = batch_mix(groups[order], smallest_group(groups),
-                              int(self.config["train"]["batch_size"]))
+                              self.config.train.batch_size)
         return order
 
     def loss(self, model: Classifier, images: torch.Tensor, positions: torch.Tensor,

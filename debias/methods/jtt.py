@@ -46,6 +46,7 @@ from debias.stages import (
     reference_model,
     reference_request,
 )
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["JTT", "JTTParams", "compute_errors", "error_set", "upsampled_positions"]
 
@@ -88,7 +89,7 @@ class RecordingERM(ERM):
         return F.cross_entropy(logits, labels)
 
 
-def errors_inputs(config: dict[str, Any], data: GroupedDataset, params: JTTParams
+def errors_inputs(config: TrialConfig, data: GroupedDataset, params: JTTParams
                   ) -> dict[str, Any]:
     if params.error_predictions == "eval_after":
         return {"reference": reference_key(config, data, epochs=params.epochs_id)}
@@ -96,7 +97,7 @@ def errors_inputs(config: dict[str, Any], data: GroupedDataset, params: JTTParam
             "predictions": params.error_predictions}
 
 
-def training_pass_errors(config: dict[str, Any], data: GroupedDataset, device: torch.device,
+def training_pass_errors(config: TrialConfig, data: GroupedDataset, device: torch.device,
                          epochs: int) -> torch.Tensor:
     """ERM with the ``reference`` settings for ``epochs`` full epochs, then the examples it
     misclassifies during the next training pass (train mode, before each batch's step)."""
@@ -116,7 +117,7 @@ def training_pass_errors(config: dict[str, Any], data: GroupedDataset, device: t
     return torch.from_numpy(method.preds != np.asarray(data.view("train").y))
 
 
-def error_set(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
+def error_set(config: TrialConfig, data: GroupedDataset, cache: StageCache,
               device: torch.device, params: JTTParams) -> np.ndarray:
     """The training examples the identification model gets wrong (a cached stage)."""
 
@@ -124,21 +125,21 @@ def error_set(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
         if params.error_predictions == "training_pass":
             return {"errors": training_pass_errors(config, data, device, params.epochs_id)}
         model = reference_model(config, data, cache, device, epochs=params.epochs_id)
-        preds = predict(model, data, "train", device, config["train"]["eval_batch_size"])
+        preds = predict(model, data, "train", device, config.train.eval_batch_size)
         return {"errors": preds != torch.from_numpy(np.array(data.view("train").y))}
 
     return cache.get_or_compute("jtt_errors", ERRORS_VERSION,
                                 errors_inputs(config, data, params), identify)["errors"].numpy()
 
 
-def compute_errors(config: dict[str, Any]) -> None:
+def compute_errors(config: Settings) -> None:
     """The stage task: the identification model, then its error set, into the cache."""
-    from debias.data import load_grouped
     from debias.engine import trial_device
 
-    data = load_grouped(config["dataset"], config["target"], config["bias"])
-    error_set(config, data, StageCache(config["cache_dir"]), trial_device(None),
-              JTT.params_of(config))
+    cfg = TrialConfig.of(config)
+    params = JTT.params_of(cfg)
+    assert isinstance(params, JTTParams)
+    error_set(cfg, cfg.load_data(), StageCache(cfg.cache_dir), trial_device(None), params)
 
 
 class JTT(Method):
@@ -150,12 +151,12 @@ class JTT(Method):
     summary = "upweight what a briefly trained ERM model gets wrong (no bias labels)"
 
     @classmethod
-    def shared_stages(cls, config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+    def shared_stages(cls, config: TrialConfig, data: GroupedDataset) -> list[StageRequest]:
         params = cls.params_of(config)
         assert isinstance(params, JTTParams)
         errors = StageRequest("jtt_errors", stage_key("jtt_errors", ERRORS_VERSION,
                                                       errors_inputs(config, data, params)),
-                              "debias.methods.jtt:compute_errors", config,
+                              "debias.methods.jtt:compute_errors", dict(config.raw),
                               work=(("train", "train", float(params.epochs_id)),
                                     ("eval", "train", 1.0)))
         if params.error_predictions == "training_pass":

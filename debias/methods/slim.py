@@ -44,6 +44,7 @@ from debias.slim.modes import (
 
 if TYPE_CHECKING:
     from debias.spec import Spec
+    from debias.trial_config import TrialConfig
 
 __all__ = ["SLIM", "SLIMParams"]
 
@@ -136,8 +137,8 @@ class SLIM(Method):
         return "last_layer" if params.retrain == "last_layer" else "epochs"
 
     @classmethod
-    def shared_stages(cls, config: dict[str, Any], data: Any) -> list[Any]:
-        return stage_requests(config, data)
+    def shared_stages(cls, config: TrialConfig, data: Any) -> list[Any]:
+        return stage_requests(config, cls.params_of(config), data)
 
     @classmethod
     def check(cls, ctx: SweepContext) -> None:
@@ -178,7 +179,7 @@ class SLIM(Method):
     def preflight(cls, spec: Spec, dry_run: bool) -> None:
         """With a person annotating, the file must hold rows for every retrain mode the
         sweep can take before trials start (see :func:`debias.slim.annotate.check_request`)."""
-        if spec.config["slim"]["annotator"] == "csv":
+        if spec.params_of(cls.name).annotator == "csv":
             from debias.slim.annotate import check_request
 
             check_request(spec, dry_run)
@@ -197,7 +198,8 @@ class SLIM(Method):
     # ------------------------------------------------------------------ trial-time hooks
 
     def prepare(self) -> None:
-        self.reference = reference_for(self.config, self.data, self.cache, self.device)
+        self.reference = reference_for(self.config, self.params, self.data, self.cache,
+                                       self.device)
         if self.params.retrain != "full":
             return
         self.curation = curation(self.config, self.params, self.data, self.cache, self.device,
@@ -228,10 +230,10 @@ class SLIM(Method):
     # ------------------------------------------------------------------ last layer
 
     def fit_halves(self) -> tuple[np.ndarray, np.ndarray]:
-        return validation_halves(self.data, sampling_seed(self.config))
+        return validation_halves(self.data, sampling_seed(self.config, self.params))
 
     def reference_seed(self) -> int:
-        return sampling_seed(self.config)
+        return sampling_seed(self.config, self.params)
 
     def fit_subsets(self, fit_half: np.ndarray) -> list[np.ndarray]:
         curations = [curation(self.config, self.params, self.data, self.cache, self.device,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from debias.sections import Resources
 from debias.slim.annotation_page import start_annotation_server, stop_annotation_server
 from debias.slim.annotation_store import AnnotationStore
 from debias.slim.annotations import (
@@ -27,13 +28,19 @@ from debias.slim.annotations import (
     request_splits,
     write_annotation_request,
 )
-from debias.spec import Spec, with_params
+from debias.spec import Spec
+from debias.trial_config import TrialConfig
 from debias.ui import HOST, free_port, stop_signals_as_interrupt
 
 __all__ = ["DEFAULT_PORT", "annotate_command", "check_request", "ensure_request",
            "missing_request_splits", "run_annotate", "sweep_command"]
 
 DEFAULT_PORT = 8765
+
+
+def _knobs(spec: Spec) -> Any:
+    """The sweep's SLIM parameters, typed (:class:`debias.methods.slim.SLIMParams`)."""
+    return spec.params_of("slim")
 
 
 def _needed_splits(spec: Spec) -> dict[str, str]:
@@ -47,7 +54,7 @@ def _needed_splits(spec: Spec) -> dict[str, str]:
 def missing_request_splits(spec: Spec) -> list[str]:
     """Splits the sweep needs answers for that the annotation file has no rows of (all of
     them while the file does not exist). Reads the CSV only: cheap enough for a dry run."""
-    path = Path(spec.config["slim"]["annotations"])
+    path = Path(_knobs(spec).annotations)
     have = request_splits(path) if path.is_file() else set()
     return [split for split in _needed_splits(spec) if split not in have]
 
@@ -60,16 +67,16 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     if "slim" not in spec.methods:
         raise AnnotationError(f"--annotate is SLIM's annotation step; sweep {spec.name!r} "
                               f"uses method {spec.method!r}")
-    slim = spec.config["slim"]
-    if slim.get("annotator") != "csv" or not slim.get("annotations"):
+    slim = _knobs(spec)
+    if slim.annotator != "csv" or not slim.annotations:
         raise AnnotationError(
-            f"sweep {spec.name!r} has slim.annotator {slim.get('annotator')!r}; annotating by "
+            f"sweep {spec.name!r} has slim.annotator {slim.annotator!r}; annotating by "
             "hand needs --set slim.annotator=csv --set slim.annotations=PATH.csv")
     if len(spec.targets) > 1:
         print(f"note: slim.annotations is one file but the sweep has {len(spec.targets)} "
               f"targets; the request is for the first, {spec.targets[0]!r} (annotate the others "
               "with --set targets=[T] --set slim.annotations=OTHER.csv)", file=sys.stderr)
-    path = Path(slim["annotations"])
+    path = Path(slim.annotations)
     missing = missing_request_splits(spec)
     if not missing:
         return path, 0
@@ -80,8 +87,7 @@ def ensure_request(spec: Spec) -> tuple[Path, int]:
     print(f"building the annotation request for target {target!r}, retrain mode(s) "
           f"{', '.join(modes)} {where} (ERM reference model and GradCAM from the stage cache, "
           "computed first if absent) ...", flush=True)
-    rows = _request_rows(base, spec.params_of("slim"), modes, path,
-                         spec.config["resources"])
+    rows = _request_rows(base, slim, modes, path, spec.resources)
     kept = read_request_rows(path) if path.is_file() else []
     write_annotation_request(path, [*kept, *rows])
     return path, len(rows)
@@ -105,23 +111,23 @@ def build_request(base: dict[str, Any], knobs: Any, modes: Sequence[str], name: 
     import torch
 
     from debias.cache import StageCache
-    from debias.data import load_grouped
     from debias.slim.modes import annotation_request_rows
 
-    data = load_grouped(base["dataset"], base["target"], base["bias"])
+    config = TrialConfig.of(base)
+    data = config.load_data()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = StageCache(base["cache_dir"])
+    cache = StageCache(config.cache_dir)
     with tempfile.TemporaryDirectory(prefix="debias-request-") as tmp:
         local = Path(tmp) / name
         rows = [row for mode in modes for row in annotation_request_rows(
-            with_params(base, {"slim.retrain": mode}), knobs, data, cache, device, local)]
+            config, knobs.model_copy(update={"retrain": mode}), data, cache, device, local)]
         folder = local.with_name(f"{local.stem}_overlays")
         files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
     return rows, str(folder), files
 
 
 def _request_rows(base: dict[str, Any], knobs: Any, modes: Sequence[str], path: Path,
-                  resources: dict[str, Any]) -> list[dict[str, Any]]:
+                  resources: Resources) -> list[dict[str, Any]]:
     """Build the request where the trials would run: with a sweep's Ray up, as a Ray task
     with the sweep's per-trial resources (the reference model and GradCAM want the workers'
     GPU, not the head's CPU); without one (``--annotate`` on a laptop), in this process.
@@ -131,7 +137,7 @@ def _request_rows(base: dict[str, Any], knobs: Any, modes: Sequence[str], path: 
     if _ray_is_up():
         import ray
 
-        task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"],
+        task = ray.remote(num_cpus=resources.cpu, num_gpus=resources.gpu,
                           max_retries=1)(build_request)
         rows, remote, files = ray.get(task.remote(base, knobs, list(modes), path.name))
     else:
@@ -158,7 +164,7 @@ def check_request(spec: Spec, dry_run: bool = False) -> None:
     from debias.methods.base import PreflightError
     from debias.slim.annotations import check_annotation_file
 
-    path = Path(spec.config["slim"]["annotations"])
+    path = Path(_knobs(spec).annotations)
     annotate = annotate_command(spec.source, spec.overrides)
     missing: list[str] = []
     try:

@@ -41,6 +41,7 @@ from debias.slim.pipeline import (
 )
 from debias.stage_plan import StageRequest
 from debias.stages import features_requests, reference_key, reference_model, reference_request
+from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["MODE_SPLITS", "annotation_request_rows", "compute_gradcam", "curation",
            "curation_metrics", "gradcam_examples", "reference_for", "sampling_seed",
@@ -50,11 +51,10 @@ __all__ = ["MODE_SPLITS", "annotation_request_rows", "compute_gradcam", "curatio
 MODE_SPLITS: dict[str, str] = {"full": "train", "last_layer": "val"}
 
 
-def sampling_seed(config: dict[str, Any]) -> int:
+def sampling_seed(config: TrialConfig, knobs: SlimKnobs) -> int:
     """The seed of what a person would see: the trial's, or with a person's file the
     search's in every phase (see the module docstring)."""
-    s = config["slim"]
-    return int(config["search_seed"] if s["annotator"] == "csv" else config["seed"])
+    return config.search_seed if knobs.annotator == "csv" else config.seed
 
 
 def validation_halves(data: GroupedDataset, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,79 +62,81 @@ def validation_halves(data: GroupedDataset, seed: int) -> tuple[np.ndarray, np.n
     return split_halves(data.view("val").y, derive_seed(seed, "val-halves"))
 
 
-def _curation_split(config: dict[str, Any], data: GroupedDataset
+def _curation_split(config: TrialConfig, knobs: SlimKnobs, data: GroupedDataset
                     ) -> tuple[str, np.ndarray | None]:
     """(split, pool) that SLIM samples and curates in: all of train for ``full``, the fit
     half of validation for ``last_layer``."""
-    split = MODE_SPLITS[config["slim"]["retrain"]]
+    split = MODE_SPLITS[knobs.retrain]
     if split == "val":
-        fit_half, _ = validation_halves(data, sampling_seed(config))
+        fit_half, _ = validation_halves(data, sampling_seed(config, knobs))
         return split, fit_half
     return split, None
 
 
-def reference_for(config: dict[str, Any], data: GroupedDataset, cache: StageCache,
-                  device: torch.device) -> tuple[Classifier, str]:
+def reference_for(config: TrialConfig, knobs: SlimKnobs, data: GroupedDataset,
+                  cache: StageCache, device: torch.device) -> tuple[Classifier, str]:
     """(the cached ERM reference model, its cache key): what SLIM's stages are keyed on."""
-    seed = sampling_seed(config)
+    seed = sampling_seed(config, knobs)
     return (reference_model(config, data, cache, device, seed=seed),
             reference_key(config, data, seed=seed))
 
 
-def curation(config: dict[str, Any], knobs: SlimKnobs, data: GroupedDataset,
+def curation(config: TrialConfig, knobs: SlimKnobs, data: GroupedDataset,
              cache: StageCache, device: torch.device, reference: tuple[Classifier, str],
              retrain_index: int = 0, oracle: Any = None) -> dict[str, Any]:
     """The curated subset for the trial's retrain mode and retrain ``retrain_index``."""
     model, ref_key = reference
-    split, pool = _curation_split(config, data)
-    seed = sampling_seed(config)
+    split, pool = _curation_split(config, knobs, data)
+    seed = sampling_seed(config, knobs)
     return curated_subset(knobs, data, model, cache, device, model_key=ref_key, split=split,
                           pool=pool, seed=seed, oracle=oracle,
-                          curation_seed=derive_seed(config["seed"], "curation", retrain_index))
+                          curation_seed=derive_seed(config.seed, "curation", retrain_index))
 
 
-def annotation_request_rows(config: dict[str, Any], knobs: SlimKnobs, data: GroupedDataset,
+def annotation_request_rows(config: TrialConfig, knobs: SlimKnobs, data: GroupedDataset,
                             cache: StageCache, device: torch.device, path: Path
                             ) -> list[dict[str, Any]]:
     """The request rows for the config's retrain mode (overlays written beside ``path``)."""
-    model, ref_key = reference_for(config, data, cache, device)
-    split, pool = _curation_split(config, data)
+    model, ref_key = reference_for(config, knobs, data, cache, device)
+    split, pool = _curation_split(config, knobs, data)
     return request_rows(knobs, data, model, cache, device, ref_key, path, split, pool,
-                        seed=sampling_seed(config))
+                        seed=sampling_seed(config, knobs))
 
 
-def compute_gradcam(config: dict[str, Any]) -> None:
-    """The stage task: GradCAM of the split the config's retrain mode curates in."""
-    from debias.data import load_grouped
+def compute_gradcam(config: Settings, seed: int, split: str) -> None:
+    """The stage task: GradCAM of ``split`` (the one the trial's retrain mode curates in) by
+    the reference model of the sampling ``seed``."""
     from debias.engine import trial_device
 
-    data = load_grouped(config["dataset"], config["target"], config["bias"])
-    cache, device = StageCache(config["cache_dir"]), trial_device(None)
-    model, ref_key = reference_for(config, data, cache, device)
-    attention_stage(data, model, cache, device, ref_key, MODE_SPLITS[config["slim"]["retrain"]])
+    cfg = TrialConfig.of(config)
+    data = cfg.load_data()
+    cache, device = StageCache(cfg.cache_dir), trial_device(None)
+    model = reference_model(cfg, data, cache, device, seed=seed)
+    attention_stage(data, model, cache, device, reference_key(cfg, data, seed=seed), split)
 
 
-def stage_requests(config: dict[str, Any], data: GroupedDataset) -> list[StageRequest]:
+def stage_requests(config: TrialConfig, knobs: SlimKnobs, data: GroupedDataset
+                   ) -> list[StageRequest]:
     """What a SLIM trial reads that its planner computes first: the reference model (at the
     sampling seed), GradCAM over its split, and for last-layer mode the frozen features of
     validation and test (the curation, per trial knob, stays in the trial)."""
-    seed = sampling_seed(config)
+    seed = sampling_seed(config, knobs)
     ref = reference_request(config, data, seed=seed)
-    split = MODE_SPLITS[config["slim"]["retrain"]]
+    split = MODE_SPLITS[knobs.retrain]
     gradcam = StageRequest("gradcam", stage_key("gradcam", GRADCAM_VERSION, {
         "data": data.identity(), "model": ref.key, "split": split}),
-        "debias.slim.modes:compute_gradcam", config, after=(ref.key,),
-        work=(("backward", split, 1.0),))
+        "debias.slim.modes:compute_gradcam", dict(config.raw), {"seed": seed, "split": split},
+        after=(ref.key,), work=(("backward", split, 1.0),))
     out = [ref, gradcam]
     if split == "val":
-        out += [r for r in features_requests({**config, "seed": seed}, data, "reference",
+        out += [r for r in features_requests(config.with_seed(seed), data, "reference",
                                              ("val", "test"), normalize=False)
                 if r.stage == "features"]
         out[-1] = dataclasses.replace(out[-1], after=(ref.key,))
     return out
 
 
-def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Classifier,
+def gradcam_examples(config: TrialConfig, data: GroupedDataset, reference: Classifier,
                      device: torch.device, ref_key: str, curation: dict[str, Any],
                      n: int = 8) -> Path:
     """Overlays of the first annotated images, written once per reference model and split,
@@ -143,7 +145,7 @@ def gradcam_examples(config: dict[str, Any], data: GroupedDataset, reference: Cl
     annotated = curation["annotated_positions"].numpy()[:n]
     digest = stage_key("gradcam_examples", 1, {"ref": ref_key, "split": split,
                                                "positions": annotated.tolist()})
-    folder = Path(config["cache_dir"]) / "gradcam_examples" / digest
+    folder = Path(config.cache_dir) / "gradcam_examples" / digest
     if not folder.is_dir():
         with atomic_dir(folder) as staging:  # another trial's identical folder may win
             write_overlays(staging, data, reference, device, annotated, split)

@@ -75,6 +75,7 @@ class SlimKnobs(Protocol):
     embedding: str
     embedding_scope: str
     annotator: str
+    retrain: str
     annotations: str | None
     aiou_threshold: float
 
