@@ -92,9 +92,9 @@ class Bare:
         self.y = torch.from_numpy(view.y.copy())
         torch.manual_seed(0)
         self.model = build_classifier("small_cnn", "none", {"target": trainer.data.n_classes})
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg["lr"],
-                                   momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-        self.batch = cfg["batch_size"]
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
+                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.batch = cfg.batch_size
         self.images = len(self.x)
         self.epoch = 0
 

@@ -137,10 +137,11 @@ def _checkpoints(checkpoint: Any) -> list[Path]:
     return out
 
 
-def _resume(config: TrialConfig, checkpoint: Any) -> tuple[Trial, str | None]:
+def _resume(config: Settings, checkpoint: Any) -> tuple[Trial, str | None]:
     """The trial, resumed from the newest checkpoint that loads (a checkpoint cut short by a
     kill or a full disk is skipped), or from scratch if none does; with a note naming what
     was skipped (None when the latest loaded, or there was none)."""
+    config = TrialConfig.of(config)
     trainer = build_trial(config)
     if checkpoint is None:
         return trainer, None

@@ -28,6 +28,7 @@ class TrialConfig:
     seed applied), as typed sections."""
 
     raw: Mapping[str, Any]
+    #: The method's name ('' for settings that only describe a shared stage's inputs).
     method: str
     target: str
     bias: str
@@ -53,7 +54,7 @@ class TrialConfig:
         raw = dict(config)
         seed = int(raw["seed"])
         return cls(
-            raw=raw, method=str(raw["method"]), target=str(raw["target"]),
+            raw=raw, method=str(raw.get("method", "")), target=str(raw["target"]),
             bias=str(raw["bias"]), seed=seed, search_seed=int(raw.get("search_seed", seed)),
             dataset=Dataset.model_validate(raw["dataset"]),
             backbone=Backbone.model_validate(raw["backbone"]),
