@@ -8,6 +8,7 @@ report, the plots, ``--compare`` and ``--export``, and holds the names both shar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -43,6 +44,8 @@ NOTE_PREFIX = "note/"
 SWEEP_ID_TAG = "debias.sweep_id"
 #: How long opening a store waits out another program creating it.
 STORE_OPEN_S = 60.0
+#: How long a migration's leftover temporary table must stay before it counts as abandoned.
+STALE_MIGRATION_S = 5.0
 #: A result key holding the cause of a failure the trial itself recognised as deterministic
 #: (a bad file, a missing key): it ends the trial without Tune's retries.
 FAILURE_KEY = "failure"
@@ -79,6 +82,7 @@ def open_store(uri: str, timeout_s: float = STORE_OPEN_S) -> None:
     path = sqlite_path(uri)
     deadline = time.monotonic() + timeout_s
     delay = 0.2
+    stale_since: float | None = None
     while True:
         try:
             if path is None:
@@ -93,6 +97,11 @@ def open_store(uri: str, timeout_s: float = STORE_OPEN_S) -> None:
                     _initialise(uri)
             return
         except Exception as exc:  # a migration racing another program's, a locked file
+            if path is not None and "_alembic_tmp_" in str(exc):
+                stale_since = stale_since or time.monotonic()
+                if time.monotonic() - stale_since > STALE_MIGRATION_S:
+                    _drop_alembic_leftovers(path)
+                    stale_since = None
             if time.monotonic() + delay > deadline:
                 text = redact_uri(str(exc).strip().splitlines()[0] if str(exc).strip()
                                   else type(exc).__name__)[:300]
@@ -103,6 +112,27 @@ def open_store(uri: str, timeout_s: float = STORE_OPEN_S) -> None:
                     "sweep): let it finish, then run the command again") from None
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 5.0)
+
+
+def _drop_alembic_leftovers(path: Path) -> None:
+    """Drop the ``_alembic_tmp_*`` tables a migration left behind: on SQLite, alembic's batch
+    operations (copy into a temporary table, drop, rename) are not one transaction, so a
+    program that dies or fails mid-way (another one migrating the same new file) leaves the
+    temporary table, and every later migration stops on it (``table _alembic_tmp_tags
+    already exists``). Called only after that error has persisted ``STALE_MIGRATION_S``, far
+    longer than a batch operation on a new store takes."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        names = [r[0] for r in tables if str(r[0]).startswith("_alembic_tmp_")]
+        for name in names:
+            db.execute(f'DROP TABLE IF EXISTS "{name}"')
+        db.commit()
+    if names:
+        logging.getLogger("debias").warning(
+            "tracking store %s: dropped %s, left by a migration that did not finish", path,
+            ", ".join(names))
 
 
 def _initialise(uri: str) -> None:
