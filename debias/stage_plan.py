@@ -63,10 +63,9 @@ class StageRequest:
 
     @property
     def cache_dir(self) -> str:
-        """The stage cache this request computes into (its trial's)."""
-        from debias.trial_config import TrialConfig
-
-        return TrialConfig.of(self.config).cache_dir
+        """The stage cache this request computes into (its trial's; the one key read here,
+        so a stage task does not type the whole config to find its folder)."""
+        return str(self.config["cache_dir"])
 
 
 def _cache_file(cache_dir: str, stage: str, key: str) -> Path:
