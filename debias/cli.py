@@ -232,7 +232,7 @@ def _load(args: argparse.Namespace) -> Spec | None:
     except (SpecError, redaction.MaskedCredentials) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
-    spec.config["tracking"]["uri"] = uri
+    spec = spec.with_tracking_uri(uri)
     redaction.install(uri)
     if note:
         print(note, file=sys.stderr)

@@ -6,7 +6,7 @@ things, so they can never disagree:
 
 - validation (pydantic does the checking; NaN and infinity are refused everywhere),
 - the JSON Schema that editors use to complete and check sweep files (``launch.py --schema``),
-- the sentence a user reads when a value is wrong: :func:`check_section` turns pydantic's
+- the sentence a user reads when a value is wrong: :func:`problems_of` turns pydantic's
   errors into one line per key, ``train.lr: got -1.0; expected a number in (0, 10]``, with
   did-you-mean hints for unknown keys and choices, every problem at once.
 
@@ -23,12 +23,13 @@ import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 from pydantic import Field as _Field
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "Choice",
@@ -40,12 +41,13 @@ __all__ = [
     "SearchDomain",
     "Section",
     "Text",
-    "check_section",
     "check_value",
     "choice_values",
     "describe",
     "did_you_mean",
     "field_kind",
+    "problems_of",
+    "refuse",
     "searchable",
     "show",
 ]
@@ -193,9 +195,8 @@ def did_you_mean(value: Any, options: Any) -> str:
 
 def describe(info: FieldInfo, value: Any = None) -> str:
     """What a field allows, in words: the 'expected ...' half of an error message."""
-    extra = info.json_schema_extra
-    if isinstance(extra, dict) and extra.get("x-expected"):
-        return str(extra["x-expected"])
+    if expected := _extra_of(info, "x-expected"):
+        return str(expected)
     values = choice_values(info)
     if values is not None:
         return f"one of {', '.join(map(str, values))}{did_you_mean(value, values)}"
@@ -233,46 +234,77 @@ def show(value: Any) -> str:
 # --------------------------------------------------------------------------- checking
 
 
-def check_section(model: type[Section], value: Any, path: str, problems: list[str]
-                  ) -> Section:
-    """Validate one section; append one line per bad key to ``problems``.
+#: The error type of a rule across keys (a validator of a section or of the whole file): its
+#: message is already the finished problem lines, each naming its own key path.
+RULE = "sweep_rule"
 
-    Always returns a model: the defaults, with every valid key applied, so cross-key checks
-    can go on and report their own problems in the same round.
-    """
-    if value is None:
-        value = {}
-    fields = model.model_fields
-    if not isinstance(value, Mapping):
-        problems.append(f"{path}: got {show(value)}; expected a mapping with keys "
-                        f"{', '.join(fields) or '(none)'}")
-        value = {}
-    value = dict(value)
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        bad: dict[str, str] = {}
-        for err in exc.errors():
-            key = str(err["loc"][0]) if err["loc"] else ""
-            where = f"{path}.{key}" if path else key
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(fields) or "no keys"
-                bad.setdefault(key, f"{where}: unknown key{did_you_mean(key, fields)}; "
-                                    f"allowed: {allowed}")
-            elif err["type"] == "missing":
-                bad.setdefault(key, f"{where}: missing; it is required")
-            elif key in fields:
-                raw = value.get(key)
-                bad.setdefault(key, f"{where}: got {show(raw)}; expected "
-                                    f"{describe(fields[key], raw)}")
-            else:  # a model-level rule (a validator on several keys)
-                bad.setdefault(key, f"{path}: {err['msg'].removeprefix('Value error, ')}")
-        problems.extend(bad.values())
-        good = {k: v for k, v in value.items() if k in fields and k not in bad}
-        try:
-            return model.model_validate(good)
-        except ValidationError:  # a required key is missing: fall back to what is there
-            return model.model_construct(**good)
+
+def refuse(*lines: str) -> NoReturn:
+    """Fail a validator with finished problem lines (``"train.lr: got ...; expected ..."``)."""
+    raise PydanticCustomError(RULE, "{lines}", {"lines": "\n".join(lines)})
+
+
+def _section_type(info: FieldInfo | None) -> type[Section] | None:
+    tp = _base_type(info) if info is not None else None
+    for t in (tp, *get_args(tp)):
+        if isinstance(t, type) and issubclass(t, Section):
+            return t
+    return None
+
+
+def problems_of(exc: ValidationError, model: type[Section], value: Any,
+                unknown_top_keys: bool = True) -> list[str]:
+    """pydantic's errors as one line per bad key path: ``train.lr: got -1.0; expected a number
+    in (0, 10]``, ``train.epoch: unknown key (did you mean 'epochs'?); allowed: ...``, and
+    the finished lines of rules across keys. A section whose model says what it expects as a
+    whole (``x-expected`` in its config) is refused as a whole when its keys are wrong."""
+    out: dict[str, str] = {}
+    for err in exc.errors():
+        if err["type"] == RULE:
+            out.update((line, line) for line in err["ctx"]["lines"].split("\n"))
+            continue
+        m: type[Section] | None = model
+        raw, path, info = value, [], None
+        parent_raw, parent = value, model
+        for part in err["loc"]:
+            if m is not None and isinstance(part, str) and part in m.model_fields:
+                parent_raw, parent = raw, m
+                info = m.model_fields[part]
+                path.append(part)
+                raw = raw.get(part) if isinstance(raw, Mapping) else None
+                m = _section_type(info)
+            elif err["type"] in ("extra_forbidden", "missing") and part == err["loc"][-1]:
+                parent_raw, parent, info = raw, m, None
+                path.append(str(part))
+        where = ".".join(path)
+        whole = ((parent.model_config.get("json_schema_extra") or {}).get("x-expected")
+                 if err["type"] in ("extra_forbidden", "missing") and parent is not None
+                 and parent is not model else None)
+        if whole:  # a key of a section that is refused as a whole
+            at = ".".join(path[:-1])
+            out.setdefault(at, f"{at}: got {show(parent_raw)}; expected {whole}")
+        elif err["type"] == "extra_forbidden":
+            if len(path) > 1 or unknown_top_keys:
+                key, fields = path[-1], list(parent.model_fields) if parent else []
+                out.setdefault(where, f"{where}: unknown key{did_you_mean(key, fields)}; "
+                                      f"allowed: {', '.join(fields) or 'no keys'}")
+        elif err["type"] == "missing":
+            hint = _extra_of(parent.model_fields.get(path[-1]) if parent else None, "x-missing")
+            out.setdefault(where, f"{where}: missing; it is required{hint or ''}")
+        elif info is not None and m is not None and not isinstance(raw, Mapping):
+            expected = _extra_of(info, "x-expected") or \
+                f"a mapping with keys {', '.join(m.model_fields) or '(none)'}"
+            out.setdefault(where, f"{where}: got {show(raw)}; expected {expected}")
+        elif info is not None and m is None:
+            out.setdefault(where, f"{where}: got {show(raw)}; expected {describe(info, raw)}")
+        else:  # a rule of a section's own (a model validator on several of its keys)
+            out.setdefault(where, f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return list(out.values())
+
+
+def _extra_of(info: FieldInfo | None, key: str) -> Any:
+    extra = info.json_schema_extra if info is not None else None
+    return extra.get(key) if isinstance(extra, dict) else None
 
 
 def check_value(model: type[Section], key: str, value: Any) -> tuple[Any, str | None]:

@@ -9,29 +9,46 @@ them typed (:class:`debias.trial_config.TrialConfig`). A method's own section is
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
-from pydantic import BeforeValidator, Field, Strict, field_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    Strict,
+    model_serializer,
+    model_validator,
+)
 
 from debias.data import DATASETS
 from debias.models import ARCHS
-from debias.params import Choice, Flag, Float, Int, Number, Section, Text
+from debias.params import (
+    Choice,
+    Flag,
+    Float,
+    Int,
+    Number,
+    SearchDomain,
+    Section,
+    Text,
+    refuse,
+    show,
+)
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE", "LABEL_FREE_METRICS", "MAX_SEED", "METADATA_ONLY", "SECTIONS",
     "SELECTION_METRICS", "SHARED_SEARCHABLE", "SYNTHETIC_ONLY", "Asha", "Backbone", "Cache",
-    "Dataset", "Debug", "MetadataSplits", "Reference", "Resources", "Search", "Selection",
-    "TopLevel", "Tracking", "Train",
+    "Dataset", "Debug", "Domain", "MetadataSplits", "Reference", "Resources", "Scheduler",
+    "Search", "Selection", "Tracking", "Train",
 ]
 
 
 #: The largest seed: what numpy's RandomState (Optuna's samplers seed it) accepts, 2**32 - 1;
 #: torch and numpy's Generator accept more.
 MAX_SEED = 2**32 - 1
-
-
 
 
 class Train(Section):
@@ -93,7 +110,16 @@ class MetadataSplits(Section):
     test: Annotated[str, BeforeValidator(_split_value)] = Text("test")
 
 
+SYNTHETIC_ONLY = ("spurious_correlation", "seed", "size")
+METADATA_ONLY = ("file", "path_column", "split_column", "splits")
+DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224, "metadata": 224}
+
+
 class Dataset(Section):
+    """Which images: the embedded benchmark, a published layout (root: its folder) or any
+    folder with a metadata CSV. Keys of another kind of dataset are refused when set to
+    anything but their default, and left out of the resolved config (and its hash)."""
+
     name: Literal[DATASETS] = Choice(..., searchable=False)
     root: str | None = Text(None, doc="real datasets: the folder holding its files")
     image_size: int | None = Int(None, 8, 1024, searchable=False)
@@ -112,15 +138,66 @@ class Dataset(Section):
         json_schema_extra={"x-searchable": False, "x-expected": "a mapping {train: VALUE, "
                            "val: VALUE, test: VALUE} of the split column's values"})
 
+    @model_validator(mode="after")
+    def _of_its_kind(self) -> Dataset:
+        lines = [f"dataset.{key}: got {show(_dump(getattr(self, key)))}; only a metadata "
+                 f"dataset (dataset.name: metadata) has it, not {self.name}"
+                 for key in METADATA_ONLY if self.name != "metadata"
+                 and key in self.model_fields_set and _dump(getattr(self, key)) !=
+                 _dump(type(self).model_fields[key].get_default(call_default_factory=True))]
+        if self.name != "synthetic" and self.root is None:
+            lines.append(f"dataset.root: missing; the {self.name} dataset needs the folder "
+                         "that holds its files (see README, 'Datasets')")
+        if lines:
+            refuse(*lines)
+        if self.image_size is None:
+            return self.model_copy(update={"image_size": DEFAULT_IMAGE_SIZE[self.name]})
+        return self
 
-SYNTHETIC_ONLY = ("spurious_correlation", "seed", "size")
-METADATA_ONLY = ("file", "path_column", "split_column", "splits")
-DEFAULT_IMAGE_SIZE = {"synthetic": 32, "waterbirds": 224, "celeba": 224, "metadata": 224}
+    @model_serializer(mode="wrap")
+    def _applicable(self, dump: Any) -> dict[str, Any]:
+        drop = (*(() if self.name == "metadata" else METADATA_ONLY),
+                *(("root",) if self.name == "synthetic" else SYNTHETIC_ONLY))
+        return {k: v for k, v in dump(self).items() if k not in drop}
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, Section) else value
+
+
+
+
+class Domain(Section):
+    """One searched key as the file writes it (its JSON Schema; :mod:`debias.spec` parses it
+    into a :class:`debias.params.SearchDomain` with messages naming the key)."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "description": "{float: [lo, hi]} or {int: [lo, hi]} (optionally log: true), or "
+                       "{choice: [v1, v2, ...]}; `when: {other.key: value}` samples the key "
+                       "only where a choice listed earlier took that value (Optuna only)",
+        "oneOf": [{"required": ["float"]}, {"required": ["int"]}, {"required": ["choice"]}]})
+
+    float_: list[float] | None = Field(None, alias="float", min_length=2, max_length=2)
+    int_: list[int] | None = Field(None, alias="int", min_length=2, max_length=2)
+    choice: list[Any] | None = Field(None, min_length=1)
+    log: bool = False
+    when: dict[str, Any] | None = None
+
+
+def searched_keys(keys: tuple[str, ...]) -> Any:
+    """The type of ``search.space``: taken as written (the spec parses it, naming each bad
+    key), described to editors as {one of ``keys``: a :class:`Domain`}."""
+    names = Literal[keys] if keys else str  # type: ignore[valid-type]
+    return Annotated[Any, PlainValidator(
+        lambda v: v, json_schema_input_type=dict[names, Domain] | None)]  # type: ignore[valid-type]
 
 
 class Search(Section):
     algorithm: Literal["optuna", "random", "grid"] = Choice("optuna")
-    metric: str = Text("val/worst_group_acc", expected="a selection metric")
+    metric: str = Field("val/worst_group_acc", min_length=1, json_schema_extra={
+        "x-searchable": False, "x-expected": "a selection metric",
+        "examples": ["val/worst_group_acc", "val/avg_acc", "val/unbiased_acc",
+                     "val/weighted_acc", "val/worst_class_acc", "val/worst_pseudo_group_acc"]})
     mode: Literal["max", "min"] = Choice("max")
     num_samples: int = Int(1, 1, 100_000, doc="search trials per target (and per method)")
     max_concurrent: int | None = Int(None, 1, 100_000, doc="running trials per pipeline")
@@ -134,7 +211,18 @@ class Search(Section):
         1000, 0, MAX_SEED,
         doc="the seed every search trial trains with; never one of `seeds`, so the "
             "reported seeds are fresh runs, not the search's own trials")
-    space: dict[str, Any] | None = None
+    space: searched_keys(()) = None  # type: ignore[valid-type]
+    _domains: tuple[SearchDomain, ...] = PrivateAttr(())
+
+    @property
+    def domains(self) -> tuple[SearchDomain, ...]:
+        """``space`` parsed: the searched keys and their distributions."""
+        return self._domains
+
+    def with_domains(self, domains: tuple[SearchDomain, ...]) -> Search:
+        out = self.model_copy()
+        out._domains = domains
+        return out
 
 
 class Selection(Section):
@@ -148,6 +236,18 @@ class Selection(Section):
 class Asha(Section):
     grace_period: int = Int(1, 1)
     reduction_factor: Number = Float(3.0, 1, lo_open=True)
+
+
+#: What ``scheduler:`` may be, for a user who wrote something else.
+SCHEDULER_FORM = "null or {asha: {grace_period: INT, reduction_factor: NUMBER}}"
+
+
+class Scheduler(Section):
+    """Early stopping of search trials (``scheduler: null`` or ``none``: none)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-expected": SCHEDULER_FORM})
+
+    asha: Asha
 
 
 class Resources(Section):
@@ -188,41 +288,6 @@ class Debug(Section):
     #: have started: forces them to run at once, e.g. on different nodes of a test cluster,
     #: where a warm worker would otherwise take them one after another.
     start_together: int | None = Int(None, 2, searchable=False)
-
-
-class TopLevel(Section):
-    name: str = Text(..., expected="a name of letters, digits, '_', '.', '-' (it names the "
-                                   "MLflow experiment)")
-    targets: list[str] = Text(..., expected="a non-empty list of distinct attribute names")
-    seeds: list[int] = Text([0], expected=f"a non-empty list of integers in 0..{MAX_SEED}, "
-                                          "all distinct (e.g. [0, 1, 2])")
-    storage: str = Text("debias_results")
-    max_failures: int = Int(2, 0, 100, searchable=False)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
-            raise ValueError("bad name")
-        return v
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _targets(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, str) else v
-        if not isinstance(v, list) or not v or not all(isinstance(t, str) and t for t in v) \
-                or len(set(v)) != len(v):
-            raise ValueError("bad targets")
-        return v
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v: Any) -> Any:
-        if not isinstance(v, list) or not v or len(set(map(str, v))) != len(v) or any(
-                isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED
-                for s in v):
-            raise ValueError("bad seeds")
-        return v
 
 
 #: Sections every sweep has (besides the methods' own), in file order.

@@ -9,10 +9,14 @@ the engine, which is handed a method class, never looks one up.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
+import importlib.machinery
 import inspect
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from debias.methods.base import Method
 
@@ -22,7 +26,9 @@ __all__ = [
     "Method",
     "MethodLoadError",
     "known_methods",
+    "method_sections",
     "resolve_method",
+    "static_load_problem",
 ]
 
 #: Built-in methods, in the order tables and plots show them (ERM first: the reference).
@@ -79,3 +85,66 @@ def resolve_method(name: str) -> type[Method]:
     if not getattr(cls, "name", None):
         raise MethodLoadError(f"{name!r}: {module_name}.{class_name} sets no `name`")
     return cls
+
+
+def method_sections() -> dict[str, type[Method]]:
+    """{section name: method} of every method the registry knows by name."""
+    out = {}
+    for name in known_methods():
+        try:
+            cls = resolve_method(name)
+        except MethodLoadError:
+            continue  # a broken plugin must not stop sweeps that do not use it
+        if cls.section:
+            out[cls.section] = cls
+    return out
+
+
+def static_load_problem(value: str) -> str | None:
+    """Why ``package.module:Class`` cannot name a method, found without running any of its
+    code: the module is located as ``importlib.util.find_spec`` would (but without importing
+    its packages), and its source must define ``Class`` at top level as a class with base
+    classes (or import it). None: import it and check it is a Method subclass."""
+    if ":" not in value or value in known_methods():
+        return None
+    module, _, name = value.partition(":")
+    if not module or not name or not all(p.isidentifier() for p in module.split(".")) or \
+            not name.isidentifier():
+        return (f"got {value!r}; expected package.module:ClassName (a module path and a class "
+                "name)")
+    if module in sys.modules:
+        return None  # already imported: importing it again runs nothing
+    spec, path = None, None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        prefix = ".".join(parts[:i + 1])
+        loaded = sys.modules.get(prefix)
+        if loaded is not None:
+            spec, path = loaded.__spec__, getattr(loaded, "__path__", None)
+            continue
+        spec = importlib.machinery.PathFinder.find_spec(prefix, path)
+        if spec is None:
+            return (f"{value!r}: cannot import module {module!r} (no module {prefix!r} on "
+                    "PYTHONPATH); is its folder on PYTHONPATH (or the package installed)?")
+        path = spec.submodule_search_locations
+        if i < len(parts) - 1 and path is None:
+            return f"{value!r}: cannot import module {module!r} ({prefix!r} is not a package)"
+    origin = getattr(spec, "origin", None)
+    if not origin or not str(origin).endswith(".py"):
+        return None  # compiled or namespace: nothing to read; the import checks it
+    try:
+        tree = ast.parse(Path(origin).read_bytes(), filename=str(origin))
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"{value!r}: module {module!r} ({origin}) does not parse ({exc})"
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return None if node.bases else (
+                f"{value!r}: {module}.{name} is not a method (a subclass of "
+                "debias.methods.Method): it has no base class")
+        if isinstance(node, ast.ImportFrom | ast.Import) and any(
+                (a.asname or a.name.split(".")[-1]) == name for a in node.names):
+            return None
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return None
+    return f"{value!r}: module {module!r} has no class {name!r} ({origin})"

@@ -37,6 +37,7 @@ from debias.params import SearchDomain, Section
 from debias.sections import Train
 from debias.seeding import derive_seed
 from debias.stage_plan import StageRequest
+from debias.sweep_file import SweepFile
 from debias.trial_config import Settings, TrialConfig
 
 __all__ = ["BiasAudit", "BiasLabels", "Method", "NoParams", "PreflightError", "SweepContext"]
@@ -80,10 +81,10 @@ class BiasLabels:
 
 @dataclass
 class SweepContext:
-    """What a method's sweep-time hooks see: the resolved config (sections as dicts), the
-    search domains that apply to the method, and where to report problems."""
+    """What a method's sweep-time hooks see: the typed sweep file, the search domains that
+    apply to the method, its own parameters, and where to report problems."""
 
-    config: dict[str, Any]
+    sweep: SweepFile
     space: tuple[SearchDomain, ...]
     params: Section
     problems: list[str] = field(default_factory=list)
@@ -100,7 +101,7 @@ class SweepContext:
             if d.path == path:
                 return set(d.values) if d.kind == "choice" else {None}
         section, _, leaf = path.partition(".")
-        return {(self.config.get(section) or {}).get(leaf)}
+        return {getattr(getattr(self.sweep, section, None), leaf, None)}
 
     def epochs(self) -> str:
         """The epochs a trial trains, for the plan: the file's, or the searched ones."""
@@ -109,7 +110,7 @@ class SweepContext:
                 if d.kind == "choice":
                     return f"{' or '.join(str(v) for v in sorted(d.values))} epochs (searched)"
                 return f"{int(d.low)} to {int(d.high)} epochs (searched)"
-        return f"{self.config['train']['epochs']} epochs"
+        return f"{self.sweep.train.epochs} epochs"
 
     def searched(self, prefix: str = "") -> list[str]:
         return [d.path for d in self.space if d.path.startswith(prefix)]

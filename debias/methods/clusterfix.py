@@ -241,7 +241,7 @@ class ClusterFix(Method):
     @classmethod
     def check(cls, ctx: SweepContext) -> None:
         if "backbone" in ctx.values_of("clusterfix.features") and \
-                ctx.config["backbone"].get("weights") == "none":
+                ctx.sweep.backbone.weights == "none":
             ctx.problems.append(
                 "clusterfix.features: got 'backbone'; expected 'reference' or 'auto' when "
                 "backbone.weights is 'none' (random features cannot cluster)")

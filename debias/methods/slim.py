@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 
 from debias.last_layer import LastLayerParams, grid_size
 from debias.methods.base import BiasLabels, Method, SweepContext
@@ -106,6 +106,13 @@ class SLIMParams(LastLayerParams):
             raise ValueError("needs numbers > 0")
         return values
 
+    @field_validator("annotations")
+    @classmethod
+    def _from_the_sweep_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A relative path in the sweep file is relative to where it runs (pinned there)."""
+        cwd = (info.context or {}).get("cwd")
+        return str((Path(cwd) / Path(value).expanduser()).resolve()) if cwd and value else value
+
 
 class SLIM(Method):
     #: The reference's full retraining (model_training.py) augments only with
@@ -142,20 +149,19 @@ class SLIM(Method):
 
     @classmethod
     def check(cls, ctx: SweepContext) -> None:
-        slim = ctx.config["slim"]
+        slim = ctx.params
+        assert isinstance(slim, SLIMParams)
         if "umap" in ctx.values_of("slim.embedding") and importlib.util.find_spec(
                 "umap") is None:
             ctx.problems.append("slim.embedding: got 'umap'; expected 'pca' here, or install "
                                 "umap-learn first (pip install umap-learn)")
-        if slim["annotator"] != "csv":
+        if slim.annotator != "csv":
             return
-        if not slim.get("annotations"):
+        if not slim.annotations:
             ctx.problems.append(
                 "slim.annotations: missing; expected the path of the annotation CSV when "
                 "slim.annotator is 'csv' (it is written for you to fill in if it does not "
                 "exist)")
-        else:
-            slim["annotations"] = str(ctx.absolute(slim["annotations"]))
         searched = [p for p in ctx.searched() if p in SAMPLING_KEYS]
         if searched:
             ctx.problems.append(
