@@ -271,9 +271,8 @@ class Spec:
         """Every value a key can take in this sweep: its searched values, else the file's."""
         return self.context(method).values_of(path)
 
-    def context(self, method: str | None = None, cwd: Path | None = None) -> SweepContext:
-        return SweepContext(self.file, self.space_for(method), self.params_of(method),
-                            cwd=cwd or Path.cwd())
+    def context(self, method: str | None = None) -> SweepContext:
+        return SweepContext(self.file, self.space_for(method), self.params_of(method))
 
     def trial_base(self, target: str, method: str | None = None) -> dict[str, Any]:
         """The trial config before the search's values are applied: all a trainable needs.
@@ -491,6 +490,27 @@ def _narrow_space(raw: dict[str, Any], file_methods: list[str], keys: set[str]) 
 # --------------------------------------------------------------------------- validation
 
 
+#: {model built by :func:`sweep_model`: (the methods it was built for, its field or None)}.
+_BUILT: dict[type, tuple[tuple[type[Method], ...], str | None]] = {}
+
+
+class _Pickled:
+    """A model built by :func:`sweep_model` pickles as the methods it was built for and its
+    state (its class exists only once built, so pickle could not find it by name)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        methods, field_name = _BUILT[type(self)]
+        return _unpickle, (methods, field_name, self.__getstate__())  # type: ignore[attr-defined]
+
+
+def _unpickle(methods: tuple[type[Method], ...], field_name: str | None, state: Any) -> Any:
+    model = sweep_model(methods)
+    cls = model.model_fields[field_name].annotation if field_name else model
+    obj = cls.__new__(cls)  # type: ignore[union-attr]
+    obj.__setstate__(state)
+    return obj
+
+
 @functools.cache
 def sweep_model(methods: tuple[type[Method], ...] = ()) -> type[SweepFile]:
     """The sweep file's model with every registered method's section attached (plus those of
@@ -505,8 +525,10 @@ def sweep_model(methods: tuple[type[Method], ...] = ()) -> type[SweepFile]:
         "type": "string", "pattern": r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         "description": "package.module:ClassName, a method defined outside the package"}]}
     run = {c.section for c in methods if c.section}
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        "SweepFile", __base__=SweepFile, __module__=__name__,
+    search = create_model("Search", __base__=(Search, _Pickled), __module__=__name__,
+                          space=(searched_keys(keys), None))
+    model = create_model(  # type: ignore[call-overload]
+        "SweepFile", __base__=(SweepFile, _Pickled), __module__=__name__,
         __validators__={"_method_rules": model_validator(mode="after")(_method_rules)},
         method=(Annotated[Any, WithJsonSchema({**name, "default": "erm", "description":
                                                "the method (or `methods: [...]` for a study)"})],
@@ -514,11 +536,12 @@ def sweep_model(methods: tuple[type[Method], ...] = ()) -> type[SweepFile]:
         methods=(Annotated[Any, WithJsonSchema({
             "type": "array", "items": name, "minItems": 1, "uniqueItems": True,
             "description": "a study: every method gets the same search budget"})], None),
-        search=(create_model("Search", __base__=Search, __module__=__name__,
-                             space=(searched_keys(keys), None)), Search()),
+        search=(search, search()),
         **{s: ((c.Params, Field({}, validate_default=True)) if s in run else
                (c.Params | None, Field(None, description=f"method {c.name}: {c.summary}")))
            for s, c in sections.items()})
+    _BUILT.update({model: (methods, None), search: (methods, "search")})
+    return model  # type: ignore[no-any-return]
 
 
 def _method_rules(file: SweepFile, info: ValidationInfo) -> SweepFile:
@@ -535,7 +558,7 @@ def _method_rules(file: SweepFile, info: ValidationInfo) -> SweepFile:
     if problems:
         refuse(problems[0])
     for name in file.method_names:
-        ctx = spec.context(name, (info.context or {}).get("cwd"))
+        ctx = spec.context(name)
         resolve_method(name).check(ctx)
         problems.extend(ctx.problems)
     train_keys = [d.path for d in spec.space if d.path.startswith("train.")]

@@ -318,3 +318,16 @@ def test_seeds_never_include_the_search_seed(tmp_path: Path) -> None:
     spec = validate(tiny_sweep(tmp_path, seeds=[0, 1000],
                                search={"trial_seed": 7}), cwd=tmp_path)
     assert spec.search_seed == 7 and spec.trial_base("Odd")["seed"] == 7
+
+
+def test_a_validated_sweep_pickles_with_its_typed_file(tmp_path: Path) -> None:
+    """The registry-built model exists only once built: a Spec must still pickle (plain
+    pickle, as multiprocessing uses) to the same typed file, domains included."""
+    import pickle
+
+    spec = validate(tiny_sweep(tmp_path, method="clusterfix", search={
+        "space": {"clusterfix.k": {"int": [2, 4]}}}), cwd=tmp_path)
+    again = pickle.loads(pickle.dumps(spec))
+    assert type(again.file) is type(spec.file) and again.file == spec.file
+    assert again.space == spec.space and again.space[0].path == "clusterfix.k"
+    assert again.config == spec.config and again.params_of().k == spec.params_of().k

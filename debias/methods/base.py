@@ -88,12 +88,6 @@ class SweepContext:
     space: tuple[SearchDomain, ...]
     params: Section
     problems: list[str] = field(default_factory=list)
-    #: What relative paths in the file resolve against.
-    cwd: Path = field(default_factory=Path.cwd)
-
-    def absolute(self, path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.cwd / p).resolve()
 
     def values_of(self, path: str) -> set[Any]:
         """Every value a key can take in this sweep: its searched choices, else the file's."""
