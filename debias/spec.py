@@ -530,9 +530,9 @@ def sweep_model(methods: tuple[type[Method], ...] = ()) -> type[SweepFile]:
     model = create_model(  # type: ignore[call-overload]
         "SweepFile", __base__=(SweepFile, _Pickled), __module__=__name__,
         __validators__={"_method_rules": model_validator(mode="after")(_method_rules)},
-        method=(Annotated[Any, WithJsonSchema({**name, "default": "erm", "description":
+        method=(Annotated[Any, WithJsonSchema({**name, "description":
                                                "the method (or `methods: [...]` for a study)"})],
-                None),
+                "erm"),
         methods=(Annotated[Any, WithJsonSchema({
             "type": "array", "items": name, "minItems": 1, "uniqueItems": True,
             "description": "a study: every method gets the same search budget"})], None),

@@ -120,7 +120,7 @@ class SweepFile(Section):
                           "x-expected": "a name of letters, digits, '_', '.', '-' (it names "
                                         "the MLflow experiment)"})
     #: One method, or a study's (checked against the registry before the file is validated).
-    method: Any = None
+    method: Any = "erm"
     methods: Any = None
     dataset: Dataset = Field(..., json_schema_extra={
         "x-missing": " (e.g. dataset: {name: synthetic})"})
@@ -272,8 +272,7 @@ class SweepFile(Section):
     @property
     def method_names(self) -> list[str]:
         """The ``method:`` values of the sweep (a study's in order), as written."""
-        return [str(m) for m in self.methods] if self.methods is not None else \
-            [str(self.method or "erm")]
+        return [str(m) for m in self.methods] if self.methods is not None else [str(self.method)]
 
 
 def _parse_space(search: Search, context: Mapping[str, Any]) -> tuple[SearchDomain, ...]:
