@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NoReturn, Union, get_args, get_origin
 
 import annotated_types as at
-from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
 from pydantic import Field as _Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -43,6 +50,7 @@ __all__ = [
     "Text",
     "check_value",
     "choice_values",
+    "defer",
     "describe",
     "did_you_mean",
     "field_kind",
@@ -242,6 +250,16 @@ RULE = "sweep_rule"
 def refuse(*lines: str) -> NoReturn:
     """Fail a validator with finished problem lines (``"train.lr: got ...; expected ..."``)."""
     raise PydanticCustomError(RULE, "{lines}", {"lines": "\n".join(lines)})
+
+
+def defer(info: ValidationInfo, *lines: str) -> None:
+    """Report problems of a value that the rules after it can still use (a dataset without
+    its root still names its attributes): validation goes on and reports them with the rest,
+    collected in the context's ``deferred`` list. Without one, fail at once."""
+    deferred = (info.context or {}).get("deferred")
+    if deferred is None:
+        refuse(*lines)
+    deferred.extend(lines)
 
 
 def _section_type(info: FieldInfo | None) -> type[Section] | None:

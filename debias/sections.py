@@ -19,6 +19,7 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     Strict,
+    ValidationInfo,
     model_serializer,
     model_validator,
 )
@@ -34,7 +35,7 @@ from debias.params import (
     SearchDomain,
     Section,
     Text,
-    refuse,
+    defer,
     show,
 )
 
@@ -139,7 +140,7 @@ class Dataset(Section):
                            "val: VALUE, test: VALUE} of the split column's values"})
 
     @model_validator(mode="after")
-    def _of_its_kind(self) -> Dataset:
+    def _of_its_kind(self, info: ValidationInfo) -> Dataset:
         lines = [f"dataset.{key}: got {show(_dump(getattr(self, key)))}; only a metadata "
                  f"dataset (dataset.name: metadata) has it, not {self.name}"
                  for key in METADATA_ONLY if self.name != "metadata"
@@ -149,7 +150,7 @@ class Dataset(Section):
             lines.append(f"dataset.root: missing; the {self.name} dataset needs the folder "
                          "that holds its files (see README, 'Datasets')")
         if lines:
-            refuse(*lines)
+            defer(info, *lines)  # the targets can still be checked against its attributes
         if self.image_size is None:
             return self.model_copy(update={"image_size": DEFAULT_IMAGE_SIZE[self.name]})
         return self

@@ -548,8 +548,8 @@ def _method_rules(file: SweepFile, info: ValidationInfo) -> SweepFile:
     """The rules that need the methods: the selection metric each reports, each method's own
     :meth:`Method.check`, no idle ``train.*`` search, ASHA only over epochs."""
     methods = (info.context or {}).get("methods")
-    if not methods:
-        return file
+    if not methods or (info.context or {}).get("deferred"):
+        return file  # a method's rules may read any key: only on a file valid key by key
     spec = Spec(file=file)
     problems = [f"search.metric: got {show(file.search.metric)}; expected one of "
                 f"{', '.join(SELECTION_METRICS + cls.extra_selection_metrics)} for method "
@@ -606,12 +606,14 @@ def _validated(model: type[SweepFile], raw: Mapping[str, Any], cwd: Path,
                methods: list[type[Method]] | None) -> tuple[SweepFile | None, list[str]]:
     """The file under ``model``, or what is wrong with it (unknown top-level keys only once
     the methods, whose sections are top-level keys, are loaded)."""
+    deferred: list[str] = []
     context = {"cwd": cwd, "methods": methods, "names": [v for v, _ in _method_names(raw)],
-               "sections": method_sections()}
+               "sections": method_sections(), "deferred": deferred}
     try:
-        return model.model_validate(raw, context=context), []
+        file = model.model_validate(raw, context=context)
     except ValidationError as exc:
-        return None, problems_of(exc, model, raw, unknown_top_keys=methods is not None)
+        return None, deferred + problems_of(exc, model, raw, unknown_top_keys=methods is not None)
+    return (None, deferred) if deferred else (file, [])
 
 
 def _env_sources(raw: Any, prefix: str = "") -> dict[str, str]:

@@ -34,6 +34,7 @@ from debias.params import (
     Section,
     check_value,
     choice_values,
+    defer,
     did_you_mean,
     field_kind,
     refuse,
@@ -98,6 +99,8 @@ def _attributes(dataset: Dataset) -> tuple[tuple[str, ...], list[str]]:
     """The dataset's attributes (a metadata CSV's columns: its header says which), and the
     problem reading them."""
     try:
+        if dataset.name == "metadata" and dataset.root is None:
+            return (), []  # its columns are unknown until root names its folder
         if dataset.name == "metadata":
             return dataset_attributes(dataset.name, dataset.model_dump()), []
         return dataset_attributes(dataset.name), []
@@ -178,7 +181,7 @@ class SweepFile(Section):
                             f"{did_you_mean(t, known)}: {', '.join(known)}")
                   for i, t in enumerate(targets) if known and t not in known]
         if lines:
-            refuse(*lines)
+            defer(info, *lines)  # the bias can still be checked against each target
         return targets
 
     @field_validator("bias_attribute", mode="before")

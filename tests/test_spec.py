@@ -331,3 +331,17 @@ def test_a_validated_sweep_pickles_with_its_typed_file(tmp_path: Path) -> None:
     assert type(again.file) is type(spec.file) and again.file == spec.file
     assert again.space == spec.space and again.space[0].path == "clusterfix.k"
     assert again.config == spec.config and again.params_of().k == spec.params_of().k
+
+
+def test_a_dataset_without_its_root_still_checks_the_targets_against_it(tmp_path: Path) -> None:
+    """Problems come together: a real dataset missing its root is still the dataset whose
+    attributes the targets and the bias are checked against, in the same message."""
+    sweep = tiny_sweep(tmp_path, dataset={"name": "celeba"}, targets=["Odd"],
+                       bias_attribute="Background")
+    with pytest.raises(SpecError) as err:
+        validate(sweep, cwd=tmp_path)
+    problems = err.value.problems
+    assert problems[0].startswith("dataset.root: missing"), problems
+    assert any(p.startswith("targets[0]: got 'Odd'; expected an attribute of celeba")
+               for p in problems), problems
+    assert any(p.startswith("bias_attribute: got 'Background'") for p in problems), problems
