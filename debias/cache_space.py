@@ -36,9 +36,7 @@ def _gib(n: float) -> str:
 
 
 def _cache_dir(spec: Spec) -> Path:
-    if spec.cache.decoded == "local":
-        return Path(spec.cache.local_dir).expanduser()
-    return spec.storage / "cache"
+    return spec.cache.decoded_dir(spec.storage / "cache") or spec.storage / "cache"
 
 
 def decoded_cache_lines(spec: Spec) -> list[str]:

@@ -9,6 +9,7 @@ them typed (:class:`debias.trial_config.TrialConfig`). A method's own section is
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
@@ -270,6 +271,13 @@ class Cache(Section):
 
     decoded: Literal["shared", "local", "off"] = Choice("shared", searchable=False)
     local_dir: str = Text("/tmp/debias-cache", expected="a folder on each node's own disk")
+
+    def decoded_dir(self, stage_cache: str | Path) -> Path | None:
+        """Where the decoded images live, given the sweep's stage cache (``<storage>/cache``):
+        there (shared), under ``local_dir`` (local), or nowhere (off: PIL each epoch)."""
+        if self.decoded == "off":
+            return None
+        return Path(self.local_dir).expanduser() if self.decoded == "local" else Path(stage_cache)
 
 
 class Debug(Section):

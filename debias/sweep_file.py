@@ -95,17 +95,26 @@ def _seeds(value: Any) -> Any:
     return value
 
 
-def _attributes(dataset: Dataset) -> tuple[tuple[str, ...], list[str]]:
+def _attributes(dataset: Dataset, info: ValidationInfo) -> tuple[tuple[str, ...], list[str]]:
     """The dataset's attributes (a metadata CSV's columns: its header says which), and the
-    problem reading them."""
+    problem reading them; read once per validation (the targets' and the bias's rules both
+    ask), remembered in the validation context."""
+    memo = (info.context or {}).get("attributes")
+    if memo is not None and memo[0] == dataset:
+        return memo[1], list(memo[2])
     try:
         if dataset.name == "metadata" and dataset.root is None:
-            return (), []  # its columns are unknown until root names its folder
-        if dataset.name == "metadata":
-            return dataset_attributes(dataset.name, dataset.model_dump()), []
-        return dataset_attributes(dataset.name), []
+            known: tuple[str, ...] = ()  # its columns are unknown until root names its folder
+        elif dataset.name == "metadata":
+            known = dataset_attributes(dataset.name, dataset.model_dump())
+        else:
+            known = dataset_attributes(dataset.name)
+        lines: list[str] = []
     except DatasetError as exc:
-        return (), [f"dataset.file: {exc}"]
+        known, lines = (), [f"dataset.file: {exc}"]
+    if info.context is not None:
+        info.context["attributes"] = (dataset, known, lines)
+    return known, list(lines)
 
 
 def _expected(key: str, value: Any, expected: str) -> str:
@@ -176,7 +185,7 @@ class SweepFile(Section):
         dataset = info.data.get("dataset")
         if dataset is None:
             return targets
-        known, lines = _attributes(dataset)
+        known, lines = _attributes(dataset, info)
         lines += [_expected(f"targets[{i}]", t, f"an attribute of {dataset.name}"
                             f"{did_you_mean(t, known)}: {', '.join(known)}")
                   for i, t in enumerate(targets) if known and t not in known]
@@ -190,7 +199,7 @@ class SweepFile(Section):
         dataset, targets = info.data.get("dataset"), info.data.get("targets")
         if dataset is None or targets is None or not isinstance(bias, str | dict):
             return bias  # the form is checked by the type
-        known, lines = _attributes(dataset)
+        known, lines = _attributes(dataset, info)
         if isinstance(bias, dict):
             if extra := sorted(set(bias) - set(targets)):
                 lines.append(_expected("bias_attribute", bias, f"keys that are targets; {extra} "

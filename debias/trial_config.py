@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from debias.sections import Backbone, Cache, Dataset, Debug, Reference, Selection, Train
@@ -81,13 +80,9 @@ class TrialConfig:
 
     @property
     def decoded_dir(self) -> str | None:
-        """Where the decoded images live: the sweep's stage cache (``cache.decoded:
-        shared``), a node-local folder (``local``), or nowhere (``off``: PIL each epoch)."""
-        if self.cache.decoded == "off":
-            return None
-        if self.cache.decoded == "local":
-            return str(Path(self.cache.local_dir).expanduser())
-        return self.cache_dir
+        """Where the decoded images live (:meth:`debias.sections.Cache.decoded_dir`)."""
+        folder = self.cache.decoded_dir(self.cache_dir)
+        return None if folder is None else str(folder)
 
 
 #: A trial's settings, typed or as Tune carries them (what a function that may be called with
